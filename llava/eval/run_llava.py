@@ -1,0 +1,63 @@
+"""Answer one query about one or more images (upstream LLaVA's `run_llava`, plus a summary line).
+
+    python -m llava.eval.run_llava --model-path checkpoints/llava-next-tiny \
+        --image-file images/shapes-800x500.png --query "What is shown?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llava.conversation import get_conv_template
+from llava.generation import answer, image_prompt, infer_conv_mode
+from llava.mm_utils import load_image
+from llava.model.builder import load_pretrained_model
+from llava.utils import quiet_transformers, user_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Ask a LLaVA checkpoint about one or more images.")
+    parser.add_argument("--model-path", required=True, help="checkpoint directory (original LLaVA layout)")
+    parser.add_argument("--model-base", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--image-file", required=True, nargs="+", help="image path(s); also split on --sep")
+    parser.add_argument("--sep", default=",", help="separator inside --image-file (default: %(default)r)")
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--conv-mode", default=None, help="chat template (default: inferred from the checkpoint)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=512)
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float16 on GPU, float32 on CPU")
+    return parser
+
+
+def eval_model(args) -> str:
+    """Load, ask, print the answer and the summary line; return the answer text."""
+    image_files = [part for item in args.image_file for part in item.split(args.sep) if part]
+    images = [load_image(path) for path in image_files]
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype
+    )
+    conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
+    conv.append_message(conv.roles[0], image_prompt(args.query, len(images)))
+    conv.append_message(conv.roles[1], None)
+    result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
+                    top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    print(result.text)
+    print(result.summary())
+    return result.text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_transformers()
+    with user_errors():
+        eval_model(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

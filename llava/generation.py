@@ -1,0 +1,124 @@
+"""One prompt + images in, answer and its measurements out; shared by `run_llava` and the chat CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.mm_utils import get_anyres_image_grid_shape, get_model_name_from_path, process_images, tokenizer_image_token
+
+
+def infer_conv_mode(model_path: str, config) -> str:
+    """Chat template for a checkpoint: upstream's name rules, with the LLM family from the config.
+
+    Upstream falls back to `llava_v0` (LLaVA v0's template); LLaVA-NeXT Vicuna checkpoints
+    under other names (e.g. `llava-next-7b`) are evaluated with `vicuna_v1`, so that is the
+    fallback here.
+    """
+    name = get_model_name_from_path(model_path).lower()
+    model_type = f"{getattr(config, 'model_type', '')} {' '.join(getattr(config, 'architectures', None) or [])}".lower()
+    if "llama-2" in name:
+        return "llava_llama_2"
+    if "mistral" in name or "mistral" in model_type:
+        return "mistral_instruct"
+    if "34b" in name:
+        return "chatml_direct"
+    if "mpt" in name:
+        return "mpt"
+    if "v1" in name:
+        return "llava_v1"
+    return "vicuna_v1"
+
+
+class FirstTokenTimer(StoppingCriteria):
+    """Records when the first new token is ready (stopping criteria run after every token)."""
+
+    def __init__(self):
+        self.first_token_time = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    image_sizes: list[tuple[int, int]]
+    grids: list[tuple[int, int] | None]  # AnyRes crop grid (columns, rows) per image
+    visual_tokens: int                   # visual tokens the language model received
+    prompt_tokens: int                   # whole prompt after splicing (text + visual)
+    new_tokens: int
+    time_to_first_token_s: float
+    tokens_per_second: float | None      # decode rate after the first token
+
+    def summary(self) -> str:
+        sizes = "+".join(f"{w}x{h}" for w, h in self.image_sizes) or "none"
+        grids = "+".join(f"{g[0]}x{g[1]}" if g else "1x1" for g in self.grids) or "-"
+        rate = f"{self.tokens_per_second:.1f} tokens/s" if self.tokens_per_second is not None else "- tokens/s"
+        return (
+            f"[summary] image {sizes} | grid {grids} | visual tokens {self.visual_tokens} | "
+            f"prompt tokens {self.prompt_tokens} | new tokens {self.new_tokens} | "
+            f"TTFT {self.time_to_first_token_s * 1000:.0f} ms | {rate}"
+        )
+
+
+def image_prompt(query: str, num_images: int) -> str:
+    """The user turn: one `<image>` line per image unless the query already places them."""
+    placed = query.count(DEFAULT_IMAGE_TOKEN)
+    if placed == 0:
+        return (DEFAULT_IMAGE_TOKEN + "\n") * num_images + query
+    if placed != num_images:
+        raise ValueError(f"the query places {placed} {DEFAULT_IMAGE_TOKEN} tokens but {num_images} images were given")
+    return query
+
+
+@torch.inference_mode()
+def answer(model, tokenizer, image_processor, prompt: str, images: list, temperature: float = 0.0,
+           top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512) -> Answer:
+    """Generate the reply to a rendered `prompt` (with one `<image>` per PIL image in `images`)."""
+    input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
+    image_sizes = [image.size for image in images]
+    start = time.perf_counter()
+    if images:
+        pixel_values = process_images(images, image_processor, model.config)
+        pixel_values = [v.to(model.device, model.dtype) for v in pixel_values] if isinstance(pixel_values, list) else pixel_values.to(model.device, model.dtype)
+        _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            input_ids, None, None, None, None, pixel_values, image_sizes, padding_side="left"
+        )
+    else:
+        attention_mask, inputs_embeds = None, model.get_model().embed_tokens(input_ids)
+    timer = FirstTokenTimer()
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    output_ids = model.generate(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+        stopping_criteria=StoppingCriteriaList([timer]),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **sampling,
+    )
+    end = time.perf_counter()
+    new_tokens = int(output_ids.shape[1])
+    first = timer.first_token_time or end
+    text_tokens = int((input_ids != IMAGE_TOKEN_INDEX).sum())
+    config = model.config
+    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
+    patch = model.get_vision_tower().config.image_size if images else None
+    return Answer(
+        text=tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip(),
+        image_sizes=image_sizes,
+        grids=[get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None for size in image_sizes],
+        visual_tokens=int(inputs_embeds.shape[1]) - text_tokens,
+        prompt_tokens=int(inputs_embeds.shape[1]),
+        new_tokens=new_tokens,
+        time_to_first_token_s=first - start,
+        tokens_per_second=(new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else None,
+    )

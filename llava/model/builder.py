@@ -1,0 +1,140 @@
+"""`load_pretrained_model`: load an original-layout LLaVA checkpoint (v1.5 / v1.6 / the tiny one).
+
+The model class is chosen from `config.json` (LLaVA keys, `architectures`, `model_type`), not
+from the directory name. v1.6 checkpoints carry their own fine-tuned CLIP weights; the tower's
+architecture comes from constants or a local directory, so loading needs no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """The path is not a loadable LLaVA checkpoint; the message says what is missing."""
+
+
+def _resolve_local(model_path: str) -> str:
+    """A local checkpoint directory: `model_path` itself, or its snapshot in the Hugging Face cache."""
+    if os.path.isdir(model_path):
+        return model_path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_path, local_files_only=True)
+    except Exception:
+        raise CheckpointError(
+            f"{model_path!r} is not a directory, and no snapshot of it is in the local Hugging Face cache"
+        ) from None
+
+
+def read_llava_config(model_path: str) -> dict:
+    """`config.json` of a LLaVA checkpoint, checked for the files a load needs."""
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{model_path} is not a LLaVA checkpoint: it has no config.json")
+    try:
+        with open(config_file) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    is_llava = "mm_vision_tower" in config or any("Llava" in name for name in config.get("architectures") or [])
+    if not is_llava:
+        raise CheckpointError(
+            f"{model_path} is not a LLaVA checkpoint: config.json has no mm_vision_tower "
+            f"(architectures: {config.get('architectures')}, model_type: {config.get('model_type')})"
+        )
+    if not any(os.path.isfile(os.path.join(model_path, name)) for name in WEIGHT_FILES):
+        raise CheckpointError(f"{model_path} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    if not any(os.path.isfile(os.path.join(model_path, name)) for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_path} has no tokenizer: expected one of {', '.join(TOKENIZER_FILES)}")
+    return config
+
+
+def llava_classes(config: dict):
+    """(config class, model class) for a LLaVA `config.json`: Mistral or Llama (Vicuna, Yi-34B)."""
+    names = " ".join(config.get("architectures") or []) + " " + str(config.get("model_type", ""))
+    if "mistral" in names.lower():
+        return LlavaMistralConfig, LlavaMistralForCausalLM
+    return LlavaConfig, LlavaLlamaForCausalLM
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict | None = None,
+    device: str | None = None,
+    use_flash_attn: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    **kwargs,
+):
+    """Load a LLaVA checkpoint; returns `(tokenizer, model, image_processor, context_len)`.
+
+    Upstream's signature; `model_name` is accepted for compatibility but not needed. Defaults:
+    the GPU in fp16 when there is one, else the CPU in fp32. `device_map` (e.g. "auto") is
+    passed to transformers as is.
+    """
+    if model_base is not None:
+        raise NotImplementedError("LoRA / projector-only checkpoints (model_base) are not supported; pass a full checkpoint")
+    if load_8bit or load_4bit:
+        raise NotImplementedError("8-bit / 4-bit loading is not supported")
+    model_path = _resolve_local(model_path)
+    raw_config = read_llava_config(model_path)
+    device = device or default_device()
+    if isinstance(torch_dtype, str):
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {torch_dtype!r}; use one of {', '.join(DTYPES)}")
+        torch_dtype = DTYPES[torch_dtype]
+    torch_dtype = torch_dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    if use_flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+
+    config_class, model_class = llava_classes(raw_config)
+    # From the dict: original configs say model_type 'llava', which transformers maps to its own class.
+    config = config_class.from_dict({key: value for key, value in raw_config.items() if key != "model_type"})
+    config._name_or_path = model_path  # the vision tower resolves a relative mm_vision_tower against it
+    model, loading_info = model_class.from_pretrained(
+        model_path, config=config, dtype=torch_dtype, device_map=device_map, output_loading_info=True, **kwargs
+    )
+    if device_map is None:
+        model.to(device)
+    model.eval()
+
+    vision_tower = model.get_vision_tower()
+    if any(key.startswith("model.vision_tower.") for key in loading_info["missing_keys"]):
+        vision_tower.load_model()  # LLaVA-1.5 style: the tower's weights come from the CLIP checkpoint
+    vision_tower.to(device=model.device, dtype=torch_dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    new_tokens = []
+    if getattr(config, "mm_use_im_patch_token", True):
+        new_tokens.append(DEFAULT_IMAGE_PATCH_TOKEN)
+    if getattr(config, "mm_use_im_start_end", False):
+        new_tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
+    if new_tokens:
+        tokenizer.add_tokens(new_tokens, special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    context_len = getattr(config, "max_sequence_length", 2048)
+    return tokenizer, model, vision_tower.image_processor, context_len

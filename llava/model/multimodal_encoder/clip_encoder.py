@@ -1,0 +1,184 @@
+"""CLIP vision tower: selected patch features plus the last layer's [CLS]-to-patch scores.
+
+One pass through the encoder returns both (`VisionTowerOutput`). The scores are what GlobalCom2
+uses to rank tokens: the last encoder layer's pre-softmax attention logits of the [CLS] query
+against the patch keys, `q.k / sqrt(head_dim)` averaged over heads. Only that layer's q and k
+projections are evaluated for them, so the tower never asks for `output_attentions` and keeps
+its fast attention (SDPA/flash) everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor
+
+# Public architecture settings of the OpenAI CLIP towers LLaVA uses. A v1.6 checkpoint carries
+# its own tower weights, so with these no hub access is needed at all.
+KNOWN_CLIP_TOWERS = {
+    "openai/clip-vit-large-patch14-336": dict(image_size=336),
+    "openai/clip-vit-large-patch14": dict(image_size=224),
+}
+_CLIP_VIT_L14 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=24,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    num_channels=3,
+)
+
+
+class VisionTowerOutput(NamedTuple):
+    features: torch.Tensor    # [V, P, C] hidden state `mm_vision_select_layer` (CLS dropped for 'patch')
+    cls_scores: torch.Tensor  # [V, P]    last layer's [CLS]->patch logits, head-averaged
+
+
+def _local_tower_dir(name: str, model_path: str | None) -> str | None:
+    """A CLIP directory given by path, absolute or relative to the working dir or the checkpoint."""
+    candidates = [name] + ([os.path.join(model_path, name)] if model_path else [])
+    return next((path for path in candidates if os.path.isfile(os.path.join(path, "config.json"))), None)
+
+
+def resolve_vision_tower(name: str, model_path: str | None = None) -> tuple[CLIPVisionConfig, CLIPImagePreprocessor, str]:
+    """Config, preprocessor and weight location of the tower named by `mm_vision_tower`.
+
+    Order: a local directory; a known OpenAI CLIP id (built from constants, no network); else
+    the local Hugging Face cache. Raises `FileNotFoundError` saying what was tried.
+    """
+    local_dir = _local_tower_dir(name, model_path)
+    if local_dir is not None:
+        config = CLIPVisionConfig.from_pretrained(local_dir)
+        if os.path.isfile(os.path.join(local_dir, "preprocessor_config.json")):
+            processor = CLIPImagePreprocessor.from_pretrained(local_dir)
+        else:
+            processor = CLIPImagePreprocessor(size=config.image_size, crop_size=config.image_size)
+        return config, processor, local_dir
+    if name in KNOWN_CLIP_TOWERS:
+        config = CLIPVisionConfig(**_CLIP_VIT_L14, **KNOWN_CLIP_TOWERS[name])
+        return config, CLIPImagePreprocessor(size=config.image_size, crop_size=config.image_size), name
+    try:
+        config = CLIPVisionConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        raise FileNotFoundError(
+            f"vision tower {name!r} (mm_vision_tower) is neither a local CLIP directory, nor a known "
+            f"OpenAI CLIP id ({', '.join(KNOWN_CLIP_TOWERS)}), nor in the local Hugging Face cache"
+        ) from None
+    return config, CLIPImagePreprocessor(size=config.image_size, crop_size=config.image_size), name
+
+
+class CLIPVisionHolder(nn.Module):
+    """Keeps the CLIP model under `vision_model`, the name in original checkpoints
+    (`model.vision_tower.vision_tower.vision_model.*`); transformers 5's `CLIPVisionModel` no
+    longer has that level itself."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.vision_model = CLIPVisionModel(config)
+
+
+class CLIPVisionTower(nn.Module):
+    """Upstream LLaVA's tower module (same attribute names, so checkpoint keys match).
+
+    The CLIP model is built from its config, not loaded: inside `from_pretrained` of the LLaVA
+    model the checkpoint's own tower weights (`model.vision_tower.vision_tower.*`) fill it.
+    Checkpoints without tower weights (LLaVA-1.5) call `load_model()` afterwards.
+    """
+
+    def __init__(self, vision_tower: str, args, model_path: str | None = None):
+        super().__init__()
+        self.vision_tower_name = vision_tower
+        self.select_layer = args.mm_vision_select_layer
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"unexpected mm_vision_select_feature: {self.select_feature!r}")
+        vision_config, self.image_processor, self.weights_location = resolve_vision_tower(vision_tower, model_path)
+        self.vision_tower = CLIPVisionHolder(vision_config)
+        self.vision_tower.requires_grad_(False)
+
+    def load_model(self) -> None:
+        """Replace the tower's weights with the CLIP checkpoint's (for LLaVA checkpoints without them)."""
+        loaded = CLIPVisionModel.from_pretrained(self.weights_location, dtype=self.dtype)
+        self.vision_tower.vision_model.load_state_dict(loaded.state_dict())
+        self.vision_tower.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> VisionTowerOutput:
+        """`images` `[V, 3, S, S]` -> features `[V, P, C]` and [CLS] scores `[V, P]` (P = (S/14)^2)."""
+        vision_model = self.vision_tower.vision_model
+        layers = vision_model.encoder.layers
+        num_layers = len(layers)
+        select_index = self.select_layer % (num_layers + 1)  # index into the hidden_states tuple
+        last_input_index = num_layers - 1                    # the last layer consumes hidden_states[-2]
+        hidden = vision_model.pre_layrnorm(vision_model.embeddings(images.to(device=self.device, dtype=self.dtype)))
+        states = {0: hidden}
+        for index in range(1, max(select_index, last_input_index) + 1):
+            hidden = layers[index - 1](hidden, None)
+            if index in (select_index, last_input_index):
+                states[index] = hidden
+        features = states[select_index]
+        if self.select_feature == "patch":
+            features = features[:, 1:]
+        return VisionTowerOutput(features, cls_patch_scores(layers[-1], states[last_input_index]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.vision_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.vision_model.device
+
+    @property
+    def config(self) -> CLIPVisionConfig:
+        return self.vision_tower.vision_model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+
+def cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Head-averaged pre-softmax [CLS]->patch logits of one CLIP encoder layer.
+
+    layer_input: [V, 1 + P, C], the layer's input (before its `layer_norm1`).
+    Returns [V, P] in the input dtype. Only the [CLS] row's query and the patch keys are
+    projected; the per-head products and the head mean follow the released code's order of
+    operations (query scaled first), so fp16 results round the same way.
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(layer_input)
+    num_views, _, width = normed.shape
+    num_heads = attention.num_heads
+    head_dim = width // num_heads
+    query = attention.q_proj(normed[:, :1]) * attention.scale                # [V, 1, C]
+    keys = attention.k_proj(normed[:, 1:])                                    # [V, P, C]
+    query = query.view(num_views, 1, num_heads, head_dim).transpose(1, 2)     # [V, H, 1, d]
+    keys = keys.view(num_views, -1, num_heads, head_dim).permute(0, 2, 3, 1)  # [V, H, d, P]
+    return torch.matmul(query, keys).mean(dim=1).squeeze(1)                   # [V, P]
+
+
+def build_vision_tower(config, model_path: str | None = None) -> CLIPVisionTower:
+    name = getattr(config, "mm_vision_tower", getattr(config, "vision_tower", None))
+    if name is None:
+        raise ValueError("config has no mm_vision_tower")
+    return CLIPVisionTower(name, args=config, model_path=model_path)

@@ -1,0 +1,61 @@
+"""Interactive chat about an image in the terminal (upstream LLaVA's `llava.serve.cli`).
+
+    python -m llava.serve.cli --model-path checkpoints/llava-next-tiny --image-file images/shapes-800x500.png
+
+Each turn prints the reply and a summary line; an empty line or end of input quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llava.conversation import get_conv_template
+from llava.generation import answer, image_prompt, infer_conv_mode
+from llava.mm_utils import load_image
+from llava.model.builder import load_pretrained_model
+from llava.utils import quiet_transformers, user_errors
+
+
+def chat(args, read=input) -> None:
+    images = [load_image(path) for path in args.image_file]
+    tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device=args.device, torch_dtype=args.dtype)
+    conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
+    user, assistant = conv.roles
+    first_turn = True
+    while True:
+        try:
+            message = read(f"{user.strip()}: ")
+        except EOFError:
+            message = ""
+        if not message.strip():
+            print("exit...")
+            return
+        conv.append_message(user, image_prompt(message, len(images)) if first_turn else message)
+        conv.append_message(assistant, None)
+        result = answer(model, tokenizer, image_processor, conv.get_prompt(), images,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+        conv.messages[-1][-1] = result.text
+        print(f"{assistant.strip()}: {result.text}")
+        print(result.summary())
+        first_turn = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Chat with a LLaVA checkpoint about an image.")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--image-file", required=True, nargs="+")
+    parser.add_argument("--conv-mode", default=None)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    with user_errors():
+        chat(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
