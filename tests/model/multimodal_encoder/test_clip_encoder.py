@@ -1,0 +1,73 @@
+"""The tower's two outputs against transformers' own CLIP forward and an eager attention map."""
+
+import pytest
+import torch
+
+from llava.model.multimodal_encoder.clip_encoder import resolve_vision_tower
+
+
+def _pixels(views=3, seed=0):
+    return torch.randn(views, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
+
+
+def _eager_cls_scores(layer, layer_input):
+    """Full 577x577 attention logits of every head (eager, as the released code computes them),
+    averaged over heads, then the [CLS] row against the patch columns."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(layer_input)
+    views, tokens, width = normed.shape
+    heads = attention.num_heads
+    query = (attention.q_proj(normed) * attention.scale).view(views, tokens, heads, -1).transpose(1, 2)
+    keys = attention.k_proj(normed).view(views, tokens, heads, -1).transpose(1, 2)
+    logits = query @ keys.transpose(-1, -2)  # [V, H, 577, 577]
+    return logits.mean(dim=1)[:, 0, 1:]
+
+
+def test_features_and_scores_match_reference(tiny):
+    tower = tiny[1].get_vision_tower()
+    pixels = _pixels()
+    with torch.no_grad():
+        features, scores = tower(pixels)
+        reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True)
+        eager = _eager_cls_scores(tower.vision_tower.vision_model.encoder.layers[-1], reference.hidden_states[-2])
+    assert features.shape == (3, 576, tower.hidden_size) and scores.shape == (3, 576)
+    assert torch.allclose(features, reference.hidden_states[-2][:, 1:], atol=1e-6)
+    assert (scores - eager).abs().max() <= 1e-5
+    assert scores.std() > 0  # the scores really rank patches
+
+
+def test_tower_keeps_fast_attention(tiny):
+    tower = tiny[1].get_vision_tower()
+    assert tower.config._attn_implementation == "sdpa"
+
+
+def test_select_layer_last_and_cls_patch(tiny):
+    tower = tiny[1].get_vision_tower()
+    pixels = _pixels(views=1, seed=1)
+    old = (tower.select_layer, tower.select_feature)
+    try:
+        tower.select_layer, tower.select_feature = -1, "cls_patch"
+        with torch.no_grad():
+            features, _ = tower(pixels)
+            reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states[-1]
+    finally:
+        tower.select_layer, tower.select_feature = old
+    assert features.shape == (1, 577, tower.hidden_size)
+    assert torch.allclose(features, reference, atol=1e-6)
+
+
+def test_geometry_is_the_real_one(tiny):
+    tower = tiny[1].get_vision_tower()
+    assert (tower.config.image_size, tower.config.patch_size, tower.num_patches_per_side, tower.num_patches) == (336, 14, 24, 576)
+
+
+def test_openai_tower_is_known_offline():
+    config, processor, _ = resolve_vision_tower("openai/clip-vit-large-patch14-336")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1024, 24, 16)
+    assert (config.image_size, config.patch_size, config.hidden_act) == (336, 14, "quick_gelu")
+    assert processor.crop_size == {"height": 336, "width": 336} and processor.size == {"shortest_edge": 336}
+
+
+def test_unknown_tower_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="not-a/clip-tower"):
+        resolve_vision_tower("not-a/clip-tower")

@@ -1,0 +1,176 @@
+"""`prepare_inputs_labels_for_multimodal` with compression off: upstream LLaVA-NeXT's sequence,
+batches, several images per prompt, text-only prompts, padding sides, generation."""
+
+import pytest
+import torch
+from PIL import Image
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import process_images, tokenizer_image_token, unpad_image
+
+
+def _image(size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def _upstream_sequence(model, views, image_size):
+    """Upstream's tensor ops for one AnyRes image, written out with their channel-first permute."""
+    grid_w, grid_h = {(800, 500): (2, 2), (500, 900): (2, 2), (1000, 300): (3, 1), (20, 2000): (1, 3)}[image_size]
+    base, crops = views[0], views[1:]
+    crops = crops.view(grid_h, grid_w, 24, 24, -1).permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
+    crops = unpad_image(crops, image_size)
+    newline = model.get_model().image_newline[:, None, None].expand(*crops.shape[:-1], 1)
+    crops = torch.cat((crops, newline), dim=-1).flatten(1, 2).transpose(0, 1)
+    return torch.cat((base, crops), dim=0)
+
+
+# 1000x300 on a 3x1 grid (24 x 72 patches): new_h = int(21.6) = 21, pad 1 -> rows [1, 23): 22 rows.
+@pytest.mark.parametrize("size, tokens", [((800, 500), 2046), ((500, 900), 1872), ((1000, 300), 576 + 22 * 73), ((20, 2000), 648)])
+def test_image_sequence_is_upstream(tiny, size, tokens):
+    _, model, processor = tiny
+    views = torch.randn(1 + {(800, 500): 4, (500, 900): 4, (1000, 300): 3, (20, 2000): 3}[size], 576, model.config.hidden_size)
+    ours = model.image_sequence(views, size)
+    assert ours.shape == (tokens, model.config.hidden_size)
+    assert torch.equal(ours, _upstream_sequence(model, views, size))
+
+
+def _prompt_ids(tokenizer, text):
+    return tokenizer_image_token(f"USER: {text} ASSISTANT:", tokenizer, return_tensors="pt")
+
+
+def _pad(rows, pad_id, side):
+    longest = max(len(row) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for index, row in enumerate(rows):
+        span = slice(longest - len(row), longest) if side == "left" else slice(0, len(row))
+        ids[index, span], mask[index, span] = row, 1
+    return ids, mask
+
+
+def _single(model, ids, images, sizes):
+    return model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, images, sizes)[4][0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_equals_single_samples(tiny, side):
+    tokenizer, model, processor = tiny
+    images = [_image((800, 500), 0), _image((500, 900), 1)]
+    rows = [_prompt_ids(tokenizer, "<image>\nWhat is it?"), _prompt_ids(tokenizer, "<image>\nDescribe the picture in detail please.")]
+    pixel_values = process_images(images, processor, model.config)
+    sizes = [image.size for image in images]
+    ids, mask = _pad(rows, tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        _, positions, new_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            ids, None, mask, None, None, pixel_values, sizes, padding_side=side
+        )
+        singles = [_single(model, row, pixel_values[i:i + 1], sizes[i:i + 1]) for i, row in enumerate(rows)]
+    lengths = [len(single) for single in singles]
+    assert lengths == [len(rows[0]) - 1 + 2046, len(rows[1]) - 1 + 1872]
+    assert embeds.shape[1] == max(lengths)
+    for row, single in enumerate(singles):
+        valid = new_mask[row].bool()
+        assert valid.sum() == len(single)
+        assert torch.equal(embeds[row][valid], single)
+        assert valid[-1] if side == "left" else valid[0]
+        assert positions[row][valid].tolist() == list(range(len(single)))
+
+
+def test_several_images_in_one_prompt(tiny):
+    tokenizer, model, processor = tiny
+    images = [_image((800, 500), 2), _image((20, 2000), 3)]
+    ids = _prompt_ids(tokenizer, "<image>\nfirst and <image>\nsecond")
+    pixel_values = process_images(images, processor, model.config)  # views differ: a list
+    sizes = [image.size for image in images]
+    with torch.no_grad():
+        embeds = _single(model, ids, pixel_values, sizes)
+        first, second = model.encode_image_sequences(pixel_values, sizes)
+        text = model.get_model().embed_tokens(ids.clamp(min=0))
+    at = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+    expected = torch.cat([text[:at[0]], first, text[at[0] + 1:at[1]], second, text[at[1] + 1:]])
+    assert (len(first), len(second)) == (2046, 648) and torch.equal(embeds, expected)
+
+
+def test_sequences_are_cut_at_the_model_max_length(tiny):
+    tokenizer, model, processor = tiny
+    images = [_image((800, 500), 2), _image((1000, 300), 3)]  # 2046 + 2182 visual tokens > 4096
+    ids = _prompt_ids(tokenizer, "<image>\n<image>\ntwo")
+    pixel_values = process_images(images, processor, model.config)
+    with torch.no_grad():
+        embeds = _single(model, ids, pixel_values, [image.size for image in images])
+    assert model.config.tokenizer_model_max_length == 4096 and len(embeds) == 4096
+
+
+def test_text_only_prompt_and_mixed_batch(tiny):
+    tokenizer, model, processor = tiny
+    text_ids = _prompt_ids(tokenizer, "Hello there")
+    batch = text_ids[None]
+    untouched = model.prepare_inputs_labels_for_multimodal(batch, None, None, None, None, None)
+    assert untouched[0] is batch and untouched[4] is None
+    image = _image((800, 500), 4)
+    rows = [text_ids, _prompt_ids(tokenizer, "<image>\nAnd this?")]
+    ids, mask = _pad(rows, tokenizer.pad_token_id, "right")
+    pixel_values = process_images([image], processor, model.config)
+    with torch.no_grad():
+        _, _, new_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, None, pixel_values, [image.size])
+        text_embeds = model.get_model().embed_tokens(text_ids)
+    assert new_mask[0].sum() == len(text_ids) and torch.equal(embeds[0, :len(text_ids)], text_embeds)
+    assert new_mask[1].sum() == len(rows[1]) - 1 + 2046
+
+
+def test_placeholder_count_must_match_images(tiny):
+    tokenizer, model, processor = tiny
+    ids = _prompt_ids(tokenizer, "<image>\n<image>\ntwo placeholders")
+    pixel_values = process_images([_image((800, 500), 5)], processor, model.config)
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixel_values, [(800, 500)])
+
+
+def test_labels_mask_image_tokens(tiny):
+    tokenizer, model, processor = tiny
+    ids = _prompt_ids(tokenizer, "<image>\nQ")
+    labels = ids.clone()
+    pixel_values = process_images([_image((800, 500), 6)], processor, model.config)
+    with torch.no_grad():
+        out = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, labels[None], pixel_values, [(800, 500)])
+    new_labels = out[5][0]
+    at = int((ids == IMAGE_TOKEN_INDEX).nonzero())
+    assert (new_labels[at:at + 2046] == -100).all()
+    assert new_labels[:at].tolist() == ids[:at].tolist() and new_labels[at + 2046:].tolist() == ids[at + 1:].tolist()
+
+
+def test_batched_logits_equal_single(tiny):
+    tokenizer, model, processor = tiny
+    images = [_image((800, 500), 7), _image((336, 336), 8)]
+    rows = [_prompt_ids(tokenizer, "<image>\nWhat?"), _prompt_ids(tokenizer, "<image>\nWhat colour is the sky today?")]
+    ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
+    pixel_values = process_images(images, processor, model.config)
+    sizes = [image.size for image in images]
+    with torch.no_grad():
+        _, positions, new_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            ids, None, mask, None, None, pixel_values, sizes, padding_side="left")
+        batched = model(inputs_embeds=embeds, attention_mask=new_mask, position_ids=positions).logits
+        for row in range(2):
+            single = model(rows[row][None], images=pixel_values[row:row + 1], image_sizes=sizes[row:row + 1]).logits[0]
+            assert (batched[row][new_mask[row].bool()] - single).abs().max() < 1e-4
+
+
+def test_generation_with_cache_and_batch(tiny):
+    tokenizer, model, processor = tiny
+    images = [_image((800, 500), 9), _image((500, 900), 10)]
+    rows = [_prompt_ids(tokenizer, "<image>\nWhat?"), _prompt_ids(tokenizer, "<image>\nWhat is in the picture, please?")]
+    ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
+    pixel_values = process_images(images, processor, model.config)
+    sizes = [image.size for image in images]
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    cached = model.generate(ids, images=pixel_values, image_sizes=sizes, attention_mask=mask, use_cache=True, **settings)
+    uncached = model.generate(ids, images=pixel_values, image_sizes=sizes, attention_mask=mask, use_cache=False, **settings)
+    assert cached.shape == (2, 6)  # only new tokens: the prompt went in as embeddings
+    assert torch.equal(cached, uncached)
+    for row in range(2):
+        single = model.generate(rows[row][None], images=pixel_values[row:row + 1], image_sizes=sizes[row:row + 1], **settings)
+        assert torch.equal(single[0], cached[row])
+    text_only = model.generate(rows[0][None][:, :3], **settings)
+    assert text_only.shape == (1, 6)
