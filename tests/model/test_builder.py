@@ -1,0 +1,93 @@
+"""`load_pretrained_model` on original-layout checkpoints: formats, variants, dtypes, bad paths."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava.generation import infer_conv_mode
+from llava.model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM
+from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.tiny import build_tiny_checkpoint
+
+
+def _checkpoint_tensors(path):
+    with open(os.path.join(path, "model.safetensors.index.json")) as handle:
+        shards = sorted(set(json.load(handle)["weight_map"].values()))
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(os.path.join(path, shard)))
+    return tensors
+
+
+def test_loads_every_tensor_of_the_checkpoint(tiny_checkpoint, tiny):
+    _, model, _ = tiny
+    assert isinstance(model, LlavaLlamaForCausalLM) and model.dtype == torch.float32
+    ours = model.state_dict()
+    saved = _checkpoint_tensors(tiny_checkpoint)
+    # The tower's weights come from the checkpoint (original key names), not from a fresh CLIP.
+    assert "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in saved
+    assert set(saved) == set(ours)
+    assert all(torch.equal(ours[name], tensor) for name, tensor in saved.items())
+
+
+def test_config_drives_the_model(tiny):
+    config = tiny[1].config
+    assert config.image_aspect_ratio == "anyres" and config.mm_patch_merge_type == "spatial_unpad"
+    assert config.mm_vision_select_layer == -2 and config.mm_projector_type == "mlp2x_gelu"
+    assert [module.__class__.__name__ for module in tiny[1].get_model().mm_projector] == ["Linear", "GELU", "Linear"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "bfloat16"])
+def test_dtypes(tiny_checkpoint, dtype):
+    _, model, _, _ = load_pretrained_model(tiny_checkpoint, device="cpu", torch_dtype=dtype)
+    expected = torch.bfloat16 if dtype == "bfloat16" else dtype
+    assert model.dtype == expected and model.get_vision_tower().dtype == expected
+
+
+def test_pytorch_bin_checkpoint_in_a_dir_without_llava_in_its_name(tiny_checkpoint, tiny, tmp_path):
+    target = tmp_path / "my-model"
+    shutil.copytree(tiny_checkpoint, target)
+    torch.save(_checkpoint_tensors(tiny_checkpoint), target / "pytorch_model.bin")
+    for name in os.listdir(target):
+        if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".json")):
+            os.remove(target / name)
+    _, model, _, _ = load_pretrained_model(str(target), device="cpu")
+    assert isinstance(model, LlavaLlamaForCausalLM)
+    assert torch.equal(model.get_model().image_newline, tiny[1].get_model().image_newline)
+
+
+def test_mistral_variant(tmp_path):
+    path = build_tiny_checkpoint(str(tmp_path / "llava-v1.6-mistral-tiny"), llm="mistral")
+    tokenizer, model, processor, _ = load_pretrained_model(path, device="cpu")
+    assert isinstance(model, LlavaMistralForCausalLM)
+    assert model.config.num_key_value_heads == 2
+    assert infer_conv_mode(path, model.config) == "mistral_instruct"
+    ids = torch.tensor([[1, 5, -200, 6]])
+    pixels = torch.zeros(1, 5, 3, 336, 336)
+    with torch.no_grad():
+        logits = model(ids, images=pixels, image_sizes=[(800, 500)]).logits
+    assert logits.shape == (1, 3 + 2046, len(tokenizer))
+
+
+def test_conv_mode_rules(tiny):
+    config = tiny[1].config
+    assert infer_conv_mode("liuhaotian/llava-v1.6-vicuna-7b", config) == "llava_v1"
+    assert infer_conv_mode("liuhaotian/llava-v1.6-34b", config) == "chatml_direct"
+    assert infer_conv_mode("./liuhaotian/llava-next-7b", config) == "vicuna_v1"
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained_model(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="no mm_vision_tower"):
+        load_pretrained_model(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_pretrained_model(str(tmp_path), device="cpu")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_pretrained_model(str(tmp_path / "missing"), device="cpu")
