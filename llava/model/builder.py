@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+import transformers
 from transformers import AutoTokenizer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
@@ -27,7 +28,7 @@ class CheckpointError(ValueError):
     """The path is not a loadable LLaVA checkpoint; the message says what is missing."""
 
 
-def _resolve_local(model_path: str) -> str:
+def resolve_local_checkpoint(model_path: str) -> str:
     """A local checkpoint directory: `model_path` itself, or its snapshot in the Hugging Face cache."""
     if os.path.isdir(model_path):
         return model_path
@@ -72,6 +73,22 @@ def llava_classes(config: dict):
     return LlavaConfig, LlavaLlamaForCausalLM
 
 
+def load_tokenizer(model_path: str):
+    """The tokenizer class named by `tokenizer_config.json` (LlamaTokenizer for v1.6).
+
+    `AutoTokenizer` would go by config.json's `model_type: llava`, which transformers maps to
+    its own LLaVA processor; for a sentencepiece-only checkpoint that yields a tokenizer without
+    Llama's word-start handling, and different ids.
+    """
+    config_file = os.path.join(model_path, "tokenizer_config.json")
+    class_name = None
+    if os.path.isfile(config_file):
+        with open(config_file) as handle:
+            class_name = json.load(handle).get("tokenizer_class")
+    tokenizer_class = getattr(transformers, class_name, None) if class_name else None
+    return (tokenizer_class or AutoTokenizer).from_pretrained(model_path)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,7 +115,7 @@ def load_pretrained_model(
         raise NotImplementedError("LoRA / projector-only checkpoints (model_base) are not supported; pass a full checkpoint")
     if load_8bit or load_4bit:
         raise NotImplementedError("8-bit / 4-bit loading is not supported")
-    model_path = _resolve_local(model_path)
+    model_path = resolve_local_checkpoint(model_path)
     raw_config = read_llava_config(model_path)
     device = device or default_device()
     if isinstance(torch_dtype, str):
@@ -125,7 +142,7 @@ def load_pretrained_model(
         vision_tower.load_model()  # LLaVA-1.5 style: the tower's weights come from the CLIP checkpoint
     vision_tower.to(device=model.device, dtype=torch_dtype)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     new_tokens = []
     if getattr(config, "mm_use_im_patch_token", True):
         new_tokens.append(DEFAULT_IMAGE_PATCH_TOKEN)

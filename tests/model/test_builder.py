@@ -73,6 +73,30 @@ def test_mistral_variant(tmp_path):
     assert logits.shape == (1, 3 + 2046, len(tokenizer))
 
 
+def test_sentencepiece_tokenizer_model_like_the_original_checkpoints(tiny_checkpoint, tmp_path):
+    """v1.6 checkpoints ship only a sentencepiece `tokenizer.model`; the loaded tokenizer must
+    give sentencepiece's own ids (with BOS), piece by piece as `tokenizer_image_token` uses it."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from llava.tiny import _corpus
+
+    target = tmp_path / "llava-sp"
+    shutil.copytree(tiny_checkpoint, target)
+    os.remove(target / "tokenizer.json")
+    (tmp_path / "corpus.txt").write_text("\n".join(_corpus()))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(target / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    (target / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096}))
+    tokenizer, _, _, _ = load_pretrained_model(str(target), device="cpu")
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(target / "tokenizer.model"))
+    for piece in ["A chat between a curious user. USER: ", "\nWhat is shown? ASSISTANT:", "é\nx"]:
+        assert tokenizer(piece).input_ids == [1] + reference.encode(piece)
+
+
 def test_conv_mode_rules(tiny):
     config = tiny[1].config
     assert infer_conv_mode("liuhaotian/llava-v1.6-vicuna-7b", config) == "llava_v1"
