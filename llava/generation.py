@@ -87,7 +87,10 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
     start = time.perf_counter()
     if images:
         pixel_values = process_images(images, image_processor, model.config)
-        pixel_values = [v.to(model.device, model.dtype) for v in pixel_values] if isinstance(pixel_values, list) else pixel_values.to(model.device, model.dtype)
+        if isinstance(pixel_values, list):  # images with different numbers of AnyRes views
+            pixel_values = [views.to(model.device, model.dtype) for views in pixel_values]
+        else:
+            pixel_values = pixel_values.to(model.device, model.dtype)
         _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
             input_ids, None, None, None, None, pixel_values, image_sizes, padding_side="left"
         )

@@ -242,13 +242,15 @@ def get_model_name_from_path(model_path: str) -> str:
 
 
 class KeywordsStoppingCriteria(StoppingCriteria):
-    """Stop a sequence once its generated text ends with (or newly contains) one of `keywords`.
+    """Stop a sequence once its generated text ends with (or its tail contains) one of `keywords`.
 
     Checks the keyword's token ids against the tail first, then the decoded tail text, which
-    catches keywords the tokenizer splits differently in context. Returns one flag per row.
+    catches keywords the tokenizer splits differently in context. Only the tail is looked at, so
+    it works whether the ids passed in hold the prompt or (with `generate(inputs_embeds=...)`)
+    only the new tokens. `input_ids` is accepted for upstream compatibility. One flag per row.
     """
 
-    def __init__(self, keywords: Iterable[str], tokenizer, input_ids: torch.Tensor):
+    def __init__(self, keywords: Iterable[str], tokenizer, input_ids: torch.Tensor | None = None):
         self.keywords = list(keywords)
         self.tokenizer = tokenizer
         self.keyword_ids = []
@@ -257,18 +259,13 @@ class KeywordsStoppingCriteria(StoppingCriteria):
             if len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
                 ids = ids[1:]
             self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
-        self.max_keyword_len = max((len(ids) for ids in self.keyword_ids), default=1)
-        # With `generate(inputs_embeds=...)` the ids passed in are the generated ones only.
-        self.start_len = input_ids.shape[1] if input_ids is not None and input_ids.ndim == 2 else 0
+        self.tail_length = max((len(ids) for ids in self.keyword_ids), default=1) + 3
 
     def _row_stops(self, row: torch.Tensor) -> bool:
-        for ids in self.keyword_ids:
-            if len(ids) and row.shape[0] >= len(ids) and torch.equal(row[-len(ids):].cpu(), ids):
-                return True
-        offset = min(row.shape[0] - self.start_len, self.max_keyword_len + 3)
-        if offset <= 0:
-            offset = min(row.shape[0], self.max_keyword_len + 3)
-        tail = self.tokenizer.decode(row[-offset:], skip_special_tokens=True)
+        row = row.cpu()
+        if any(len(row) >= len(ids) and torch.equal(row[-len(ids):], ids) for ids in self.keyword_ids):
+            return True
+        tail = self.tokenizer.decode(row[-self.tail_length:], skip_special_tokens=True)
         return any(keyword in tail for keyword in self.keywords)
 
     def __call__(self, output_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.BoolTensor:
