@@ -115,3 +115,37 @@ def test_not_a_checkpoint(tmp_path):
         load_pretrained_model(str(tmp_path), device="cpu")
     with pytest.raises(CheckpointError, match="not a directory"):
         load_pretrained_model(str(tmp_path / "missing"), device="cpu")
+
+
+def test_checkpoint_without_tower_weights_loads_them_from_the_clip_directory(tiny_checkpoint, tmp_path):
+    """LLaVA-1.5 style: the tower's weights are not in the checkpoint, so they come from the
+    CLIP model named by mm_vision_tower (here a local directory), after the main load."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    clip_dir = tmp_path / "clip"
+    tower_config = CLIPVisionConfig.from_pretrained(os.path.join(tiny_checkpoint, "clip-vit-tiny-patch14-336"))
+    torch.manual_seed(3)
+    CLIPVisionModel(tower_config).save_pretrained(clip_dir)
+
+    target = tmp_path / "llava-no-tower"
+    shutil.copytree(tiny_checkpoint, target)
+    tensors = {k: v for k, v in _checkpoint_tensors(tiny_checkpoint).items() if not k.startswith("model.vision_tower.")}
+    for name in os.listdir(target):
+        if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".json")):
+            os.remove(target / name)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config.update(mm_vision_tower=str(clip_dir), unfreeze_mm_vision_tower=False)
+    (target / "config.json").write_text(json.dumps(config))
+
+    _, model, _, _ = load_pretrained_model(str(target), device="cpu")
+    reference = CLIPVisionModel.from_pretrained(clip_dir).state_dict()
+    loaded = model.get_vision_tower().vision_tower.vision_model.state_dict()
+    assert set(reference) == set(loaded)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in reference.items())
+
+
+def test_device_map_auto_on_cpu(tiny_checkpoint):
+    _, model, _, _ = load_pretrained_model(tiny_checkpoint, device="cpu", device_map="auto")
+    assert model.device.type == "cpu" and model.get_vision_tower().device.type == "cpu"
