@@ -3,10 +3,11 @@ batches, several images per prompt, text-only prompts, padding sides, generation
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.mm_utils import process_images, tokenizer_image_token, unpad_image
+from llava.mm_utils import anyres_visual_token_count, get_anyres_image_grid_shape, process_images, tokenizer_image_token, unpad_image
 
 
 def _image(size, seed):
@@ -174,3 +175,15 @@ def test_generation_with_cache_and_batch(tiny):
         assert torch.equal(single[0], cached[row])
     text_only = model.generate(rows[0][None][:, :3], **settings)
     assert text_only.shape == (1, 6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 3000))
+def test_sequence_length_matches_the_token_count_rule(tiny, width, height):
+    """For every image size, the model's sequence has `anyres_visual_token_count` tokens."""
+    model = tiny[1]
+    pinpoints = model.config.image_grid_pinpoints
+    grid_w, grid_h = get_anyres_image_grid_shape((width, height), pinpoints, 336)
+    views = torch.zeros(1 + grid_w * grid_h, 576, model.config.hidden_size)
+    model_sequence = model.image_sequence(views, (width, height))
+    assert model_sequence.shape[0] == anyres_visual_token_count((width, height), pinpoints)
