@@ -142,13 +142,19 @@ def test_labels_mask_image_tokens(tiny):
     assert new_labels[:at].tolist() == ids[:at].tolist() and new_labels[at + 2046:].tolist() == ids[at + 1:].tolist()
 
 
-def test_batched_logits_equal_single(tiny):
+def _left_padded_pair(tiny, sizes, seed, second_question):
+    """Two one-image prompts of different lengths, left-padded: (rows, ids, mask, pixel_values)."""
     tokenizer, model, processor = tiny
-    images = [_image((800, 500), 7), _image((336, 336), 8)]
-    rows = [_prompt_ids(tokenizer, "<image>\nWhat?"), _prompt_ids(tokenizer, "<image>\nWhat colour is the sky today?")]
+    images = [_image(size, seed + index) for index, size in enumerate(sizes)]
+    rows = [_prompt_ids(tokenizer, "<image>\nWhat?"), _prompt_ids(tokenizer, "<image>\n" + second_question)]
     ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
-    pixel_values = process_images(images, processor, model.config)
-    sizes = [image.size for image in images]
+    return rows, ids, mask, process_images(images, processor, model.config)
+
+
+def test_batched_logits_equal_single(tiny):
+    model = tiny[1]
+    sizes = [(800, 500), (336, 336)]
+    rows, ids, mask, pixel_values = _left_padded_pair(tiny, sizes, 7, "What colour is the sky today?")
     with torch.no_grad():
         _, positions, new_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
             ids, None, mask, None, None, pixel_values, sizes, padding_side="left")
@@ -159,21 +165,18 @@ def test_batched_logits_equal_single(tiny):
 
 
 def test_generation_with_cache_and_batch(tiny):
-    tokenizer, model, processor = tiny
-    images = [_image((800, 500), 9), _image((500, 900), 10)]
-    rows = [_prompt_ids(tokenizer, "<image>\nWhat?"), _prompt_ids(tokenizer, "<image>\nWhat is in the picture, please?")]
-    ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
-    pixel_values = process_images(images, processor, model.config)
-    sizes = [image.size for image in images]
-    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    cached = model.generate(ids, images=pixel_values, image_sizes=sizes, attention_mask=mask, use_cache=True, **settings)
-    uncached = model.generate(ids, images=pixel_values, image_sizes=sizes, attention_mask=mask, use_cache=False, **settings)
+    tokenizer, model = tiny[0], tiny[1]
+    sizes = [(800, 500), (500, 900)]
+    rows, ids, mask, pixel_values = _left_padded_pair(tiny, sizes, 9, "What is in the picture, please?")
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    cached = model.generate(ids, images=pixel_values, image_sizes=sizes, attention_mask=mask, use_cache=True, **greedy)
+    uncached = model.generate(ids, images=pixel_values, image_sizes=sizes, attention_mask=mask, use_cache=False, **greedy)
     assert cached.shape == (2, 6)  # only new tokens: the prompt went in as embeddings
     assert torch.equal(cached, uncached)
     for row in range(2):
-        single = model.generate(rows[row][None], images=pixel_values[row:row + 1], image_sizes=sizes[row:row + 1], **settings)
+        single = model.generate(rows[row][None], images=pixel_values[row:row + 1], image_sizes=sizes[row:row + 1], **greedy)
         assert torch.equal(single[0], cached[row])
-    text_only = model.generate(rows[0][None][:, :3], **settings)
+    text_only = model.generate(rows[0][None][:, :3], **greedy)
     assert text_only.shape == (1, 6)
 
 
