@@ -52,6 +52,9 @@ class Answer:
     image_sizes: list[tuple[int, int]]
     grids: list[tuple[int, int] | None]  # AnyRes crop grid (columns, rows) per image
     visual_tokens: int                   # visual tokens the language model received
+    accounting: list[dict]               # per image: tokens before/after compression, per-crop ratios
+    retention_ratio: float
+    token_layout: str
     prompt_tokens: int                   # whole prompt after splicing (text + visual)
     new_tokens: int
     time_to_first_token_s: float
@@ -61,11 +64,26 @@ class Answer:
         sizes = "+".join(f"{w}x{h}" for w, h in self.image_sizes) or "none"
         grids = "+".join(f"{g[0]}x{g[1]}" if g else "1x1" for g in self.grids) or "-"
         rate = f"{self.tokens_per_second:.1f} tokens/s" if self.tokens_per_second is not None else "- tokens/s"
+        before = sum(record["tokens_before"] for record in self.accounting)
+        kept = f" of {before} ({100 * self.visual_tokens / before:.1f}%)" if before else ""
         return (
-            f"[summary] image {sizes} | grid {grids} | visual tokens {self.visual_tokens} | "
+            f"[summary] image {sizes} | grid {grids} | visual tokens {self.visual_tokens}{kept} | "
+            f"R {self.retention_ratio:g} {self.token_layout if self.retention_ratio < 1 else '(off)'} | "
             f"prompt tokens {self.prompt_tokens} | new tokens {self.new_tokens} | "
             f"TTFT {self.time_to_first_token_s * 1000:.0f} ms | {rate}"
         )
+
+    def compression_lines(self) -> list[str]:
+        """One line per compressed AnyRes image: what the thumbnail kept and each crop's share."""
+        lines = []
+        for number, record in enumerate(self.accounting, 1):
+            if record["retained"] == 1 or not record["crop_ratios"]:
+                continue
+            crops = " ".join(f"{kept}/{valid}@{ratio:.3f}" for kept, valid, ratio in
+                             zip(record["crop_kept"], record["crop_valid"], record["crop_ratios"]))
+            lines.append(f"[compression] image {number}: {record['tokens_after']}/{record['tokens_before']} tokens | "
+                         f"thumbnail {record['thumbnail_kept']} | crops kept/valid@ratio {crops}")
+        return lines
 
 
 def image_prompt(query: str, num_images: int) -> str:
@@ -85,6 +103,7 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
     image_sizes = [image.size for image in images]
     start = time.perf_counter()
+    retention_ratio, token_layout = model.compression_settings()
     if images:
         pixel_values = process_images(images, image_processor, model.config)
         if isinstance(pixel_values, list):  # images with different numbers of AnyRes views
@@ -120,6 +139,9 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
         image_sizes=image_sizes,
         grids=[get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None for size in image_sizes],
         visual_tokens=int(inputs_embeds.shape[1]) - text_tokens,
+        accounting=list(model.last_accounting) if images else [],
+        retention_ratio=retention_ratio,
+        token_layout=token_layout,
         prompt_tokens=int(inputs_embeds.shape[1]),
         new_tokens=new_tokens,
         time_to_first_token_s=first - start,

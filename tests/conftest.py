@@ -26,3 +26,13 @@ def tiny(tiny_checkpoint):
     """(tokenizer, model, image_processor) of the tiny checkpoint, fp32 on CPU."""
     tokenizer, model, image_processor, _ = load_pretrained_model(tiny_checkpoint, device="cpu", torch_dtype=torch.float32)
     return tokenizer, model, image_processor
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+    """Compression off (R = 1) through the module constant, for a whole test module."""
+    from llava.model import llava_arch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llava_arch, "retention_ratio", 1.0)
+        yield

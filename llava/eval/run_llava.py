@@ -13,7 +13,7 @@ from llava.conversation import get_conv_template
 from llava.generation import answer, image_prompt, infer_conv_mode
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
-from llava.utils import quiet_transformers, user_errors
+from llava.utils import add_compression_arguments, apply_compression_arguments, quiet_transformers, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float16 on GPU, float32 on CPU")
+    add_compression_arguments(parser)
     return parser
 
 
@@ -41,12 +42,14 @@ def eval_model(args) -> str:
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype
     )
+    apply_compression_arguments(model, args)
     conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
     conv.append_message(conv.roles[0], image_prompt(args.query, len(images)))
     conv.append_message(conv.roles[1], None)
     result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
                     top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     print(result.text)
+    print(*result.compression_lines(), sep="\n")
     print(result.summary())
     return result.text
 

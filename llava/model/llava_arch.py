@@ -1,19 +1,41 @@
-"""LLaVA glue: vision tower + projector + splicing visual tokens into the text embeddings.
+"""LLaVA glue: vision tower + projector + GlobalCom2 + splicing visual tokens into the text.
 
 `LlavaMetaModel` adds the multimodal modules to a language model's backbone and
 `LlavaMetaForCausalLM` turns `input_ids` with `IMAGE_TOKEN_INDEX` placeholders into
-`inputs_embeds`. The image geometry (grid shape, unpadding) comes from `llava.mm_utils`.
+`inputs_embeds`. The compression arithmetic lives in `llava.model.globalcom2`; the image
+geometry (grid shape, unpadding) in `llava.mm_utils`.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.mm_utils import get_anyres_image_grid_shape, unpadded_bounds
+from llava.mm_utils import get_anyres_image_grid_shape
+from llava.model import globalcom2
+from llava.model.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
+
+# GlobalCom2's retention ratio R, in (0, 1]; 1 gives vanilla LLaVA-NeXT. Read at every call, so
+# editing this line or assigning `llava.model.llava_arch.retention_ratio` both take effect;
+# `--retention-ratio` (or `model.set_compression(...)`) wins over it.
+retention_ratio = 0.25  # default 0.25
+
+# How the kept tokens are laid out: "official" (the released code's sequence) or "spatial".
+token_layout = "official"
+
+
+def generate_scale_for_crop_features(base_cls_attn_scores, num_patch_width, num_patch_height, base_scale=None,
+                                     temperature=globalcom2.TEMPERATURE):
+    """Per-crop retention ratios (the released function); `base_scale` defaults to the current
+    module-level `retention_ratio`."""
+    scale = retention_ratio if base_scale is None else base_scale
+    return globalcom2.generate_scale_for_crop_features(base_cls_attn_scores, num_patch_width, num_patch_height,
+                                                       scale, temperature)
 
 
 class LlavaMetaModel:
@@ -33,8 +55,15 @@ class LlavaMetaModel:
 
 
 class LlavaMetaForCausalLM:
-    """Mixin for the causal LM (listed before it in the bases): image encoding, splicing, and
-    `forward`/`generate` that accept `images` and `image_sizes`."""
+    """Mixin for the causal LM (listed before it in the bases): image encoding, compression,
+    splicing, and `forward`/`generate` that accept `images` and `image_sizes`.
+
+    After each call that encodes images, `last_accounting` holds one dict per image: visual
+    tokens before (vanilla LLaVA-NeXT) and after compression, and the per-crop ratios.
+    """
+
+    _compression_override: tuple[float | None, str | None] = (None, None)
+    last_accounting: list[dict] = []
 
     def get_model(self):
         return self.model
@@ -42,64 +71,87 @@ class LlavaMetaForCausalLM:
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
 
-    def encode_images(self, images: torch.Tensor) -> VisionTowerOutput:
-        """`[V, 3, S, S]` -> projected features `[V, P, D]` and [CLS] scores `[V, P]`."""
-        features, cls_scores = self.get_vision_tower()(images)
+    def set_compression(self, retention_ratio: float | None = None, token_layout: str | None = None) -> None:
+        """Fix this model's ratio and/or layout; None follows the module-level defaults."""
+        if retention_ratio is not None:
+            globalcom2.check_retention_ratio(retention_ratio)
+        if token_layout is not None:
+            globalcom2.check_layout(token_layout)
+        self._compression_override = (retention_ratio, token_layout)
+
+    def compression_settings(self) -> tuple[float, str]:
+        """`(retention_ratio, token_layout)` in force now, validated."""
+        module = sys.modules[__name__]
+        ratio, layout = self._compression_override
+        ratio = module.retention_ratio if ratio is None else ratio
+        layout = module.token_layout if layout is None else layout
+        return globalcom2.check_retention_ratio(ratio), globalcom2.check_layout(layout)
+
+    def encode_images(self, images: torch.Tensor, with_scores: bool = True) -> VisionTowerOutput:
+        """`[V, 3, S, S]` -> projected features `[V, P, D]` and [CLS] scores `[V, P]` (or None)."""
+        features, cls_scores = self.get_vision_tower()(images, with_scores=with_scores)
         return VisionTowerOutput(self.get_model().mm_projector(features), cls_scores)
 
-    def image_sequence(self, views: torch.Tensor, image_size: tuple[int, int] | None) -> torch.Tensor:
-        """Visual tokens `[M, D]` of one image from its projected views `[V, P, D]` (upstream layout).
+    def image_sequence(self, views: torch.Tensor, cls_scores: torch.Tensor | None, image_size: tuple[int, int] | None,
+                       ratio: float = 1.0, layout: str = "official") -> tuple[torch.Tensor, dict]:
+        """Visual tokens `[M, D]` of one image and their accounting.
 
-        AnyRes with `spatial_unpad`: the thumbnail's P tokens, then the crop canvas
-        (`grid_h*side` rows by `grid_w*side` columns) with its letterbox padding removed and one
-        `image_newline` after every remaining row, row-major.
+        `views`: projected `[V, P, D]`, thumbnail first; `cls_scores`: `[V, P]` (None if
+        `ratio == 1`). AnyRes with `spatial_unpad` at `ratio == 1` is upstream LLaVA-NeXT: the
+        thumbnail's P tokens, then the unpadded crop canvas with an `image_newline` after each
+        row. Below 1, GlobalCom2 keeps a share of them (`globalcom2.compress_image_features`).
         """
         config = self.config
         merge_type = getattr(config, "mm_patch_merge_type", "flat")
-        if merge_type == "flat":
-            return views.flatten(0, 1)
+        if merge_type == "flat":  # no spatial structure to compress against, as released
+            tokens = views.flatten(0, 1)
+            return tokens, globalcom2.token_accounting(tokens.shape[0], tokens.shape[0], tokens.shape[0])
         if not merge_type.startswith("spatial"):
             raise ValueError(f"unknown mm_patch_merge_type: {merge_type!r}")
-        unpad = "unpad" in merge_type
-        newline = self.get_model().image_newline.to(views.dtype) if unpad else None
+        newline = self.get_model().image_newline.to(views.dtype) if "unpad" in merge_type else None
         if views.shape[0] == 1:
-            return torch.cat([views[0], newline[None]]) if unpad else views[0]
+            return _single_view_sequence(views[0], None if cls_scores is None else cls_scores[0], ratio, layout, newline)
         if getattr(config, "image_aspect_ratio", None) != "anyres":
             raise ValueError("several views per image need image_aspect_ratio 'anyres'")
         if image_size is None:
             raise ValueError("image_sizes are required for AnyRes images (PIL (width, height) of each image)")
-        tower = self.get_vision_tower()
-        side = tower.num_patches_per_side
-        grid_w, grid_h = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, tower.config.image_size)
-        thumbnail, crops = views[0], views[1:]
-        if crops.shape[0] != grid_w * grid_h:
+        grid = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, self.get_vision_tower().config.image_size)
+        if views.shape[0] != 1 + grid[0] * grid[1]:
             raise ValueError(
-                f"image of size {tuple(image_size)} needs {grid_w}x{grid_h} crops but got {crops.shape[0]}: "
+                f"image of size {tuple(image_size)} needs {grid[0]}x{grid[1]} crops but got {views.shape[0] - 1}: "
                 "are image_sizes the PIL (width, height) of the images given to process_images?"
             )
-        canvas = crops.view(grid_h, grid_w, side, side, -1).permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)  # [H, W, D]
-        if not unpad:
-            return torch.cat([thumbnail, canvas.flatten(0, 1)])
-        top, bottom, left, right = unpadded_bounds(image_size, canvas.shape[0], canvas.shape[1])
-        canvas = canvas[top:bottom, left:right]
-        rows = torch.cat([canvas, newline.expand(canvas.shape[0], 1, -1)], dim=1)  # [h, w + 1, D]
-        return torch.cat([thumbnail, rows.flatten(0, 1)])
+        side = self.get_vision_tower().num_patches_per_side
+        unpad = newline is not None
+        if ratio == 1.0:
+            selection = globalcom2.keep_everything(globalcom2.crop_geometry(image_size, grid, side, unpad), views.device)
+        else:
+            selection = globalcom2.select_tokens(cls_scores, image_size, grid, ratio, unpad=unpad)
+        return globalcom2.arrange_tokens(views, selection, newline, layout), selection.accounting(layout)
 
-    def encode_image_sequences(self, images, image_sizes) -> list[torch.Tensor]:
-        """One `[M_i, D]` visual sequence per image.
+    def encode_image_sequences(self, images, image_sizes, ratio: float = 1.0, layout: str = "official") -> list[torch.Tensor]:
+        """One `[M_i, D]` visual sequence per image, each compressed with its own scores.
 
         `images`: a 5-D tensor `[N, V, 3, S, S]` or a list of `[V_i, 3, S, S]` (AnyRes), or a
-        4-D tensor `[N, 3, S, S]` (one view per image, LLaVA-1.5 style).
+        4-D tensor `[N, 3, S, S]` (one view per image, LLaVA-1.5 style). Sets `last_accounting`.
         """
+        with_scores = ratio < 1.0
         if isinstance(images, torch.Tensor) and images.ndim == 4:
-            return list(self.encode_images(images).features)
-        views_per_image = [image.unsqueeze(0) if image.ndim == 3 else image for image in images]
-        features = self.encode_images(torch.cat(views_per_image)).features
-        per_image = features.split([views.shape[0] for views in views_per_image])
-        sizes = image_sizes if image_sizes is not None else [None] * len(per_image)
-        if len(sizes) != len(per_image):
-            raise ValueError(f"got {len(per_image)} images but {len(sizes)} image_sizes")
-        return [self.image_sequence(views, size) for views, size in zip(per_image, sizes)]
+            features, scores = self.encode_images(images, with_scores)
+            per_image = [_single_view_sequence(feature, None if scores is None else scores[index], ratio, layout, None)
+                         for index, feature in enumerate(features)]
+        else:
+            views_per_image = [image.unsqueeze(0) if image.ndim == 3 else image for image in images]
+            counts = [views.shape[0] for views in views_per_image]
+            features, scores = self.encode_images(torch.cat(views_per_image), with_scores)
+            sizes = image_sizes if image_sizes is not None else [None] * len(counts)
+            if len(sizes) != len(counts):
+                raise ValueError(f"got {len(counts)} images but {len(sizes)} image_sizes")
+            scores = scores.split(counts) if scores is not None else [None] * len(counts)
+            per_image = [self.image_sequence(views, views_scores, size, ratio, layout)
+                         for views, views_scores, size in zip(features.split(counts), scores, sizes)]
+        self.last_accounting = [dict(accounting, retention_ratio=ratio, layout=layout) for _, accounting in per_image]
+        return [tokens for tokens, _ in per_image]
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None, padding_side=None
@@ -114,7 +166,8 @@ class LlavaMetaForCausalLM:
         """
         if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        image_features = self.encode_image_sequences(images, image_sizes)
+        ratio, layout = self.compression_settings()  # refuses a bad ratio before any model work
+        image_features = self.encode_image_sequences(images, image_sizes, ratio, layout)
         return (None, *self.splice_image_features(input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side))
 
     def splice_image_features(self, input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side=None):
@@ -219,3 +272,16 @@ class LlavaMetaForCausalLM:
         elif kwargs.get("inputs_embeds") is None:
             kwargs["inputs_embeds"] = self.get_model().embed_tokens(inputs)
         return super().generate(**kwargs)
+
+
+def _single_view_sequence(feature: torch.Tensor, scores: torch.Tensor | None, ratio: float, layout: str,
+                          newline: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """One view `[P, D]` (no crops): keep `int(P * R)` tokens by [CLS] score (the thumbnail rule),
+    then the newline that `spatial_unpad` appends (None: none)."""
+    num_patches = feature.shape[0]
+    if ratio < 1.0:
+        keep = globalcom2.compress_thumbnail(scores, ratio)
+        feature = feature[keep if layout == "official" else keep.sort().values]
+    tokens = feature if newline is None else torch.cat([feature, newline[None]])
+    newlines = tokens.shape[0] - feature.shape[0]
+    return tokens, globalcom2.token_accounting(num_patches + newlines, tokens.shape[0], feature.shape[0])

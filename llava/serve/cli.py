@@ -14,12 +14,13 @@ from llava.conversation import get_conv_template
 from llava.generation import answer, image_prompt, infer_conv_mode
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
-from llava.utils import quiet_transformers, user_errors
+from llava.utils import add_compression_arguments, apply_compression_arguments, quiet_transformers, user_errors
 
 
 def chat(args, read=input) -> None:
     images = [load_image(path) for path in args.image_file]
     tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device=args.device, torch_dtype=args.dtype)
+    apply_compression_arguments(model, args)
     conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
     user, assistant = conv.roles
     first_turn = True
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    add_compression_arguments(parser)
     args = parser.parse_args(argv)
     quiet_transformers()
     with user_errors():

@@ -24,25 +24,68 @@ def _run(capsys, *args):
 
 
 def _summary(lines):
-    match = re.fullmatch(r"\[summary\] image (\S+) \| grid (\S+) \| visual tokens (\d+) \| prompt tokens (\d+) \| "
+    match = re.fullmatch(r"\[summary\] image (\S+) \| grid (\S+) \| visual tokens (\d+) of (\d+) \([\d.]+%\) \| "
+                         r"R ([\d.]+) (official|spatial|\(off\)) \| prompt tokens (\d+) \| "
                          r"new tokens (\d+) \| TTFT (\d+) ms \| ([\d.]+|-) tokens/s", lines[-1])
     assert match, lines[-1]
     return match.groups()
 
 
 def test_answer_and_summary(tiny_checkpoint, tmp_path, capsys):
+    """Default R = 0.25, official layout: the summary and the compression line agree."""
     image = _image(tmp_path, "a.png", (800, 500))
     code, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "What is it?", "--max-new-tokens", "5")
-    size, grid, visual, prompt, new, _, _ = _summary(lines)
-    assert (code, size, grid, visual, new) == (0, "800x500", "2x2", "2046", "5")
-    assert len(lines) >= 2  # the answer comes before the summary
+    size, grid, visual, before, ratio, layout, prompt, new, _, _ = _summary(lines)
+    assert (code, size, grid, before, ratio, layout, new) == (0, "800x500", "2x2", "2046", "0.25", "official", "5")
+    crops = re.search(r"^\[compression\] image 1: (\d+)/2046 tokens \| thumbnail 144 \| crops kept/valid@ratio (.*)$", lines[-2])
+    assert crops, lines[-2]
+    kept = [int(item.split("/")[0]) for item in crops.group(2).split()]
+    # 800x500 on 2x2: 30 of 48 canvas rows hold image, 360 per crop; the official layout ends every canvas row.
+    assert all(item.split("/")[1].startswith("360@") for item in crops.group(2).split())
+    assert int(visual) == int(crops.group(1)) == 144 + sum(kept) + 48
+    assert len(lines) >= 3  # the answer comes first
+
+
+def test_ratio_one_is_vanilla(tiny_checkpoint, tmp_path, capsys):
+    image = _image(tmp_path, "a.png", (800, 500))
+    _, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--max-new-tokens", "1",
+                    "--retention-ratio", "1")
+    size, grid, visual, before, ratio, layout, *_ = _summary(lines)
+    assert (visual, before, ratio, layout) == ("2046", "2046", "1", "(off)")
+    assert not any(line.startswith("[compression]") for line in lines)
+
+
+def test_flag_wins_over_the_module_constant_read_at_call_time(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from llava.model import llava_arch
+
+    image = _image(tmp_path, "a.png", (800, 500))
+    monkeypatch.setattr(llava_arch, "retention_ratio", 0.5)
+    _, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--max-new-tokens", "1")
+    at_half = _summary(lines)
+    _, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--max-new-tokens", "1",
+                    "--retention-ratio", "0.1", "--token-layout", "spatial")
+    at_tenth = _summary(lines)
+    assert (at_half[4], at_half[5]) == ("0.5", "official") and (at_tenth[4], at_tenth[5]) == ("0.1", "spatial")
+    assert int(at_tenth[2]) < int(at_half[2]) < 2046
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.5", "1.01", "nan", "half"])
+def test_invalid_ratio_is_refused_by_the_parser(tiny_checkpoint, tmp_path, capsys, ratio):
+    image = _image(tmp_path, "a.png", (10, 10))
+    with pytest.raises(SystemExit) as exit_info:
+        run_llava.main(["--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--retention-ratio", ratio])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "(0, 1]" in err and repr(ratio) in err and "Traceback" not in err
 
 
 def test_several_images(tiny_checkpoint, tmp_path, capsys):
     first, second = _image(tmp_path, "a.png", (800, 500)), _image(tmp_path, "b.png", (500, 900))
     _, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", f"{first},{second}", "--query", "Compare.", "--max-new-tokens", "2")
-    size, grid, visual, *_ = _summary(lines)
-    assert (size, grid, visual) == ("800x500+500x900", "2x2+2x2", str(2046 + 1872))
+    size, grid, visual, before, *_ = _summary(lines)
+    assert (size, grid, before) == ("800x500+500x900", "2x2+2x2", str(2046 + 1872))
+    totals = [int(re.match(r"\[compression\] image \d: (\d+)/", line).group(1)) for line in lines[-3:-1]]
+    assert lines[-3].startswith("[compression] image 1") and lines[-2].startswith("[compression] image 2")
+    assert int(visual) == sum(totals)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +98,8 @@ def test_odd_images_run(tiny_checkpoint, tmp_path, capsys, size, mode, visual):
     image = _image(tmp_path, f"odd.{suffix}", size, mode if mode != "I;16" else "I")
     if mode == "I;16":
         Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 21).astype(np.uint16)).save(image)
-    code, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--max-new-tokens", "1")
+    code, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--max-new-tokens", "1",
+                       "--retention-ratio", "1")
     assert code == 0
     if visual is not None:
         assert _summary(lines)[2] == str(visual)

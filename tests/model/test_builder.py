@@ -13,6 +13,9 @@ from llava.model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.tiny import build_tiny_checkpoint
 
+# These compare against vanilla LLaVA-NeXT (transformers' model, upstream token counts).
+pytestmark = pytest.mark.usefixtures("vanilla")
+
 
 def _checkpoint_tensors(path):
     with open(os.path.join(path, "model.safetensors.index.json")) as handle:

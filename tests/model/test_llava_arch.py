@@ -9,6 +9,8 @@ from PIL import Image
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_visual_token_count, get_anyres_image_grid_shape, process_images, tokenizer_image_token, unpad_image
 
+pytestmark = pytest.mark.usefixtures("vanilla")
+
 
 def _image(size, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -32,7 +34,7 @@ def _upstream_sequence(model, views, image_size):
 def test_image_sequence_is_upstream(tiny, size, tokens):
     _, model, processor = tiny
     views = torch.randn(1 + {(800, 500): 4, (500, 900): 4, (1000, 300): 3, (20, 2000): 3}[size], 576, model.config.hidden_size)
-    ours = model.image_sequence(views, size)
+    ours, _ = model.image_sequence(views, None, size)
     assert ours.shape == (tokens, model.config.hidden_size)
     assert torch.equal(ours, _upstream_sequence(model, views, size))
 
@@ -188,5 +190,5 @@ def test_sequence_length_matches_the_token_count_rule(tiny, width, height):
     pinpoints = model.config.image_grid_pinpoints
     grid_w, grid_h = get_anyres_image_grid_shape((width, height), pinpoints, 336)
     views = torch.zeros(1 + grid_w * grid_h, 576, model.config.hidden_size)
-    model_sequence = model.image_sequence(views, (width, height))
+    model_sequence, _ = model.image_sequence(views, None, (width, height))
     assert model_sequence.shape[0] == anyres_visual_token_count((width, height), pinpoints)

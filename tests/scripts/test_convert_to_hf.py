@@ -38,6 +38,9 @@ from llava.mm_utils import anyres_visual_token_count, process_images, tokenizer_
 from llava.model.builder import load_pretrained_model
 from llava.tiny import V16_PINPOINTS, build_tiny_checkpoint
 
+# These compare against vanilla LLaVA-NeXT (transformers' model, upstream token counts).
+pytestmark = pytest.mark.usefixtures("vanilla")
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "convert_to_hf.py"
 _spec = importlib.util.spec_from_file_location("convert_to_hf", SCRIPT)
 convert_to_hf = importlib.util.module_from_spec(_spec)

@@ -12,7 +12,8 @@ def test_two_turns_then_quit(tiny_checkpoint, tmp_path, capsys):
     Image.new("RGB", (800, 500), (10, 200, 30)).save(path)
     turns = iter(["What is it?", "And the colour?", ""])
     args = argparse.Namespace(model_path=tiny_checkpoint, image_file=[str(path)], conv_mode=None,
-                              temperature=0.0, max_new_tokens=3, device="cpu", dtype=None)
+                              temperature=0.0, max_new_tokens=3, device="cpu", dtype=None,
+                              retention_ratio=1.0, token_layout=None)
     chat(args, read=lambda prompt: next(turns))
     lines = capsys.readouterr().out.splitlines()
     summaries = [line for line in lines if line.startswith("[summary]")]

@@ -110,8 +110,11 @@ class CLIPVisionTower(nn.Module):
         self.vision_tower.vision_model.load_state_dict(loaded.state_dict())
         self.vision_tower.requires_grad_(False)
 
-    def forward(self, images: torch.Tensor) -> VisionTowerOutput:
-        """`images` `[V, 3, S, S]` -> features `[V, P, C]` and [CLS] scores `[V, P]` (P = (S/14)^2)."""
+    def forward(self, images: torch.Tensor, with_scores: bool = True) -> VisionTowerOutput:
+        """`images` `[V, 3, S, S]` -> features `[V, P, C]` and [CLS] scores `[V, P]` (P = (S/14)^2).
+
+        `with_scores=False` skips the scores (None), for runs without compression.
+        """
         vision_model = self.vision_tower.vision_model
         layers = vision_model.encoder.layers
         num_layers = len(layers)
@@ -126,7 +129,8 @@ class CLIPVisionTower(nn.Module):
         features = states[select_index]
         if self.select_feature == "patch":
             features = features[:, 1:]
-        return VisionTowerOutput(features, cls_patch_scores(layers[-1], states[last_input_index]))
+        scores = cls_patch_scores(layers[-1], states[last_input_index]) if with_scores else None
+        return VisionTowerOutput(features, scores)
 
     @property
     def dtype(self) -> torch.dtype:
