@@ -1,0 +1,186 @@
+"""Time GlobalCom2's compression step and the cost of the vision tower's [CLS] scores.
+
+1. Compression of one AnyRes image (thumbnail + 2x2 crops, 576 patches each, D = 4096, random
+   features and logit-like scores): `compress_image_features` in both layouts against the
+   released code's loops (`released_compress_image`), per retention ratio, with a check that
+   the official layout equals the released output (without its fp16 cast).
+2. The CLIP ViT-L/14-336 tower with random weights on one image's views, with and without the
+   [CLS]-score extraction; the project's target is at most 2% overhead.
+
+    python tools/benchmark_compression.py [--ratios 0.25 0.1] [--skip-tower] [--json out.json]
+
+Prints a Markdown table; medians of wall time after warm-up calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from llava.model.globalcom2 import LAYOUTS, compress_image_features
+from llava.model.globalcom2_released import released_compress_image
+from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+IMAGE_SIZE = (1000, 700)  # PIL (width, height): wider than the 2x2 canvas, so rows get unpadded
+GRID = (2, 2)
+NUM_PATCHES = 576
+HIDDEN_SIZE = 4096
+TOWER_NAME = "openai/clip-vit-large-patch14-336"
+SCORE_OVERHEAD_TARGET = 0.02
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls of ours per ratio and layout")
+    parser.add_argument("--released-repeats", type=int, default=5, help="timed calls of the slow baseline")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the compression step")
+    parser.add_argument("--views", type=int, default=5, help="tower batch: thumbnail + crops of one image")
+    parser.add_argument("--tower-repeats", type=int, default=5)
+    parser.add_argument("--tower-threads", type=int, help="torch threads for the tower (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--skip-tower", action="store_true")
+    parser.add_argument("--skip-released", action="store_true")
+    parser.add_argument("--json", metavar="PATH", help="also write every number here")
+    args = parser.parse_args()
+    if args.dtype != "float32" and not args.device.startswith("cuda"):
+        parser.error("float16/bfloat16 are for --device cuda")
+    return args
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def median_ms(call, repeats: int, warmups: int, device: torch.device) -> float:
+    for _ in range(warmups):
+        call()
+    return statistics.median(timed_ms(call, device) for _ in range(repeats))
+
+
+def timed_ms(call, device: torch.device) -> float:
+    # CUDA kernels run asynchronously: without the syncs the clock would stop at the launch.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def compression_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    num_views = 1 + GRID[0] * GRID[1]
+    inputs = dict(
+        image_feature=torch.randn(num_views, NUM_PATCHES, HIDDEN_SIZE, generator=generator),
+        cls_attn_scores=torch.randn(num_views, NUM_PATCHES, generator=generator) * 2 + 5,  # spread of real logits
+        image_newline=torch.randn(HIDDEN_SIZE, generator=generator),
+    )
+    return {name: tensor.to(device=device, dtype=dtype) for name, tensor in inputs.items()}
+
+
+def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: torch.device) -> dict:
+    def ours(layout: str) -> torch.Tensor:
+        return compress_image_features(inputs["image_feature"], inputs["cls_attn_scores"], IMAGE_SIZE, GRID,
+                                       inputs["image_newline"], ratio, layout=layout)
+
+    row = {"ratio": ratio}
+    for layout in LAYOUTS:
+        row[f"{layout}_tokens"] = ours(layout).shape[0]
+        row[f"{layout}_ms"] = median_ms(lambda: ours(layout), args.repeats, 2, device)
+    if not args.skip_released:
+        # The released code builds its canvas on the host, so it only runs on CPU tensors.
+        host = {name: tensor.cpu() for name, tensor in inputs.items()}
+
+        def released(cast_to_fp16: bool) -> torch.Tensor:
+            return released_compress_image(host["image_feature"], host["cls_attn_scores"], IMAGE_SIZE, GRID,
+                                           host["image_newline"], ratio, cast_to_fp16=cast_to_fp16)
+
+        row["released_ms"] = median_ms(lambda: released(True), args.released_repeats, 1, torch.device("cpu"))
+        row["speedup_vs_official"] = row["released_ms"] / row["official_ms"]
+        row["official_equals_released"] = torch.equal(ours("official").cpu(), released(False))
+    return row
+
+
+def bench_tower(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    tower_args = SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+    tower = CLIPVisionTower(TOWER_NAME, tower_args).to(device=device, dtype=dtype).eval()
+    images = torch.randn(args.views, 3, 336, 336, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    times = {True: [], False: []}
+    with torch.inference_mode():
+        for with_scores in times:
+            tower(images, with_scores=with_scores)
+        for repeat in range(args.tower_repeats):
+            # Interleaved, alternating which goes first, so drift and noise hit both alike.
+            for with_scores in (True, False) if repeat % 2 == 0 else (False, True):
+                times[with_scores].append(timed_ms(lambda: tower(images, with_scores=with_scores), device))
+    with_ms, without_ms = statistics.median(times[True]), statistics.median(times[False])
+    return {"views": args.views, "with_scores_ms": with_ms, "without_scores_ms": without_ms,
+            "overhead": with_ms / without_ms - 1, "threads": torch.get_num_threads()}
+
+
+def print_compression_table(rows: list[dict], skip_released: bool) -> None:
+    print(f"\n## Compression: one image, {GRID[0]}x{GRID[1]} grid, size {IMAGE_SIZE}, D = {HIDDEN_SIZE}\n")
+    header = ["ratio", "M official", "M spatial", "ours official ms", "ours spatial ms"]
+    if not skip_released:
+        header += ["released ms (fp16 cast)", "speed-up released/official", "official == released (no cast)"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [f"{row['ratio']:g}", str(row["official_tokens"]), str(row["spatial_tokens"]),
+                 f"{row['official_ms']:.2f}", f"{row['spatial_ms']:.2f}"]
+        if not skip_released:
+            cells += [f"{row['released_ms']:.1f}", f"{row['speedup_vs_official']:.0f}x",
+                      "yes" if row["official_equals_released"] else "**NO**"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_tower_table(tower: dict) -> None:
+    verdict = "within" if tower["overhead"] <= SCORE_OVERHEAD_TARGET else "**over**"
+    print(f"\n## Vision tower: {TOWER_NAME} (random weights), {tower['views']} views, {tower['threads']} thread(s)\n")
+    print("| with scores ms | without scores ms | overhead | target |")
+    print("|---|---|---|---|")
+    print(f"| {tower['with_scores_ms']:.0f} | {tower['without_scores_ms']:.0f} | {tower['overhead']:+.2%} "
+          f"| {verdict} {SCORE_OVERHEAD_TARGET:.0%} |")
+
+
+def main() -> None:
+    args = parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    default_threads = torch.get_num_threads()
+    machine = machine_description(device)
+    print(f"{machine}; torch {torch.__version__}; {device} {args.dtype}; compression threads {args.threads}")
+
+    torch.set_num_threads(args.threads)
+    inputs = compression_inputs(device, dtype)
+    rows = [bench_ratio(inputs, ratio, args, device) for ratio in args.ratios]
+    print_compression_table(rows, args.skip_released)
+    results = {"machine": machine, "torch": torch.__version__, "device": str(device), "dtype": args.dtype,
+               "threads": args.threads, "compression": rows}
+
+    if not args.skip_tower:
+        torch.set_num_threads(args.tower_threads or default_threads)
+        results["tower"] = bench_tower(args, device, dtype)
+        print_tower_table(results["tower"])
+
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
