@@ -8,8 +8,6 @@ geometry (grid shape, unpadding) in `llava.mm_utils`.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
@@ -80,11 +78,11 @@ class LlavaMetaForCausalLM:
         self._compression_override = (retention_ratio, token_layout)
 
     def compression_settings(self) -> tuple[float, str]:
-        """`(retention_ratio, token_layout)` in force now, validated."""
-        module = sys.modules[__name__]
+        """`(retention_ratio, token_layout)` in force now, validated. The module globals are
+        looked up here, at call time, so edits and run-time assignments both count."""
         ratio, layout = self._compression_override
-        ratio = module.retention_ratio if ratio is None else ratio
-        layout = module.token_layout if layout is None else layout
+        ratio = retention_ratio if ratio is None else ratio
+        layout = token_layout if layout is None else layout
         return globalcom2.check_retention_ratio(ratio), globalcom2.check_layout(layout)
 
     def encode_images(self, images: torch.Tensor, with_scores: bool = True) -> VisionTowerOutput:

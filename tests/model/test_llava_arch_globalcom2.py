@@ -184,3 +184,13 @@ def test_generation_with_compression_batched_equals_single(tiny, model):
     for index, row in enumerate(rows):
         single = model.generate(row[None], images=pixel_values[index:index + 1], image_sizes=sizes[index:index + 1], **settings)
         assert batched[index].tolist() == single[0].tolist()
+
+
+def test_released_helpers_are_importable_with_their_meaning(monkeypatch):
+    from llava.model.llava_arch import generate_scale_for_crop_features as scales
+    from llava.model.llava_arch import interpolate_and_split_cls_attn_scores as split
+
+    monkeypatch.setattr(llava_arch, "retention_ratio", 0.5)  # the default base_scale, read at call time
+    assert scales(torch.ones(576), 2, 2) == [0.5] * 4 and scales(torch.ones(576), 2, 2, base_scale=0.1) == [0.1] * 4
+    pieces = split(torch.arange(16.0), 4, 4, 2, 2, [(2, 2)] * 4)  # same size: no resampling
+    assert [piece.tolist() for piece in pieces] == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
