@@ -1,0 +1,44 @@
+"""Reading answers and question files line by line, never silently: malformed lines are counted
+and reported on stderr, so a damaged file cannot produce a quietly wrong score.
+
+Scorers import only this and the standard library (no torch), so they run anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Iterator
+
+
+def iter_jsonl(path: str | os.PathLike, report=sys.stderr) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file, in order. Blank lines are skipped; lines that are
+    not a JSON object are skipped and counted, and the count (with the first bad line numbers)
+    is printed to `report` at the end."""
+    bad_lines = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                yield row
+            else:
+                bad_lines.append(number)
+    if bad_lines and report is not None:
+        shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
+        print(f"warning: {path}: skipped {len(bad_lines)} malformed line(s) (line {shown})", file=report)
+
+
+def read_jsonl(path: str | os.PathLike, report=sys.stderr) -> list[dict]:
+    return list(iter_jsonl(path, report))
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
