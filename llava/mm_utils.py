@@ -37,7 +37,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I") or image.mode == "F":
+    if _high_bit_depth(image):
         values = np.asarray(image, dtype=np.float64)
         if values.size and values.max() > 255:
             values = values * (255.0 / 65535.0)
@@ -46,8 +46,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image_file: str | os.PathLike, question: str | None = None) -> Image.Image:
-    """Open an image file as RGB; raise `ImageLoadError` naming the file (and question) on failure."""
+def _high_bit_depth(image: Image.Image) -> bool:
+    """Modes PIL cannot paste onto an 8-bit canvas faithfully (16/32-bit integer, float)."""
+    return image.mode.startswith("I") or image.mode == "F"
+
+
+def load_image(image_file: str | os.PathLike, question: str | None = None, rgb: bool = True) -> Image.Image:
+    """Open an image file, as RGB unless `rgb=False` (upstream's ScienceQA runner keeps the file's
+    mode); raise `ImageLoadError` naming the file (and question) on failure."""
     where = f" (question {question})" if question is not None else ""
     path = os.fspath(image_file)
     if path.startswith(("http://", "https://")):
@@ -55,7 +61,7 @@ def load_image(image_file: str | os.PathLike, question: str | None = None) -> Im
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(image) if rgb else image
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}{where}") from None
     except IsADirectoryError:
@@ -191,13 +197,15 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg):
     anything else give `[N, 3, S, S]`.
     """
     image_aspect_ratio = getattr(model_cfg, "image_aspect_ratio", None)
-    images = [to_rgb(image) for image in images]
+    # Other modes go through as upstream passes them: PIL resizes palette images with nearest
+    # neighbour and RGBA premultiplied, and the processor converts to RGB afterwards.
+    images = [to_rgb(image) if _high_bit_depth(image) else image for image in images]
     if image_aspect_ratio == "anyres":
         new_images = [process_anyres_image(image, image_processor, model_cfg.image_grid_pinpoints) for image in images]
     elif image_aspect_ratio == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)
         new_images = [
-            image_processor.preprocess(expand2square(image, background), return_tensors="pt")["pixel_values"][0]
+            image_processor.preprocess(expand2square(to_rgb(image), background), return_tensors="pt")["pixel_values"][0]
             for image in images
         ]
     else:

@@ -131,6 +131,18 @@ def test_thumbnail_is_the_squashed_image(tiny):
     assert thumbnail[0, :, 176:].allclose(torch.tensor(black), atol=1e-5)
 
 
+def test_palette_images_are_resized_in_their_own_mode(tiny):
+    """Upstream passes ScienceQA's palette PNGs unconverted: PIL resizes them with nearest
+    neighbour, so a two-colour checkerboard stays two-coloured (bicubic on RGB would blend)."""
+    _, _, processor = tiny
+    checkerboard = Image.fromarray(((np.indices((100, 100)).sum(axis=0) // 7) % 2 * 255).astype(np.uint8)).convert("P")
+    assert checkerboard.mode == "P"
+    as_given = process_images([checkerboard], processor, _Config("anyres"))[0, 0]
+    converted = process_images([checkerboard.convert("RGB")], processor, _Config("anyres"))[0, 0]
+    assert len(torch.unique(as_given[0])) == 2 and len(torch.unique(converted[0])) > 2
+    assert process_images([checkerboard], processor, _Config("pad")).shape == (1, 3, 336, 336)
+
+
 # -- image loading ------------------------------------------------------------------------------
 
 def _save(image, path):
