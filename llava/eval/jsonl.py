@@ -12,10 +12,10 @@ import sys
 from typing import Iterator
 
 
-def iter_jsonl(path: str | os.PathLike, report=sys.stderr) -> Iterator[dict]:
+def iter_jsonl(path: str | os.PathLike, report=None) -> Iterator[dict]:
     """The JSON objects of a JSON-lines file, in order. Blank lines are skipped; lines that are
     not a JSON object are skipped and counted, and the count (with the first bad line numbers)
-    is printed to `report` at the end."""
+    is printed to `report` (default: the current `sys.stderr`) at the end."""
     bad_lines = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -29,12 +29,12 @@ def iter_jsonl(path: str | os.PathLike, report=sys.stderr) -> Iterator[dict]:
                 yield row
             else:
                 bad_lines.append(number)
-    if bad_lines and report is not None:
+    if bad_lines:
         shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
-        print(f"warning: {path}: skipped {len(bad_lines)} malformed line(s) (line {shown})", file=report)
+        print(f"warning: {path}: skipped {len(bad_lines)} malformed line(s) (line {shown})", file=report or sys.stderr)
 
 
-def read_jsonl(path: str | os.PathLike, report=sys.stderr) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, report=None) -> list[dict]:
     return list(iter_jsonl(path, report))
 
 
