@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 
@@ -10,6 +11,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, get_model_name_from_path, process_images, tokenizer_image_token
+from llava.model import llava_arch
+from llava.model.globalcom2 import LAYOUTS, check_retention_ratio
 
 
 def infer_conv_mode(model_path: str, config) -> str:
@@ -147,3 +150,24 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
         time_to_first_token_s=first - start,
         tokens_per_second=(new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else None,
     )
+
+
+def _retention_ratio_argument(text: str) -> float:
+    try:
+        return check_retention_ratio(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (1 = no compression), got {text!r}") from None
+
+
+def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--retention-ratio` and `--token-layout`; left out, `llava_arch`'s constants apply."""
+    parser.add_argument("--retention-ratio", type=_retention_ratio_argument, default=None, metavar="R",
+                        help="GlobalCom2's retention ratio in (0, 1]; 1 = vanilla LLaVA-NeXT "
+                             f"(default: llava_arch.retention_ratio, now {llava_arch.retention_ratio})")
+    parser.add_argument("--token-layout", choices=LAYOUTS, default=None,
+                        help="order of the kept tokens: 'official' = the released code's sequence, 'spatial' = "
+                             f"raster order with one newline per image row (default: {llava_arch.token_layout})")
+
+
+def apply_compression_arguments(model, args) -> None:
+    model.set_compression(getattr(args, "retention_ratio", None), getattr(args, "token_layout", None))

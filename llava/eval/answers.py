@@ -1,31 +1,21 @@
 """Helpers shared by the submission converters and the LLaVA-Bench review tools: answers files
-read into one dict per file, and user mistakes reported in one line instead of a traceback.
+read into one dict per file, and the messages for user mistakes (`llava.utils.user_errors`
+reports them in one line instead of a traceback).
 
 Standard library only (no torch), like `llava.eval.jsonl`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 from llava.eval.jsonl import iter_jsonl
+from llava.utils import user_errors  # noqa: F401  (re-exported for the converters)
 
 
 class UserError(ValueError):
     """Something the user must fix (an input file, an option, the environment)."""
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn a user mistake into `error: ...` on stderr and exit status 2. Missing or unreadable
-    files and malformed JSON (a ValueError) count as user mistakes too."""
-    try:
-        yield
-    except (UserError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def field(row: dict, key: str, path: str | os.PathLike):

@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from llava.conversation import get_conv_template
 from llava.eval.jsonl import read_jsonl, write_jsonl
-from llava.generation import answer
+from llava.generation import add_compression_arguments, answer, apply_compression_arguments
 from llava.mm_utils import ImageLoadError, get_model_name_from_path
 from llava.model.builder import load_pretrained_model
-from llava.utils import add_compression_arguments, apply_compression_arguments, quiet_transformers, user_errors
+from llava.utils import quiet_transformers, user_errors
 
 
 @dataclasses.dataclass

@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from llava.conversation import get_conv_template
-from llava.generation import answer, image_prompt, infer_conv_mode
+from llava.generation import add_compression_arguments, answer, apply_compression_arguments, image_prompt, infer_conv_mode
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
-from llava.utils import add_compression_arguments, apply_compression_arguments, quiet_transformers, user_errors
+from llava.utils import quiet_transformers, user_errors
 
 
 def chat(args, read=input) -> None:
