@@ -1,0 +1,89 @@
+"""Every benchmark script end to end on the built-in sample suite and the tiny checkpoint
+(`SAMPLE=1`): runner, merge, converter or scorer, and the results table. Scores are noise (random
+weights); what is checked is that the real pipeline runs and writes what it should."""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+from llava.eval.jsonl import read_jsonl
+from llava.eval.sample_suite import ensure_sample_suite
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "v1_5" / "eval"
+LOCAL_SCORES = {"gqa", "sqa", "textvqa", "pope", "mme", "seed"}
+
+# (script, answers file relative to EVAL_DIR, question file relative to EVAL_DIR)
+RUNS = [
+    ("gqa", "gqa/answers/llava_gqa_testdev_balanced/{name}/merge.jsonl", "gqa/llava_gqa_testdev_balanced.jsonl"),
+    ("vqav2", "vqav2/answers/llava_vqav2_mscoco_test-dev2015/{name}/merge.jsonl", "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl"),
+    ("vizwiz", "vizwiz/answers/{name}.jsonl", "vizwiz/llava_test.jsonl"),
+    ("sqa", "scienceqa/answers/{name}.jsonl", None),
+    ("textvqa", "textvqa/answers/{name}.jsonl", "textvqa/llava_textvqa_val_v051_ocr.jsonl"),
+    ("pope", "pope/answers/{name}.jsonl", "pope/llava_pope_test.jsonl"),
+    ("mme", "MME/answers/{name}.jsonl", "MME/llava_mme.jsonl"),
+    ("mmbench", "mmbench/answers/mmbench_dev_20230712/{name}.jsonl", None),
+    ("mmbench_cn", "mmbench_cn/answers/mmbench_dev_cn_20231003/{name}.jsonl", None),
+    ("seed", "seed_bench/answers/{name}/merge.jsonl", "seed_bench/llava-seed-bench.jsonl"),
+    ("mmvet", "mm-vet/answers/{name}.jsonl", "mm-vet/llava-mm-vet.jsonl"),
+    ("llavabench", "llava-bench-in-the-wild/answers/{name}.jsonl", "llava-bench-in-the-wild/questions.jsonl"),
+]
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    return ensure_sample_suite(str(tmp_path_factory.mktemp("suite") / "eval"))
+
+
+def _script(name, eval_dir, checkpoint, **env):
+    environment = dict(os.environ, SAMPLE="1", EVAL_DIR=eval_dir, MODEL_PATH=checkpoint, CKPT="tiny",
+                       RUNNER_ARGS="--max_new_tokens 3", OMP_NUM_THREADS="1")
+    environment.pop("CUDA_VISIBLE_DEVICES", None)  # one chunk unless the test lists devices
+    environment.update(env)
+    return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh")], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("script, answers, questions", RUNS, ids=[run[0] for run in RUNS])
+def test_script_runs_on_the_sample_suite(eval_dir, tiny_checkpoint, script, answers, questions):
+    result = _script(script, eval_dir, tiny_checkpoint, RETENTION_RATIO="0.25", TOKEN_LAYOUT="official")
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    rows = read_jsonl(os.path.join(eval_dir, answers.format(name="tiny-R0.25")))
+    if questions is not None:
+        expected = [line["question_id"] for line in read_jsonl(os.path.join(eval_dir, questions))]
+        assert [row["question_id"] for row in rows] == expected
+    assert rows and all(row["metadata"]["retention_ratio"] == 0.25 for row in rows if "visual_tokens" in row["metadata"])
+    if script in LOCAL_SCORES:
+        record = json.load(open(os.path.join(eval_dir, "results", script, "tiny-R0.25.json")))
+        assert record["model"] == "tiny" and record["retention_ratio"] == 0.25 and record["score"] >= 0
+
+
+def test_chunks_over_two_devices_and_the_results_table(eval_dir, tiny_checkpoint):
+    """Two 'GPUs' (CPU here): two chunk files merged in question order; then vanilla for the table."""
+    result = _script("pope", eval_dir, tiny_checkpoint, CUDA_VISIBLE_DEVICES="0,1", TOKEN_LAYOUT="spatial",
+                     RETENTION_RATIO="0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    chunks = sorted(os.listdir(os.path.join(eval_dir, "pope", "answers", "tiny-R0.5-spatial")))
+    assert chunks == ["2_0.jsonl", "2_1.jsonl"]
+    merged = read_jsonl(os.path.join(eval_dir, "pope", "answers", "tiny-R0.5-spatial.jsonl"))
+    questions = read_jsonl(os.path.join(eval_dir, "pope", "llava_pope_test.jsonl"))
+    assert [row["question_id"] for row in merged] == [line["question_id"] for line in questions]
+    assert _script("pope", eval_dir, tiny_checkpoint, RETENTION_RATIO="1").returncode == 0
+    table = subprocess.run(["python", "-m", "llava.eval.summarize", "--results-dir", os.path.join(eval_dir, "results")],
+                           cwd=REPO, capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("| model | layout | R |") and "POPE" in lines[0]
+    assert any(line.startswith("| tiny | - | 1 |") and line.endswith("| 100.0% |") for line in lines)
+    assert any(line.startswith("| tiny | spatial | 0.5 |") for line in lines)
+
+
+def test_missing_data_names_the_file_to_download(tmp_path, tiny_checkpoint):
+    result = subprocess.run(["bash", str(SCRIPTS / "pope.sh")], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, EVAL_DIR=str(tmp_path), MODEL_PATH=tiny_checkpoint,
+                                     RETENTION_RATIO="0.25", TOKEN_LAYOUT="official"))
+    assert result.returncode == 1
+    assert f"missing {tmp_path}/pope/llava_pope_test.jsonl" in result.stderr and "eval.zip" in result.stderr
