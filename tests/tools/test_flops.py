@@ -1,0 +1,68 @@
+"""The FLOPs tool reproduces the paper's TFLOPs columns and counts what it says it counts."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "tools" / "flops.py"
+_SPEC = importlib.util.spec_from_file_location("flops", _PATH)
+flops = importlib.util.module_from_spec(_SPEC)
+sys.modules["flops"] = flops  # dataclasses look their module up while the file runs
+_SPEC.loader.exec_module(flops)
+
+RATIOS = [1, 0.75, 0.5, 0.25, 0.1]
+
+
+def _tflops(argv, capsys):
+    assert flops.main([*argv, "--json"]) == 0
+    return [round(row["prefill_tflops"], 1) for row in json.loads(capsys.readouterr().out)]
+
+
+def test_paper_7b_column(capsys):
+    # v2's two-decimal table: 41.65 / 30.42 / 19.74 / 9.60 / 3.77 (linear layers + attention matmuls).
+    assert _tflops(["--model", "llava-next-7b", "--ratios", *map(str, RATIOS)], capsys) == [41.7, 30.4, 19.7, 9.6, 3.8]
+
+
+def test_paper_13b_column_counts_the_elementwise_ops_too(capsys):
+    # Without them 13B gives 79.9 / 58.6 / 38.2; the paper's 13B table includes softmax and friends.
+    assert _tflops(["--model", "llava-next-13b", "--elementwise"], capsys) == [80.0, 58.7, 38.3, 18.7, 7.4]
+    assert _tflops(["--model", "llava-next-13b"], capsys)[:3] == [79.9, 58.6, 38.2]
+
+
+def test_counts_by_hand():
+    # h = 4, I = 8, one layer, 2 heads, vocab 10, 3 tokens:
+    # linear 2 * 3 * (4 * 4*4 + 3 * 4*8) = 2 * 3 * 160 = 960; attention 2 * 2 * 9 * 2 * 2 = 144.
+    tiny = flops.LanguageModel(hidden_size=4, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=2, vocab_size=10)
+    assert flops.prefill_flops(tiny, 3) == 960 + 144
+    # decode with 3 cached tokens: 320 linear + 2 * 2 * 4 keys * 4 + lm_head 2 * 4 * 10
+    assert flops.decode_flops_per_token(tiny, 3) == 320 + 64 + 80
+    # softmax 5 * 9 * 2 + norms 2 * 4 * 3 * 4 + SiLU/gate 5 * 3 * 8 + residuals 2 * 3 * 4
+    assert flops.prefill_flops(tiny, 3, elementwise=True) == 1104 + 90 + 96 + 120 + 24
+    assert flops.kv_cache_bytes(tiny, 3) == 2 * 1 * 3 * 4 * 2
+    # grouped-query attention shrinks k, v and the cache
+    grouped = flops.LanguageModel(4, 8, 1, 2, 1, 10)
+    assert flops.prefill_flops(grouped, 1) == 2 * (4 * (8 + 4) + 3 * 32) + 2 * 2 * 1 * 2 * 2
+    assert flops.kv_cache_bytes(grouped, 3) == 2 * 3 * 2 * 2
+
+
+def test_config_file_and_answers_file(tmp_path, capsys):
+    config = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "vocab_size": 32000}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _tflops(["--config", str(tmp_path / "config.json"), "--ratios", "1"], capsys) == [41.7]
+    answers = [{"question_id": 1, "metadata": {"visual_tokens": 720, "visual_tokens_before": 2880}},
+               {"question_id": 2, "metadata": {"error": "image missing"}}]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
+    assert flops.main(["--answers", str(tmp_path / "answers.jsonl"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["question_id"] for row in rows] == [1]
+    assert rows[0]["prefill_tflops"] == pytest.approx(9.597, abs=1e-3) and rows[0]["vanilla_prefill_tflops"] == pytest.approx(41.65, abs=1e-2)
+
+
+def test_table_output(capsys):
+    assert flops.main(["--ratios", "1", "0.1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| ratio | visual_tokens |") and lines[2].startswith("| 1 | 2880 |") and len(lines) == 4
