@@ -1,0 +1,27 @@
+"""The efficiency benchmark runs on the tiny checkpoint and reports consistent quantities (no timing
+is asserted: targets are for the benchmark's own output)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eff"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark_efficiency.py"), "--model-path", tiny_checkpoint,
+                             "--ratios", "1", "0.25", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+                             "--out", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.load(open(out / "efficiency.json"))["rows"]
+    full, compressed = rows
+    assert full["visual_tokens"] == 576 + 48 * 49 and compressed["visual_tokens"] < full["visual_tokens"] / 3
+    # tiny LLM: 2 layers, 64 wide, fp32 -> 2 (k, v) * 2 layers * 64 * 4 bytes per prompt token
+    for row in rows:
+        assert row["kv_cache_mb"] * 2**20 == 2 * 2 * 64 * 4 * row["prompt_tokens"]
+        assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
+    assert full["prefill_ms_vs_r1"] == 1 and 0 < compressed["prefill_tflops_vs_r1"] < 0.4
+    assert "target within 1.5x" in (out / "efficiency.md").read_text()
+    assert (out / "efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
