@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from llava.conversation import get_conv_template
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float16 on GPU, float32 on CPU")
     add_compression_arguments(parser)
+    parser.add_argument("--visualize", metavar="OUT_DIR", default=None,
+                        help="also draw what GlobalCom2 kept of each image (masks, heatmaps, ratios) into OUT_DIR")
     return parser
 
 
@@ -51,6 +54,13 @@ def eval_model(args) -> str:
     print(result.text)
     print(*result.compression_lines(), sep="\n")
     print(result.summary())
+    if args.visualize:
+        from llava.visualize import inspect_compression, save_visualizations
+
+        for number, (path, image) in enumerate(zip(image_files, images), 1):
+            view = inspect_compression(model, image_processor, image)
+            stem = f"{number}_{os.path.splitext(os.path.basename(path))[0]}"
+            print(*(f"[visualize] {written}" for written in save_visualizations(view, args.visualize, stem)), sep="\n")
     return result.text
 
 

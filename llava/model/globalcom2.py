@@ -234,7 +234,7 @@ def token_accounting(tokens_before: int, tokens_after: int, thumbnail_kept: int,
 
 def keep_everything(geometry: CropGeometry, device=None) -> Selection:
     """The selection at `R = 1`: every thumbnail patch and every crop token in the image area."""
-    image_area, _ = _crop_cells(geometry, device)
+    image_area, _ = crop_cells(geometry, device)
     every_patch = torch.arange(geometry.side**2, device=device)
     return Selection(geometry, every_patch, image_area, [1.0] * len(geometry.crop_boxes), geometry.valid_counts, True)
 
@@ -280,7 +280,7 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     if layout == "official":
         # Move each kept token to the crop cell numbered by its packed index; unkept tokens
         # are scattered to a spare slot at the end, so no host sync is needed.
-        _, packed = _crop_cells(geometry, keep.device)
+        _, packed = crop_cells(geometry, keep.device)
         target = torch.where(keep, packed + token_ids - token_ids % packed.shape[1], num_crop_tokens)
         placed = torch.full((num_crop_tokens + 1,), -1, dtype=torch.long, device=keep.device)
         cells = placed.scatter_(0, target.flatten(), torch.where(keep, token_ids, -1).flatten())[:-1]
@@ -346,7 +346,7 @@ def check_shapes(image_feature: torch.Tensor, cls_attn_scores: torch.Tensor, gri
         raise ValueError(f"image_newline must have shape [{dim}], got {tuple(image_newline.shape)}")
 
 
-def _crop_cells(geometry: CropGeometry, device) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_cells(geometry: CropGeometry, device) -> tuple[torch.Tensor, torch.Tensor]:
     """For every crop cell `[C, P]`: whether it holds image, and its packed index (its rank in
     raster order among the crop's image cells; meaningless outside the image area)."""
     side = geometry.side

@@ -1,0 +1,137 @@
+"""The visualisations show exactly what was kept: pixels are checked against the selection, with
+[CLS] scores set by the test."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava.eval import run_llava
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput
+from llava.visualize import (
+    DIM,
+    PADDING_STRIPES,
+    canvas_patch_states,
+    crops_mask,
+    global_score_canvas,
+    heatmap,
+    inspect_compression,
+    save_visualizations,
+    score_heatmaps,
+    thumbnail_mask,
+)
+
+GREY, WHITE = 100, 240
+
+
+def _image_with_bright_corner(size=(800, 500)):
+    """Grey, with a white rectangle over the top-left 6x6 thumbnail patches."""
+    pixels = np.full((size[1], size[0], 3), GREY, dtype=np.uint8)
+    pixels[: size[1] * 6 // 24, : size[0] * 6 // 24] = WHITE
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def scored_model(tiny, monkeypatch):
+    """The tiny model with a tower whose [CLS] scores the test sets: the thumbnail favours its
+    top-left 6x6 patches (then lower indices); crops their right halves."""
+    _, model, processor = tiny
+    tower = model.get_model().vision_tower
+
+    def forward(images, with_scores=True):
+        views = images.shape[0]
+        grid = torch.arange(576).view(24, 24)
+        thumbnail = -grid.float() * 1e-3 + 10.0 * ((grid // 24 < 6) & (grid % 24 < 6)).float()
+        crop = (grid % 24 >= 12).float() + grid.float() * 1e-4
+        scores = torch.stack([thumbnail] + [crop] * (views - 1)).view(views, 576)
+        return VisionTowerOutput(torch.zeros(views, 576, tower.hidden_size), scores if with_scores else None)
+
+    monkeypatch.setattr(tower, "forward", forward)
+    return model, processor
+
+
+def _patch_centres(size, side=24):
+    """Pixel (x, y) at the centre of each thumbnail patch's rectangle of the image."""
+    width, height = size
+    for index in range(side * side):
+        row, col = divmod(index, side)
+        yield index, int((col + 0.5) * width / side), int((row + 0.5) * height / side)
+
+
+def test_thumbnail_mask_dims_exactly_the_dropped_patches(scored_model):
+    model, processor = scored_model
+    image = _image_with_bright_corner()
+    view = inspect_compression(model, processor, image, retention_ratio=0.25)
+    kept = set(view.selection.thumbnail_indices.tolist())
+    assert len(kept) == 144 and {row * 24 + col for row in range(6) for col in range(6)} <= kept
+    mask = np.asarray(thumbnail_mask(view))
+    original = np.asarray(image)
+    for index, x, y in _patch_centres(image.size):
+        expected = original[y, x] if index in kept else np.round(original[y, x] * DIM)
+        assert (mask[y, x] == expected).all(), index
+    assert (mask[10, 10] == WHITE).all()  # the bright corner is kept
+
+
+def test_crops_mask_dims_dropped_patches_and_stripes_padding(scored_model):
+    model, processor = scored_model
+    image = _image_with_bright_corner((800, 500))  # 2x2 on 672x672: rows of padding above and below
+    view = inspect_compression(model, processor, image, retention_ratio=0.25)
+    mask, canvas = np.asarray(crops_mask(view)), np.asarray(view.canvas)
+    assert mask.shape == (672, 672, 3)
+    states = canvas_patch_states(view)
+    top, bottom, _, _ = view.selection.geometry.bounds
+    assert (states[:top] == -1).all() and (states[bottom:] == -1).all() and (states[top:bottom] >= 0).all()
+    keep = view.selection.crop_keep_mask.view(2, 2, 24, 24).permute(0, 2, 1, 3).reshape(48, 48).numpy()
+    assert ((states == 1) == keep).all()
+    for row in range(48):
+        for col in range(48):
+            y, x = row * 14 + 7, col * 14 + 7
+            if states[row, col] == -1:
+                assert mask[y, x, 0] in PADDING_STRIPES
+            elif states[row, col] == 0:
+                assert (mask[y, x] == np.round(canvas[y, x] * DIM)).all()
+            else:
+                assert (mask[y, x] == canvas[y, x]).all()
+
+
+def test_heatmap_brightest_cell_is_the_highest_score():
+    values = np.random.RandomState(0).randn(6, 5)
+    image = np.asarray(heatmap(values, cell=4), dtype=np.float64)
+    luminance = (image @ [0.2126, 0.7152, 0.0722])[::4, ::4]  # one sample per cell
+    assert np.unravel_index(luminance.argmax(), luminance.shape) == np.unravel_index(values.argmax(), values.shape)
+    assert np.unravel_index(luminance.argmin(), luminance.shape) == np.unravel_index(values.argmin(), values.shape)
+    masked = np.asarray(heatmap(values, cell=1, mask=values < values.max()))
+    assert (masked[np.unravel_index(values.argmax(), values.shape)] == 0).all()
+
+
+def test_heatmaps_follow_the_scores_and_the_image_area(scored_model):
+    model, processor = scored_model
+    view = inspect_compression(model, processor, _image_with_bright_corner(), retention_ratio=0.5)
+    (_, thumbnail), (_, crops), (_, resized) = score_heatmaps(view, cell=8)
+    cells = np.asarray(thumbnail, dtype=np.float64)[::8, ::8] @ [0.2126, 0.7152, 0.0722]
+    assert np.unravel_index(cells.argmax(), cells.shape) == (0, 0)  # 10.0 at patch 0, the highest score
+    global_scores = global_score_canvas(view)
+    top, bottom, _, _ = view.selection.geometry.bounds
+    assert np.isnan(global_scores[:top]).all() and not np.isnan(global_scores[top:bottom]).any()
+    assert crops.size == resized.size == (48 * 4, 48 * 4)
+
+
+@pytest.mark.parametrize("size", [(800, 500), (500, 900), (600, 600), (20, 2000)])
+def test_all_figures_for_several_shapes(tiny, tmp_path, size):
+    _, model, processor = tiny
+    view = inspect_compression(model, processor, _image_with_bright_corner(size), retention_ratio=0.25, layout="spatial")
+    paths = save_visualizations(view, str(tmp_path), "img")
+    assert [path.rsplit("_", 1)[-1] for path in paths] == ["mask.png", "mask.png", "heatmaps.png", "ratios.png", "summary.png"]
+    assert all(open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for path in paths)
+    states = canvas_patch_states(view)
+    assert (states >= 0).sum() == sum(view.selection.geometry.valid_counts)
+
+
+def test_run_llava_visualize_flag(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "photo.png"
+    _image_with_bright_corner().save(path)
+    assert run_llava.main(["--model-path", tiny_checkpoint, "--image-file", str(path), "--query", "Q",
+                           "--max-new-tokens", "1", "--visualize", str(tmp_path / "out")]) == 0
+    written = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[visualize]")]
+    assert sorted(p.rsplit("/", 1)[-1] for p in written) == sorted(
+        f"1_photo_{name}.png" for name in ["thumbnail_mask", "crops_mask", "heatmaps", "ratios", "summary"])

@@ -1,0 +1,15 @@
+"""The [CLS] scores GlobalCom2 decides with, as heatmaps side by side: the thumbnail's, each crop's
+own (placed on the crop canvas), and the thumbnail's resized onto the image area as each crop
+received them; from a real run.
+
+    python tools/attn_visualization.py --image-file images/shapes-800x500.png [--model-path ...]
+
+Writes `<out-dir>/<image>_heatmaps.png`. The drawing lives in `llava.visualize`.
+"""
+
+import sys
+
+from llava.visualize import main
+
+if __name__ == "__main__":
+    sys.exit(main(None, ("heatmaps",), __doc__.split("\n\n")[0]))
