@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                      if answer_category == category]
             labels = [row["label"] for row in read_jsonl(label_file, report=sys.stderr)]
             f1_scores.append(report_category(category, texts, labels))
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # a missing file too: one line, status 2 like every CLI here
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"Average F1 over {len(f1_scores)} categories: {100 * sum(f1_scores) / len(f1_scores):.2f}")
     return 0
 

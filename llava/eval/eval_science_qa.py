@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(scored as {FAILED})", file=sys.stderr)
         analysis, result = score(problems, split_pids, predictions, args.options)
         img = img_accuracy(analysis)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # a missing file too: one line, status 2 like every CLI here
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"Total: {result['count']}, Correct: {result['correct']}, Accuracy: {result['acc']:.2f}%, "
           f"IMG-Accuracy: {img:.2f}%")
     write_json(args.output_file, analysis)

@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                     report(annotations, os.path.join(args.result_dir, name))
                 else:
                     print(f"Skipping {name}")
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # a missing file too: one line, status 2 like every CLI here
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -141,7 +141,7 @@ def test_cli_pairs_by_answers_file_order_not_by_id(tmp_path, capsys):
 
 def test_cli_undefined_f1_is_reported_with_the_category(tmp_path, capsys):
     answers = [(1, "No"), (2, "No."), (3, "no"), (4, "Yes"), (5, "not"), (6, "There is no cat.")]
-    assert eval_pope.main(_benchmark(tmp_path, answers)) == 1
+    assert eval_pope.main(_benchmark(tmp_path, answers)) == 2
     captured = capsys.readouterr()
     assert captured.out == "Category: adversarial, # samples: 3\n"
     assert captured.err == ("error: category 'adversarial': precision is undefined: no answer was a yes "
@@ -149,7 +149,7 @@ def test_cli_undefined_f1_is_reported_with_the_category(tmp_path, capsys):
 
 
 def test_cli_unknown_question_id_is_an_error(tmp_path, capsys):
-    assert eval_pope.main(_benchmark(tmp_path, ANSWERS + [(99, "Yes")])) == 1
+    assert eval_pope.main(_benchmark(tmp_path, ANSWERS + [(99, "Yes")])) == 2
     assert capsys.readouterr().err == "error: 1 answer(s) have a question_id missing from the question file, e.g. 99\n"
 
 
@@ -161,3 +161,11 @@ def test_cli_warns_when_answers_and_labels_differ_in_number(tmp_path, capsys):
     assert "Yes ratio: 0.5\n" in captured.out
     assert captured.out.endswith("Average F1 over 2 categories: 83.33\n")
     assert captured.err == "warning: category 'random': 2 answers but 3 labels; only the first 2 are paired\n"
+
+
+def test_missing_annotation_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "q.jsonl").write_text("")
+    assert eval_pope.main(["--annotation-dir", str(tmp_path / "nope"), "--question-file", str(tmp_path / "q.jsonl"),
+                           "--result-file", str(tmp_path / "a.jsonl")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_cli_later_duplicate_answer_wins(tmp_path, capsys):
 
 def test_cli_without_image_prompts_is_a_clear_error(tmp_path, capsys):
     answers = [(pid, TEXT_PROMPT, text) for pid, _, text in ANSWERS]
-    assert eval_science_qa.main(_benchmark(tmp_path, answers)) == 1
+    assert eval_science_qa.main(_benchmark(tmp_path, answers)) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.endswith("error: IMG-Accuracy is undefined: no answer's prompt contains <image>\n")

@@ -120,7 +120,7 @@ def test_cli_unrecognised_prompt_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "answers.jsonl").write_text(json.dumps({"question_id": "img9", "prompt": "What?", "text": "x"}) + "\n")
     code = eval_textvqa.main(["--annotation-file", str(tmp_path / "val.json"),
                               "--result-file", str(tmp_path / "answers.jsonl")])
-    assert code == 1
+    assert code == 2
     assert "error: question_id 'img9': unrecognised prompt shape" in capsys.readouterr().err
 
 
