@@ -76,11 +76,7 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
     tower = model.get_vision_tower()
     grid = get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, tower.config.image_size)
     unpad = "unpad" in getattr(model.config, "mm_patch_merge_type", "")
-    if ratio == 1.0:
-        geometry = globalcom2.crop_geometry(image.size, grid, tower.num_patches_per_side, unpad)
-        selection = globalcom2.keep_everything(geometry)
-    else:
-        selection = globalcom2.select_tokens(scores, image.size, grid, ratio, unpad=unpad)
+    selection = globalcom2.select_tokens(scores, image.size, grid, ratio, unpad=unpad)
     canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.config.image_grid_pinpoints))
     return CompressionView(image, canvas, tower.config.patch_size, scores, selection, ratio, layout)
 
@@ -113,9 +109,7 @@ def canvas_patch_states(view: CompressionView) -> np.ndarray:
     image_area, _ = globalcom2.crop_cells(geometry, "cpu")
     keep = view.selection.crop_keep_mask.cpu()
     states = torch.where(keep, 1, torch.where(image_area, 0, -1))  # [C, P]
-    grid_w, grid_h = geometry.grid
-    side = geometry.side
-    return states.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side).numpy()
+    return globalcom2.crop_canvas(states, geometry.grid).numpy()
 
 
 def crops_mask(view: CompressionView, dim: float = DIM) -> Image.Image:
@@ -171,10 +165,7 @@ def global_score_canvas(view: CompressionView) -> np.ndarray:
 
 def crop_score_canvas(view: CompressionView) -> np.ndarray:
     """`[grid_h*side, grid_w*side]`: each crop's own [CLS] scores at their place in the canvas."""
-    grid_w, grid_h = view.grid
-    side = view.side
-    crops = view.cls_scores[1:].view(grid_h, grid_w, side, side)
-    return crops.permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side).numpy()
+    return globalcom2.crop_canvas(view.cls_scores[1:], view.grid).numpy()
 
 
 def score_heatmaps(view: CompressionView, cell: int = 8) -> list[tuple[str, Image.Image]]:

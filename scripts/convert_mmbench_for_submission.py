@@ -25,7 +25,8 @@ import pandas as pd
 if __name__ == "__main__":  # run as a file: make the repository's `llava` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava.eval.answers import UserError, answer_texts, user_errors  # noqa: E402
+from llava.eval.answers import UserError, answer_texts  # noqa: E402
+from llava.utils import user_errors  # noqa: E402
 
 # Columns the server does not want back (the image column alone is most of the TSV's size).
 DROPPED_COLUMNS = ["hint", "category", "source", "image", "comment", "l2-category"]

@@ -18,7 +18,8 @@ import sys
 if __name__ == "__main__":  # run as a file: make the repository's `llava` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava.eval.answers import answer_texts, make_parent_dir, user_errors  # noqa: E402
+from llava.eval.answers import answer_texts, make_parent_dir  # noqa: E402
+from llava.utils import user_errors  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

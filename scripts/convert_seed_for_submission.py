@@ -30,9 +30,9 @@ from llava.eval.answers import (  # noqa: E402
     field,
     make_parent_dir,
     missing_answers_message,
-    user_errors,
 )
 from llava.eval.jsonl import write_jsonl  # noqa: E402
+from llava.utils import user_errors  # noqa: E402
 
 DATA_TYPES = ("image", "video")
 

@@ -27,10 +27,10 @@ from llava.eval.answers import (  # noqa: E402
     field,
     make_parent_dir,
     missing_answers_message,
-    user_errors,
 )
 from llava.eval.jsonl import read_jsonl  # noqa: E402
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor  # noqa: E402
+from llava.utils import user_errors  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,9 +20,10 @@ import sys
 if __name__ == "__main__":  # run as a file: make the repository's `llava` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava.eval.answers import answer_texts, field, make_parent_dir, user_errors  # noqa: E402
+from llava.eval.answers import answer_texts, field, make_parent_dir  # noqa: E402
 from llava.eval.jsonl import read_jsonl  # noqa: E402
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor  # noqa: E402
+from llava.utils import user_errors  # noqa: E402
 
 TEST_LIST = "llava_vqav2_mscoco_test2015.jsonl"
 

@@ -11,7 +11,6 @@ import os
 import sys
 
 from llava.eval.jsonl import iter_jsonl
-from llava.utils import user_errors  # noqa: F401  (re-exported for the converters)
 
 
 class UserError(ValueError):

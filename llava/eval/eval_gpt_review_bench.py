@@ -31,8 +31,9 @@ import json
 import os
 import sys
 
-from llava.eval.answers import UserError, field, make_parent_dir, user_errors
+from llava.eval.answers import UserError, field, make_parent_dir
 from llava.eval.jsonl import read_jsonl
+from llava.utils import user_errors
 
 JUDGE_MODEL = "gpt-4-0314"
 JUDGE_TEMPERATURE = 0.2

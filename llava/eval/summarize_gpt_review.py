@@ -21,8 +21,8 @@ import os
 import sys
 from collections import defaultdict
 
-from llava.eval.answers import user_errors
 from llava.eval.jsonl import iter_jsonl
+from llava.utils import user_errors
 
 SEPARATOR = "=" * 33
 

@@ -287,9 +287,7 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     else:
         cells = torch.where(keep, token_ids, -1)
     newline_rows = geometry.newline_rows(layout)
-    grid_w, grid_h = geometry.grid
-    side = geometry.side
-    canvas = cells.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side)
+    canvas = crop_canvas(cells, geometry.grid)
     if len(newline_rows):
         rows = canvas[newline_rows.start:newline_rows.stop]
         canvas = torch.cat([rows, rows.new_full((rows.shape[0], 1), num_crop_tokens)], dim=1)
@@ -344,6 +342,14 @@ def check_shapes(image_feature: torch.Tensor, cls_attn_scores: torch.Tensor, gri
                          f"got {tuple(cls_attn_scores.shape)}")
     if image_newline is not None and tuple(image_newline.shape) != (dim,):
         raise ValueError(f"image_newline must have shape [{dim}], got {tuple(image_newline.shape)}")
+
+
+def crop_canvas(per_crop: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-crop values `[C, P]` or `[C * P]` (crops row-major, patches raster) laid out as the crop
+    canvas `[grid_h * side, grid_w * side]`: crop `(i, j)` cell `(y, x)` lands at `(i*side + y, j*side + x)`."""
+    grid_w, grid_h = grid
+    side = math.isqrt(per_crop.numel() // (grid_w * grid_h))
+    return per_crop.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side)
 
 
 def crop_cells(geometry: CropGeometry, device) -> tuple[torch.Tensor, torch.Tensor]:
