@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Iterator
 
+from llava.files import atomic_write
+
 
 def iter_jsonl(path: str | os.PathLike, report=None) -> Iterator[dict]:
     """The JSON objects of a JSON-lines file, in order. Blank lines are skipped; lines that are
@@ -39,6 +41,8 @@ def read_jsonl(path: str | os.PathLike, report=None) -> list[dict]:
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> None:
-    with open(path, "w", encoding="utf-8") as out:
+    """Replace `path` with `rows`, one JSON object a line, atomically (`llava.files.atomic_write`):
+    a kill at any moment leaves either the old file or the whole new one."""
+    with atomic_write(path) as out:
         for row in rows:
             out.write(json.dumps(row) + "\n")
