@@ -42,6 +42,7 @@ from flops import LanguageModel, prefill_flops  # noqa: E402  (a sibling tool)
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
+from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
 from llava.tiny import TOWER_DIR, V16_PINPOINTS, build_tokenizer, ensure_tiny_checkpoint  # noqa: E402
 
@@ -152,11 +153,11 @@ def measure_ratio(model, tokenizer, pixel_values, image_size, ratio: float, args
                 with Clock(device) as prefill:
                     output = model(inputs_embeds=embeds, use_cache=True)
                 next_token = output.logits[:, -1].argmax(-1, keepdim=True)
-            cache = output.past_key_values
+            cache = getattr(output, CACHE_KEY)
             kv_bytes = cache_bytes(cache)  # before decoding grows it
             with Clock(device) as decode:
                 for _ in range(args.new_tokens):
-                    output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
+                    output = model(input_ids=next_token, use_cache=True, **{CACHE_KEY: cache})
                     next_token = output.logits[:, -1].argmax(-1, keepdim=True)
         if repeat < args.warmup:
             continue

@@ -8,8 +8,11 @@ geometry (grid shape, unpadding) in `llava.mm_utils`.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
@@ -22,6 +25,10 @@ from llava.model.multimodal_projector.builder import build_vision_projector
 # editing this line or assigning `llava.model.llava_arch.retention_ratio` both take effect;
 # `--retention-ratio` (or `model.set_compression(...)`) wins over it.
 retention_ratio = 0.25  # default 0.25
+
+# The KV cache's keyword in the installed transformers' forward and in its outputs: `past_key_values`
+# in earlier 5.x releases, `cache` in later ones (the old name is deprecated there).
+CACHE_KEY = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 # How the kept tokens are laid out: "official" (the released code's sequence) or "spatial".
 token_layout = "official"
@@ -225,35 +232,20 @@ class LlavaMetaForCausalLM:
         position_ids = new_position_ids if (given_position_ids is not None or padded) else None
         return position_ids, attention_mask, past_key_values, inputs_embeds, new_labels if given_labels is not None else None
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        images=None,
-        image_sizes=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                images=None, image_sizes=None, **kwargs):
+        """The language model's forward, with `images` spliced into `input_ids` first.
+
+        The KV cache travels in `kwargs` under whatever name the installed transformers uses
+        (`past_key_values` in earlier 5.x releases, `cache` in later ones), so no deprecated argument is ever passed.
+        """
         if inputs_embeds is None and images is not None:
-            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels = (
-                self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
-                )
+            _, position_ids, attention_mask, _, inputs_embeds, labels = self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, None, labels, images, image_sizes
             )
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            **kwargs,
-        )
+            input_ids = None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
