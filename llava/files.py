@@ -1,14 +1,16 @@
-"""Writing result files so that no interruption can destroy them.
+"""Writing result files so that no interruption can destroy them, and one writer per file.
 
 `atomic_write` writes a sibling temporary file, flushes and fsyncs it, then renames it over the
 target: at every instant the target holds either its old content or the complete new one, never
-an empty or half-written file, even when the process is killed mid-write. Standard library only,
-so scorers and converters use it too.
+an empty or half-written file, even when the process is killed mid-write. `file_lock` holds an
+advisory lock that the operating system releases when its process dies, however it dies, so a
+killed run never leaves a stale lock. Standard library only, so scorers and converters use it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -45,6 +47,78 @@ def write_text(path: str | os.PathLike, text: str, newline: str | None = None) -
     """Replace `path`'s content with `text`, atomically."""
     with atomic_write(path, newline=newline) as out:
         out.write(text)
+
+
+def make_parent_dir(path: str | os.PathLike) -> None:
+    """Create the directory `path` goes into; a ValueError naming the culprit when a file stands
+    where a directory must be (instead of `[Errno 17] File exists`)."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = parent
+        while not os.path.exists(blocking):
+            blocking = os.path.dirname(blocking)
+        raise ValueError(f"cannot write {os.fspath(path)}: {blocking} is a file, not a directory") from None
+
+
+class FileLocked(Exception):
+    """Another process holds the lock; `holders` are the process ids it recorded (may be empty)."""
+
+    def __init__(self, path: str, holders: list[int]):
+        super().__init__(f"{path} is locked by process {', '.join(map(str, holders)) or '(unknown)'}")
+        self.path, self.holders = path, holders
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, shared: bool = False):
+    """Hold an advisory `flock` on the lock file `path` (created if missing) for the block, or
+    raise `FileLocked` at once if a conflicting lock is held: exclusive conflicts with any lock,
+    shared with exclusive only. Holders write their process id into the file, so the refusal can
+    name them. The last holder to leave removes the file."""
+    path = os.fspath(path)
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holders = [int(word) for word in handle.read().split() if word.isdigit()]
+            handle.close()
+            raise FileLocked(path, holders) from None
+        # An exclusive holder may have removed the file between our open and our lock: then we
+        # hold a lock on a file nobody else sees, and must lock the one now at `path`.
+        try:
+            current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()
+    try:
+        if not shared:
+            handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        if _last_holder(handle, shared):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        handle.close()
+
+
+def _last_holder(handle, shared: bool) -> bool:
+    """Whether no other process holds the lock any more, so the lock file can go. A shared holder
+    unlocks, then tries an exclusive lock: of several leaving at once, the last to unlock gets it."""
+    if not shared:
+        return True
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _umask() -> int:

@@ -7,6 +7,7 @@ import dataclasses
 import time
 
 import torch
+from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
@@ -169,5 +170,29 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
                              f"raster order with one newline per image row (default: {llava_arch.token_layout})")
 
 
-def apply_compression_arguments(model, args) -> None:
+def _pixel_limit_argument(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels or 'none', got {text!r}")
+    return limit
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--max-image-pixels` and `--allow-truncation`: what happens to inputs beyond the limits."""
+    parser.add_argument("--max-image-pixels", type=_pixel_limit_argument, default=Image.MAX_IMAGE_PIXELS, metavar="N",
+                        help="refuse images with more pixels than this, as PIL's decompression-bomb guard does "
+                             "('none' = no limit; default: PIL's %(default)s)")
+    parser.add_argument("--allow-truncation", action="store_true",
+                        help="cut prompts longer than the model's maximum length, as upstream LLaVA does silently "
+                             "(default: refuse them with an error)")
+
+
+def configure_model(model, args) -> None:
+    """Apply the command line's compression and input settings to a loaded model."""
     model.set_compression(getattr(args, "retention_ratio", None), getattr(args, "token_layout", None))
+    model.allow_truncation = getattr(args, "allow_truncation", False)

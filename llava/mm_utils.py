@@ -53,7 +53,8 @@ def _high_bit_depth(image: Image.Image) -> bool:
 
 def load_image(image_file: str | os.PathLike, question: str | None = None, rgb: bool = True) -> Image.Image:
     """Open an image file, as RGB unless `rgb=False` (upstream's ScienceQA runner keeps the file's
-    mode); raise `ImageLoadError` naming the file (and question) on failure."""
+    mode); raise `ImageLoadError` naming the file (and question) on any failure to open or decode
+    it, PIL's decompression-bomb guard included."""
     where = f" (question {question})" if question is not None else ""
     path = os.fspath(image_file)
     if path.startswith(("http://", "https://")):
@@ -66,8 +67,15 @@ def load_image(image_file: str | os.PathLike, question: str | None = None, rgb: 
         raise ImageLoadError(f"image file not found: {path}{where}") from None
     except IsADirectoryError:
         raise ImageLoadError(f"image path is a directory, not a file: {path}{where}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageLoadError(f"cannot read image {path}{where}: {err}") from None
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(f"image {path}{where} is too large: {err} (raise the limit with --max-image-pixels)") from None
+    except Exception as err:  # a decoder can fail in any way on a damaged file
+        raise ImageLoadError(f"cannot read image {path}{where}: {type(err).__name__}: {err}") from None
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """PIL's decompression-bomb limit for every image opened afterwards (None: no limit)."""
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 # ----------------------------------------------------------------------------------------------

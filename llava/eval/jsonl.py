@@ -14,25 +14,30 @@ from typing import Iterator
 from llava.files import atomic_write
 
 
-def iter_jsonl(path: str | os.PathLike, report=None) -> Iterator[dict]:
-    """The JSON objects of a JSON-lines file, in order. Blank lines are skipped; lines that are
-    not a JSON object are skipped and counted, and the count (with the first bad line numbers)
-    is printed to `report` (default: the current `sys.stderr`) at the end."""
-    bad_lines = []
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """`("line N", text)` for every line of a text file that is not blank (N counts from 1)."""
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict):
-                yield row
-            else:
-                bad_lines.append(number)
+            if line.strip():
+                yield f"line {number}", line
+
+
+def iter_jsonl(path: str | os.PathLike, report=None) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file, in order. Blank lines are skipped; lines that are
+    not a JSON object are skipped and counted, and the count (with the first bad lines) is printed
+    to `report` (default: the current `sys.stderr`) at the end."""
+    bad_lines = []
+    for where, line in numbered_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            yield row
+        else:
+            bad_lines.append(where.removeprefix("line "))
     if bad_lines:
-        shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
+        shown = ", ".join(bad_lines[:10]) + (", ..." if len(bad_lines) > 10 else "")
         print(f"warning: {path}: skipped {len(bad_lines)} malformed line(s) (line {shown})", file=report or sys.stderr)
 
 

@@ -19,7 +19,7 @@ from llava.eval.runner import build_parser, run
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(__doc__.split("\n")[0], max_new_tokens=1024).parse_args(argv)
-    return run(args, questions_from_jsonl(args.question_file, args.image_folder))
+    return run(args, lambda: questions_from_jsonl(args.question_file, args.image_folder, skip_bad=args.skip_bad_questions))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ so scoring is unchanged, and each answer's metadata records the choice.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval.jsonl import read_jsonl
-from llava.eval.runner import Question, build_parser, run
+from llava.eval.jsonl import numbered_lines
+from llava.eval.runner import Question, build_parser, build_questions, run
 from llava.mm_utils import load_image
 
 OCR_LINE_PREFIX = "Reference OCR token:"
@@ -33,19 +34,33 @@ def image_query(text: str, drop_ocr_tokens: bool = False) -> str:
     return DEFAULT_IMAGE_TOKEN + "\n" + text
 
 
-def questions_from_jsonl(question_file: str, image_folder: str, drop_ocr_tokens: bool = False) -> list[Question]:
-    questions = []
-    for line in read_jsonl(os.path.expanduser(question_file)):
-        path = os.path.join(image_folder, line["image"])
-        recorded = {"ocr_tokens_shown": not drop_ocr_tokens} if OCR_LINE_PREFIX in line["text"] else {}
-        questions.append(Question(
-            question_id=line["question_id"],
-            prompt=line["text"],
-            query=image_query(line["text"], drop_ocr_tokens),
-            load_images=lambda path=path, qid=line["question_id"]: [load_image(path, question=qid)],
+def questions_from_jsonl(question_file: str, image_folder: str, drop_ocr_tokens: bool = False,
+                         skip_bad: bool = False) -> list[Question]:
+    """One Question per line; a line that is not a JSON object with `question_id`, `image` and
+    `text` stops the run before the model loads (or, with `skip_bad`, is left out with a warning)."""
+    path = os.path.expanduser(question_file)
+
+    def make(line: str) -> list[Question]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error.msg})") from None
+        if not isinstance(entry, dict):
+            raise ValueError("not a JSON object")
+        question_id, text, image = entry["question_id"], entry["text"], entry["image"]
+        if not isinstance(text, str) or not isinstance(image, str):
+            raise TypeError("'text' and 'image' must be strings")
+        image_path = os.path.join(image_folder, image)
+        recorded = {"ocr_tokens_shown": not drop_ocr_tokens} if OCR_LINE_PREFIX in text else {}
+        return [Question(
+            question_id=question_id,
+            prompt=text,
+            query=image_query(text, drop_ocr_tokens),
+            load_images=lambda: [load_image(image_path, question=question_id)],
             metadata=recorded,
-        ))
-    return questions
+        )]
+
+    return build_questions(numbered_lines(path), make, path, skip_bad)
 
 
 def build_loader_parser(description: str, max_new_tokens: int):
@@ -57,7 +72,9 @@ def build_loader_parser(description: str, max_new_tokens: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_loader_parser(__doc__.split("\n")[0], max_new_tokens=128).parse_args(argv)
-    return run(args, questions_from_jsonl(args.question_file, args.image_folder, args.drop_ocr_tokens))
+    return run(args, lambda: questions_from_jsonl(args.question_file, args.image_folder, args.drop_ocr_tokens,
+                                                  args.skip_bad_questions),
+               prompt_settings=dict(drop_ocr_tokens=args.drop_ocr_tokens))
 
 
 if __name__ == "__main__":

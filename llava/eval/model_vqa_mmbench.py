@@ -20,10 +20,10 @@ import os
 import sys
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval.runner import Question, build_parser, run
+from llava.eval.runner import Question, build_parser, build_questions, run
 from llava.mm_utils import ImageLoadError
 
 OPTION_LETTERS = ["A", "B", "C", "D"]
@@ -54,8 +54,12 @@ def decode_image(encoded: str, question_id) -> Image.Image:
         image = Image.open(io.BytesIO(base64.b64decode(encoded)))
         image.load()
         return image
-    except (ValueError, TypeError, UnidentifiedImageError, OSError) as error:
-        raise ImageLoadError(f"cannot decode the base64 image of question {question_id}: {error}") from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"the image of question {question_id} is too large: {error} "
+                             "(raise the limit with --max-image-pixels)") from None
+    except Exception as error:  # a decoder can fail in any way on damaged data
+        raise ImageLoadError(f"cannot decode the base64 image of question {question_id}: "
+                             f"{type(error).__name__}: {error}") from None
 
 
 def mmbench_questions(row, all_rounds: bool, single_pred_prompt: bool, lang: str) -> list[Question]:
@@ -80,16 +84,25 @@ def mmbench_questions(row, all_rounds: bool, single_pred_prompt: bool, lang: str
     return questions
 
 
+def mmbench_table_questions(question_file: str, all_rounds: bool, single_pred_prompt: bool, lang: str,
+                            skip_bad: bool = False) -> list[Question]:
+    path = os.path.expanduser(question_file)
+    table = pd.read_table(path)
+    # Row numbers as in the file: line 1 is the header.
+    entries = ((f"line {number}", row) for number, (_, row) in enumerate(table.iterrows(), 2))
+    return build_questions(entries, lambda row: mmbench_questions(row, all_rounds, single_pred_prompt, lang), path,
+                           skip_bad)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.split("\n")[0], max_new_tokens=1024, image_folder=False)
     parser.add_argument("--single-pred-prompt", action="store_true")
     parser.add_argument("--all-rounds", action="store_true")
     parser.add_argument("--lang", default="en", choices=sorted(LETTER_PROMPTS))
     args = parser.parse_args(argv)
-    table = pd.read_table(os.path.expanduser(args.question_file))
-    questions = [question for _, row in table.iterrows()
-                 for question in mmbench_questions(row, args.all_rounds, args.single_pred_prompt, args.lang)]
-    return run(args, questions)
+    return run(args, lambda: mmbench_table_questions(args.question_file, args.all_rounds, args.single_pred_prompt,
+                                                     args.lang, args.skip_bad_questions),
+               prompt_settings=dict(single_pred_prompt=args.single_pred_prompt, lang=args.lang))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import os
 import sys
 
 from llava.conversation import get_conv_template
-from llava.generation import add_compression_arguments, answer, apply_compression_arguments, image_prompt, infer_conv_mode
-from llava.mm_utils import load_image
+from llava.generation import (add_compression_arguments, add_input_arguments, answer, configure_model, image_prompt,
+                              infer_conv_mode)
+from llava.mm_utils import load_image, set_max_image_pixels
 from llava.model.builder import load_pretrained_model
 from llava.utils import quiet_transformers, user_errors
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float16 on GPU, float32 on CPU")
     add_compression_arguments(parser)
+    add_input_arguments(parser)
     parser.add_argument("--visualize", metavar="OUT_DIR", default=None,
                         help="also draw what GlobalCom2 kept of each image (masks, heatmaps, ratios) into OUT_DIR")
     return parser
@@ -41,18 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 def eval_model(args) -> str:
     """Load, ask, print the answer and the summary line; return the answer text."""
     image_files = [part for item in args.image_file for part in item.split(args.sep) if part]
+    set_max_image_pixels(args.max_image_pixels)
     images = [load_image(path) for path in image_files]
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype
     )
-    apply_compression_arguments(model, args)
+    configure_model(model, args)
     conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
     conv.append_message(conv.roles[0], image_prompt(args.query, len(images)))
     conv.append_message(conv.roles[1], None)
     result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
                     top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     print(result.text)
-    print(*result.compression_lines(), sep="\n")
+    for line in result.compression_lines():
+        print(line)
     print(result.summary())
     if args.visualize:
         from llava.visualize import inspect_compression, save_visualizations

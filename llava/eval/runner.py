@@ -1,43 +1,58 @@
 """What every benchmark runner shares: arguments, chunking, resume, answers, several processes.
 
 A runner module (`model_vqa_loader`, `model_vqa`, `model_vqa_science`, `model_vqa_mmbench`)
-turns its question file into `Question`s and calls `run`. `run`:
+gives `run` a function that reads its question file into `Question`s (`build_questions` turns a
+bad entry into one error line naming it, before the model loads). `run`:
 
 - takes this run's share: upstream's `--num-chunks/--chunk-idx` split, then, under `torchrun` or
   `accelerate launch` (`WORLD_SIZE` > 1), one contiguous part per rank;
+- locks the answers file for the run's lifetime: a second runner on the same file stops at once,
+  naming the first one's process (the OS drops the lock when a process dies, however it dies);
 - resumes: answers already in the answers file are kept and their questions skipped. Questions
   are matched by `(question_id, prompt)` counted with multiplicity, because some benchmarks
-  repeat ids (TextVQA's id is the image's);
+  repeat ids (TextVQA's id is the image's). Each answer records the run's settings (model and a
+  hash of its config and weights index, template, generation and compression settings), and a
+  rerun under other settings is refused, naming the setting; `--overwrite` starts afresh;
 - writes and flushes each answer as soon as it exists, so a killed run loses at most the answer
-  in flight; a half-written last line is dropped on the next start;
-- ends by rewriting the answers file in question order (rank 0 merges every rank's part);
-- stops with an error naming the question and the file when an image is missing or corrupt, or
-  with `--on-image-error record` writes an empty answer with the error in its metadata and goes on
-  (positional scorers such as POPE need one line per question);
+  in flight; a half-written last line is dropped on the next start. Whole-file rewrites (at the
+  start and the final merge) are atomic, so at no instant does the file hold fewer answers;
+- ends by rewriting the answers file in question order, one answer per question (rank 0 merges
+  every rank's part);
+- stops with an error naming the question and the file when an image is missing, corrupt or too
+  large, or when the prompt exceeds the model's length, or with `--on-image-error record` writes
+  an empty answer with the error in its metadata and goes on (positional scorers such as POPE need
+  one line per question);
 - stores GlobalCom2's token accounting in each answer's `metadata` and prints averages.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter, defaultdict
-from typing import Callable
+from typing import Callable, Iterable
 
 import shortuuid
 import torch
 from tqdm import tqdm
 
 from llava.conversation import get_conv_template
+from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
-from llava.generation import add_compression_arguments, answer, apply_compression_arguments
-from llava.mm_utils import ImageLoadError, get_model_name_from_path
-from llava.model.builder import load_pretrained_model
+from llava.files import FileLocked, file_lock, make_parent_dir
+from llava.generation import add_compression_arguments, add_input_arguments, answer, configure_model
+from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels
+from llava.model import llava_arch
+from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
+from llava.model.globalcom2 import check_layout, check_retention_ratio
+from llava.model.llava_arch import PromptTooLongError
 from llava.utils import quiet_transformers, user_errors
 
 
@@ -79,10 +94,44 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
     parser.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--on-image-error", choices=["stop", "record"], default="stop",
-                        help="missing or corrupt image: stop with an error (default), or record an empty answer "
-                             "with the error in its metadata and go on")
+                        help="an image that is missing, corrupt or too large, or a prompt longer than the model "
+                             "takes: stop with an error (default), or record an empty answer with the error in its "
+                             "metadata and go on")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh: keep the existing answers file as <file>.bak and answer every question "
+                             "again (needed to rerun under other settings)")
+    parser.add_argument("--skip-bad-questions", action="store_true",
+                        help="leave out question entries that are malformed or lack a field, with a warning "
+                             "listing them (default: stop with an error before the model loads)")
     add_compression_arguments(parser)
+    add_input_arguments(parser)
     return parser
+
+
+def build_questions(entries: Iterable[tuple[str, object]], make: Callable[[object], list[Question]], source: str,
+                    skip_bad: bool = False) -> list[Question]:
+    """`make(entry)` for every `(where, entry)` of a question file, in order.
+
+    `where` names the entry for messages ("line 7"). An entry `make` cannot read (it raises
+    KeyError for a missing field, or ValueError/TypeError/IndexError for a malformed entry) is
+    collected; then all of them are reported in one UserError, or with `skip_bad` in one warning,
+    and the entry is left out.
+    """
+    questions, bad = [], []
+    for where, entry in entries:
+        try:
+            questions += make(entry)
+        except KeyError as error:
+            bad.append(f"{where}: no {error.args[0]!r} field")
+        except (ValueError, TypeError, IndexError) as error:
+            bad.append(f"{where}: {error}")
+    if bad:
+        listed = "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else "")
+        message = f"{source}: {len(bad)} bad question entr{'y' if len(bad) == 1 else 'ies'} ({listed})"
+        if not skip_bad:
+            raise UserError(f"{message}; fix them, or pass --skip-bad-questions to leave them out")
+        print(f"warning: {message}; left out (--skip-bad-questions)", file=sys.stderr)
+    return questions
 
 
 def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
@@ -99,13 +148,15 @@ def distributed_rank() -> tuple[int, int, int]:
 
 
 def order_answers(questions: list[Question], rows: list[dict]) -> list[dict]:
-    """`rows` in question order: one per question at most, matched by key with multiplicity.
-    Rows for questions outside `questions` come last, in their given order."""
+    """`rows` in question order, one per question: matched by key with multiplicity, the first
+    answer of a key kept and any surplus answer to the same question dropped. Rows for questions
+    outside `questions` come last, in their given order."""
+    asked = Counter(question.key for question in questions)
     waiting = defaultdict(list)
     for row in rows:
         waiting[answer_key(row.get("question_id"), row.get("prompt"))].append(row)
     ordered = [waiting[question.key].pop(0) for question in questions if waiting.get(question.key)]
-    return ordered + [row for pending in waiting.values() for row in pending]
+    return ordered + [row for key, pending in waiting.items() if key not in asked for row in pending]
 
 
 def pending_questions(questions: list[Question], rows: list[dict]) -> list[Question]:
@@ -120,66 +171,164 @@ def pending_questions(questions: list[Question], rows: list[dict]) -> list[Quest
     return pending
 
 
+def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
+    """Everything that decides an answer besides the question: the resume fingerprint.
+
+    The model is identified by its directory name and a hash of its config and weights index
+    (`checkpoint_digest`, None when the checkpoint is not there); its full path is recorded
+    separately, so a moved checkpoint still resumes. The layout is None at R = 1, where it changes
+    nothing.
+    """
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    ratio = check_retention_ratio(llava_arch.retention_ratio if args.retention_ratio is None else args.retention_ratio)
+    layout = check_layout(llava_arch.token_layout if args.token_layout is None else args.token_layout)
+    model_path = os.path.expanduser(args.model_path)
+    return dict(
+        model=get_model_name_from_path(model_path),
+        model_hash=checkpoint_digest(model_path) if os.path.isdir(model_path) else None,
+        model_base=args.model_base,
+        conv_mode=args.conv_mode,
+        dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        retention_ratio=ratio,
+        token_layout=layout if ratio < 1 else None,
+        allow_truncation=args.allow_truncation,
+        **prompt_settings,
+    )
+
+
+def check_settings(rows: list[dict], settings: dict, answers_file: str) -> None:
+    """Refuse to add answers made under `settings` to `rows` made under others, naming the first
+    setting that differs. An unknown model hash (checkpoint not on this machine) is not compared.
+    Rows from before settings were recorded are accepted with a warning."""
+    recorded = [row["metadata"]["settings"] for row in rows if "settings" in (row.get("metadata") or {})]
+    if len(recorded) < len(rows):
+        print(f"warning: {answers_file}: {len(rows) - len(recorded)} answer(s) record no settings (written by an "
+              "older version); they are kept, assumed to match this run", file=sys.stderr)
+    for old in recorded:
+        for key in sorted(set(old) | set(settings)):
+            before, now = old.get(key, "(not recorded)"), settings.get(key, "(not recorded)")
+            if before == now or (key == "model_hash" and None in (before, now)):
+                continue
+            raise UserError(f"{answers_file} holds answers made with {key} {before!r}, but this run has {key} {now!r}: "
+                            f"resuming would mix them in one file. Pass --overwrite to start afresh (the old file is "
+                            f"kept as {answers_file}.bak), or write to another --answers-file")
+
+
 def _existing_rows(path: str) -> list[dict]:
     return read_jsonl(path) if os.path.exists(path) else []
 
 
 def _part_files(answers_file: str) -> list[str]:
-    return sorted(glob.glob(glob.escape(answers_file) + ".rank*"))
+    """The rank part files of `answers_file` (`<file>.rank<N>`; not their locks or backups)."""
+    candidates = glob.glob(glob.escape(answers_file) + ".rank*")
+    return sorted(path for path in candidates if re.fullmatch(r"\.rank\d+", path[len(answers_file):]))
 
 
-def run(args, questions: list[Question]) -> int:
-    """Answer this run's share of `questions` into `args.answers_file`; returns an exit status."""
+def _all_rows(answers_file: str) -> list[dict]:
+    """Everything written for `answers_file`: the file itself, then every rank's part."""
+    return _existing_rows(answers_file) + [row for part in _part_files(answers_file) for row in _existing_rows(part)]
+
+
+def run(args, load_questions: Callable[[], list[Question]], prompt_settings: dict | None = None) -> int:
+    """Answer this run's share of `load_questions()` into `args.answers_file`; returns an exit status.
+
+    `prompt_settings`: the runner's own options that change what the model is asked (e.g.
+    `--single-pred-prompt`), added to the resume fingerprint.
+    """
     quiet_transformers()
     with user_errors():
-        return _run(args, questions)
+        set_max_image_pixels(args.max_image_pixels)
+        return _run(args, load_questions(), prompt_settings or {})
 
 
-def _run(args, questions: list[Question]) -> int:
+def _run(args, questions: list[Question], prompt_settings: dict) -> int:
     rank, world_size, local_rank = distributed_rank()
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
     share = get_chunk(chunk, world_size, rank)
     answers_file = os.path.expanduser(args.answers_file)
-    os.makedirs(os.path.dirname(answers_file) or ".", exist_ok=True)
+    make_parent_dir(answers_file)
     out_file = f"{answers_file}.rank{rank}" if world_size > 1 else answers_file
-
-    # Resume: everything already written for this answers file, by any earlier run or rank.
-    done = _existing_rows(answers_file) + [row for part in _part_files(answers_file) for row in _existing_rows(part)]
-    todo = pending_questions(share, done)
-    mine = _existing_rows(out_file)
-    write_jsonl(out_file, mine)  # drops a half-written last line before appending
-
-    if todo:
-        tokenizer, model, image_processor = _load_model(args, local_rank)
-        model_name = get_model_name_from_path(args.model_path)
-        with open(out_file, "a", encoding="utf-8") as out:
-            progress = tqdm(todo, desc=f"answers (rank {rank})" if world_size > 1 else "answers",
-                            initial=len(share) - len(todo), total=len(share), disable=None)
-            for question in progress:
-                row = _answer_row(args, question, tokenizer, model, image_processor, model_name)
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-    if world_size > 1:
-        _wait_for_all_ranks()
-        if rank != 0:
-            return 0
-    rows = _existing_rows(answers_file) + [row for part in _part_files(answers_file) for row in _existing_rows(part)]
-    write_jsonl(answers_file, order_answers(chunk, rows))
-    for part in _part_files(answers_file):
-        os.remove(part)
+    settings = run_settings(args, prompt_settings, local_rank)
+    with _answers_lock(answers_file, rank, world_size):
+        if args.overwrite:
+            _start_afresh(answers_file, rank, world_size)
+        done = _all_rows(answers_file)
+        check_settings(done, settings, answers_file)
+        todo = pending_questions(share, done)
+        if os.path.exists(out_file):
+            write_jsonl(out_file, _existing_rows(out_file))  # drops a half-written last line before appending
+        if todo:
+            _answer_all(args, todo, len(share), out_file, settings, rank, world_size, local_rank)
+        if world_size > 1:
+            _wait_for_all_ranks()
+            if rank != 0:
+                return 0
+        write_jsonl(answers_file, order_answers(chunk, _all_rows(answers_file)))
+        for part in _part_files(answers_file):
+            os.remove(part)
     _print_summary(answers_file, chunk)
     return 0
+
+
+@contextlib.contextmanager
+def _answers_lock(answers_file: str, rank: int, world_size: int):
+    """One run per answers file. A single process locks `<file>.lock` exclusively; the ranks of
+    one distributed run share it and each locks its own part, so a second run of any kind stops."""
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(_refusing_lock(answers_file, f"{answers_file}.lock", shared=world_size > 1))
+        if world_size > 1:
+            locks.enter_context(_refusing_lock(answers_file, f"{answers_file}.rank{rank}.lock", shared=False))
+        yield
+
+
+@contextlib.contextmanager
+def _refusing_lock(answers_file: str, lock_path: str, shared: bool):
+    try:
+        with file_lock(lock_path, shared=shared):
+            yield
+    except FileLocked as locked:
+        holders = ", ".join(map(str, locked.holders)) or "unknown"
+        raise UserError(f"another runner (process {holders}) is writing {answers_file}; two runners on one file "
+                        "would answer every question twice: wait for it to finish, or stop it") from None
+
+
+def _start_afresh(answers_file: str, rank: int, world_size: int) -> None:
+    """`--overwrite`: rank 0 moves the answers file and every part to `<name>.bak`, then all go on."""
+    if rank == 0:
+        for path in [answers_file, *_part_files(answers_file)]:
+            if os.path.exists(path):
+                os.replace(path, path + ".bak")
+                print(f"--overwrite: kept the old answers as {path}.bak", file=sys.stderr)
+    if world_size > 1:
+        _wait_for_all_ranks()
+
+
+def _answer_all(args, todo: list[Question], share_size: int, out_file: str, settings: dict, rank: int,
+                world_size: int, local_rank: int) -> None:
+    tokenizer, model, image_processor = _load_model(args, local_rank)
+    model_name = get_model_name_from_path(args.model_path)
+    with open(out_file, "a", encoding="utf-8") as out:
+        progress = tqdm(todo, desc=f"answers (rank {rank})" if world_size > 1 else "answers",
+                        initial=share_size - len(todo), total=share_size, disable=None)
+        for question in progress:
+            row = _answer_row(args, question, tokenizer, model, image_processor, model_name, settings)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
 
 
 def _load_model(args, local_rank: int):
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=device,
                                                                  torch_dtype=args.dtype)
-    apply_compression_arguments(model, args)
+    configure_model(model, args)
     return tokenizer, model, image_processor
 
 
-def _answer_row(args, question: Question, tokenizer, model, image_processor, model_name: str) -> dict:
+def _answer_row(args, question: Question, tokenizer, model, image_processor, model_name: str, settings: dict) -> dict:
     conv_mode = args.conv_mode
     if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
         conv_mode += "_mmtag"  # upstream's rule for pretraining-only checkpoints
@@ -189,17 +338,19 @@ def _answer_row(args, question: Question, tokenizer, model, image_processor, mod
     row = dict(question_id=question.question_id, prompt=question.prompt)
     try:
         images = question.load_images()
-    except ImageLoadError as error:
+        result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
+                        top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    except (ImageLoadError, PromptTooLongError) as error:
+        message = str(error) if isinstance(error, ImageLoadError) else f"question {question.question_id}: {error}"
         if args.on_image_error == "stop":
-            raise
-        tqdm.write(f"warning: {error}; recorded an empty answer", file=sys.stderr)
+            raise UserError(message) from None
+        tqdm.write(f"warning: {message}; recorded an empty answer", file=sys.stderr)
         return dict(row, text="", answer_id=shortuuid.uuid(), model_id=model_name, **question.extra,
-                    metadata=dict(question.metadata, error=str(error)))
-    result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
-                    top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+                    metadata=dict(question.metadata, error=message, settings=settings))
     before = sum(record["tokens_before"] for record in result.accounting)
     metadata = dict(question.metadata, retention_ratio=result.retention_ratio, token_layout=result.token_layout,
-                    visual_tokens=result.visual_tokens, visual_tokens_before=before, images=result.accounting)
+                    visual_tokens=result.visual_tokens, visual_tokens_before=before, images=result.accounting,
+                    settings=settings)
     return dict(row, text=result.text, answer_id=shortuuid.uuid(), model_id=model_name, **question.extra,
                 metadata=metadata)
 
@@ -219,7 +370,7 @@ def _print_summary(answers_file: str, chunk: list[Question]) -> None:
     errors = sum("error" in row.get("metadata", {}) for row in rows)
     line = f"{len(rows)} answers for {len(chunk)} questions in {answers_file}"
     if errors:
-        line += f"; {errors} with image errors"
+        line += f"; {errors} recorded with errors"
     if measured:
         after = sum(meta["visual_tokens"] for meta in measured) / len(measured)
         before = sum(meta["visual_tokens_before"] for meta in measured) / len(measured)

@@ -7,6 +7,7 @@ architecture comes from constants or a local directory, so loading needs no netw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -93,6 +94,61 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """`device`, or the default, checked against this torch build and machine (a ValueError in one
+    line instead of torch's AssertionError deep inside the first `.to`)."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device (examples: cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "has no CUDA support" if torch.version.cuda is None else "finds no GPU"
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) {build}; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def default_dtype(device: str | None) -> torch.dtype:
+    """fp16 on a GPU, fp32 elsewhere (upstream's choice)."""
+    return torch.float16 if str(device or default_device()).startswith("cuda") else torch.float32
+
+
+def resolve_dtype(torch_dtype: torch.dtype | str | None, device: str | None) -> torch.dtype:
+    if isinstance(torch_dtype, str):
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {torch_dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[torch_dtype]
+    return torch_dtype or default_dtype(device)
+
+
+def checkpoint_digest(model_path: str) -> str | None:
+    """A short hash of what identifies a checkpoint's content without reading its weights:
+    `config.json`, plus the weights index of a sharded checkpoint or the safetensors header (tensor
+    names, shapes, dtypes, offsets) and size of a single-file one. None if there is no config.json."""
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    digest = hashlib.sha256()
+    with open(config_file, "rb") as handle:
+        digest.update(handle.read())
+    for name in WEIGHT_FILES:
+        path = os.path.join(model_path, name)
+        if not os.path.isfile(path):
+            continue
+        digest.update(f"{name}:{os.path.getsize(path)}".encode())
+        with open(path, "rb") as handle:
+            if name.endswith(".json"):
+                digest.update(handle.read())
+            elif name.endswith(".safetensors"):
+                header_length = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(header_length, 100 * 2**20)))
+    return digest.hexdigest()[:16]
+
+
 def load_pretrained_model(
     model_path: str,
     model_base: str | None = None,
@@ -117,12 +173,8 @@ def load_pretrained_model(
         raise NotImplementedError("8-bit / 4-bit loading is not supported")
     model_path = resolve_local_checkpoint(model_path)
     raw_config = read_llava_config(model_path)
-    device = device or default_device()
-    if isinstance(torch_dtype, str):
-        if torch_dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {torch_dtype!r}; use one of {', '.join(DTYPES)}")
-        torch_dtype = DTYPES[torch_dtype]
-    torch_dtype = torch_dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(torch_dtype, device)
     if use_flash_attn:
         kwargs["attn_implementation"] = "flash_attention_2"
 

@@ -9,6 +9,8 @@ geometry (grid shape, unpadding) in `llava.mm_utils`.
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from llava.model import globalcom2
 from llava.model.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
+from llava.utils import LlavaWarning
 
 # GlobalCom2's retention ratio R, in (0, 1]; 1 gives vanilla LLaVA-NeXT. Read at every call, so
 # editing this line or assigning `llava.model.llava_arch.retention_ratio` both take effect;
@@ -41,6 +44,10 @@ def generate_scale_for_crop_features(base_cls_attn_scores, num_patch_width, num_
     scale = retention_ratio if base_scale is None else base_scale
     return globalcom2.generate_scale_for_crop_features(base_cls_attn_scores, num_patch_width, num_patch_height,
                                                        scale, temperature)
+
+
+class PromptTooLongError(ValueError):
+    """The spliced prompt is longer than the model's maximum length (`tokenizer_model_max_length`)."""
 
 
 class LlavaMetaModel:
@@ -69,6 +76,9 @@ class LlavaMetaForCausalLM:
 
     _compression_override: tuple[float | None, str | None] = (None, None)
     last_accounting: list[dict] = []
+    # Upstream cuts over-long prompts silently (losing the question); here they are refused unless
+    # this is set (`--allow-truncation`), and then cut with a warning.
+    allow_truncation: bool = False
 
     def get_model(self):
         return self.model
@@ -155,6 +165,10 @@ class LlavaMetaForCausalLM:
             scores = scores.split(counts) if scores is not None else [None] * len(counts)
             per_image = [self.image_sequence(views, views_scores, size, ratio, layout)
                          for views, views_scores, size in zip(features.split(counts), scores, sizes)]
+        if ratio < 1.0 and int(features.shape[-2] * ratio) == 0:
+            warnings.warn(f"retention ratio {ratio:g} is below 1/{features.shape[-2]}: int({features.shape[-2]} R) = 0, so "
+                          "the thumbnail (or single view) keeps no token and the crops keep almost none; the language "
+                          "model sees little more than newline tokens", LlavaWarning, stacklevel=2)
         self.last_accounting = [dict(accounting, retention_ratio=ratio, layout=layout) for _, accounting in per_image]
         return [tokens for tokens, _ in per_image]
 
@@ -186,13 +200,15 @@ class LlavaMetaForCausalLM:
 
         text_embeds = self.get_model().embed_tokens(input_ids.clamp(min=0))  # placeholder rows are replaced below
         images_left = iter(image_features)
-        rows_embeds, rows_labels = [], []
+        rows_embeds, rows_labels, rows_images = [], [], []
         for ids, keep, embeds, row_labels in zip(input_ids, attention_mask, text_embeds, labels):
             ids, embeds, row_labels = ids[keep], embeds[keep], row_labels[keep]
             placeholders = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
             pieces, piece_labels, start = [], [], 0
+            rows_images.append([])  # visual tokens of each image in this row
             for position in placeholders:
                 feature = next(images_left).to(embeds.dtype)
+                rows_images[-1].append(feature.shape[0])
                 pieces += [embeds[start:position], feature]
                 piece_labels += [row_labels[start:position], row_labels.new_full((feature.shape[0],), IGNORE_INDEX)]
                 start = position + 1
@@ -202,7 +218,8 @@ class LlavaMetaForCausalLM:
             rows_labels.append(torch.cat(piece_labels))
 
         max_length = getattr(self.config, "tokenizer_model_max_length", None)
-        if max_length is not None:
+        if max_length is not None and any(row.shape[0] > max_length for row in rows_embeds):
+            self._refuse_or_warn_truncation(rows_embeds, rows_images, max_length)
             rows_embeds = [row[:max_length] for row in rows_embeds]
             rows_labels = [row[:max_length] for row in rows_labels]
 
@@ -231,6 +248,22 @@ class LlavaMetaForCausalLM:
             attention_mask = new_attention_mask if padded else None
         position_ids = new_position_ids if (given_position_ids is not None or padded) else None
         return position_ids, attention_mask, past_key_values, inputs_embeds, new_labels if given_labels is not None else None
+
+    def _refuse_or_warn_truncation(self, rows_embeds, rows_images, max_length: int) -> None:
+        """Raise PromptTooLongError for the longest row, or warn when `allow_truncation` is set.
+        `rows_images`: per row, the visual token count of each of its images."""
+        row = max(range(len(rows_embeds)), key=lambda index: rows_embeds[index].shape[0])
+        length, visual = rows_embeds[row].shape[0], sum(rows_images[row])
+        what = (f"the prompt is {length} tokens ({len(rows_images[row])} image(s), {visual} visual tokens) but the "
+                f"model takes at most {max_length} (tokenizer_model_max_length)")
+        if self.allow_truncation:
+            warnings.warn(f"{what}: cut to {max_length} tokens, losing the end of the prompt", LlavaWarning, stacklevel=3)
+            return
+        ratio = self.compression_settings()[0]
+        fitting = ratio * (max_length - (length - visual)) / visual if visual else 0.0
+        hint = f"a retention ratio of about {math.floor(fitting * 100) / 100:g} or lower fits, " if fitting >= 0.01 else ""
+        raise PromptTooLongError(f"{what}: {hint}or use fewer images, or pass --allow-truncation to cut it as "
+                                 "upstream LLaVA does")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 images=None, image_sizes=None, **kwargs):

@@ -11,16 +11,18 @@ import argparse
 import sys
 
 from llava.conversation import get_conv_template
-from llava.generation import add_compression_arguments, answer, apply_compression_arguments, image_prompt, infer_conv_mode
-from llava.mm_utils import load_image
+from llava.generation import (add_compression_arguments, add_input_arguments, answer, configure_model, image_prompt,
+                              infer_conv_mode)
+from llava.mm_utils import load_image, set_max_image_pixels
 from llava.model.builder import load_pretrained_model
 from llava.utils import quiet_transformers, user_errors
 
 
 def chat(args, read=input) -> None:
+    set_max_image_pixels(args.max_image_pixels)
     images = [load_image(path) for path in args.image_file]
     tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device=args.device, torch_dtype=args.dtype)
-    apply_compression_arguments(model, args)
+    configure_model(model, args)
     conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
     user, assistant = conv.roles
     first_turn = True
@@ -38,11 +40,13 @@ def chat(args, read=input) -> None:
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens)
         conv.messages[-1][-1] = result.text
         print(f"{assistant.strip()}: {result.text}")
+        for line in result.compression_lines():
+            print(line)
         print(result.summary())
         first_turn = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Chat with a LLaVA checkpoint about an image.")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--image-file", required=True, nargs="+")
@@ -52,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     add_compression_arguments(parser)
-    args = parser.parse_args(argv)
+    add_input_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_transformers()
     with user_errors():
         chat(args)

@@ -8,6 +8,8 @@ from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_visual_token_count, get_anyres_image_grid_shape, process_images, tokenizer_image_token, unpad_image
+from llava.model.llava_arch import CACHE_KEY, PromptTooLongError
+from llava.utils import LlavaWarning
 
 pytestmark = pytest.mark.usefixtures("vanilla")
 
@@ -96,14 +98,60 @@ def test_several_images_in_one_prompt(tiny):
     assert (len(first), len(second)) == (2046, 648) and torch.equal(embeds, expected)
 
 
-def test_sequences_are_cut_at_the_model_max_length(tiny):
+def _two_image_prompt(tiny):
+    """2046 + 2182 visual tokens and a few text tokens: over the tiny model's 4096."""
     tokenizer, model, processor = tiny
-    images = [_image((800, 500), 2), _image((1000, 300), 3)]  # 2046 + 2182 visual tokens > 4096
+    images = [_image((800, 500), 2), _image((1000, 300), 3)]
     ids = _prompt_ids(tokenizer, "<image>\n<image>\ntwo")
-    pixel_values = process_images(images, processor, model.config)
-    with torch.no_grad():
-        embeds = _single(model, ids, pixel_values, [image.size for image in images])
+    return ids, process_images(images, processor, model.config), [image.size for image in images]
+
+
+def test_over_long_prompt_is_refused_naming_counts_and_a_ratio_that_fits(tiny):
+    ids, pixel_values, sizes = _two_image_prompt(tiny)
+    text_tokens = len(ids) - 2
+    with pytest.raises(PromptTooLongError) as refused:
+        _single(tiny[1], ids, pixel_values, sizes)
+    message = str(refused.value)
+    assert f"the prompt is {4228 + text_tokens} tokens (2 image(s), 4228 visual tokens)" in message
+    assert "at most 4096" in message and "--allow-truncation" in message
+    # R (4096 - text) / visual, rounded down to 2 decimals: 1 * (4096 - 12) / 4228 = 0.965... -> 0.96
+    fits = int((4096 - text_tokens) / 4228 * 100) / 100
+    assert f"a retention ratio of about {fits:g} or lower fits" in message
+
+
+def test_allow_truncation_cuts_at_the_model_max_length_with_a_warning(tiny, monkeypatch):
+    ids, pixel_values, sizes = _two_image_prompt(tiny)
+    model = tiny[1]
+    monkeypatch.setattr(model, "allow_truncation", True)
+    with pytest.warns(LlavaWarning, match="cut to 4096 tokens"), torch.no_grad():
+        embeds = _single(model, ids, pixel_values, sizes)
     assert model.config.tokenizer_model_max_length == 4096 and len(embeds) == 4096
+
+
+def test_retention_ratio_that_keeps_no_thumbnail_token_warns(tiny, monkeypatch):
+    tokenizer, model, processor = tiny
+    image = _image((800, 500), 5)
+    monkeypatch.setattr(model, "_compression_override", (1 / 577, None))  # int(576 / 577) = 0
+    with pytest.warns(LlavaWarning, match="below 1/576"), torch.no_grad():
+        embeds = _single(model, _prompt_ids(tokenizer, "<image>\nhi"), process_images([image], processor, model.config),
+                         [image.size])
+    assert model.last_accounting[0]["thumbnail_kept"] == 0 and len(embeds) > 0
+
+
+def test_manual_decoding_with_the_cache_keyword(tiny):
+    """Decoding step by step passes the cache under transformers' own keyword (CACHE_KEY); the
+    suite turns a deprecated keyword into an error, and the logits equal a full forward's."""
+    tokenizer, model, processor = tiny
+    image = _image((500, 900), 6)
+    ids = _prompt_ids(tokenizer, "<image>\nWhat?")
+    pixel_values = process_images([image], processor, model.config)
+    with torch.no_grad():
+        embeds = _single(model, ids, pixel_values, [image.size])[None]
+        prefill = model(inputs_embeds=embeds, use_cache=True)
+        next_token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=next_token, use_cache=True, **{CACHE_KEY: getattr(prefill, CACHE_KEY)})
+        whole = model(inputs_embeds=torch.cat([embeds, model.get_model().embed_tokens(next_token)], dim=1))
+    torch.testing.assert_close(step.logits[0, -1], whole.logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_text_only_prompt_and_mixed_batch(tiny):
