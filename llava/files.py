@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import tempfile
 
@@ -41,6 +42,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             os.remove(temporary)
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporaries that `atomic_write(path)` leaves when its process is killed mid-write.
+    Only safe while holding the lock on `path` (no other writer). Returns the removed paths."""
+    target = os.fspath(path)
+    pattern = os.path.join(glob.escape(os.path.dirname(os.path.abspath(target))),
+                           f".{glob.escape(os.path.basename(target))}.*.tmp")
+    removed = glob.glob(pattern)
+    for temporary in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str, newline: str | None = None) -> None:

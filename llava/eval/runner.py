@@ -46,7 +46,7 @@ from tqdm import tqdm
 from llava.conversation import get_conv_template
 from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
-from llava.files import FileLocked, file_lock, make_parent_dir
+from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
 from llava.generation import add_compression_arguments, add_input_arguments, answer, configure_model
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels
 from llava.model import llava_arch
@@ -256,6 +256,9 @@ def _run(args, questions: list[Question], prompt_settings: dict) -> int:
     with _answers_lock(answers_file, rank, world_size):
         if args.overwrite:
             _start_afresh(answers_file, rank, world_size)
+        # Left by a run killed during a rewrite; each process cleans only the files it writes.
+        for path in {out_file, answers_file} if rank == 0 else {out_file}:
+            remove_stale_temporaries(path)
         done = _all_rows(answers_file)
         check_settings(done, settings, answers_file)
         todo = pending_questions(share, done)
