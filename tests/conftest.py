@@ -1,6 +1,8 @@
 """Shared fixtures: the tiny checkpoint is built once per test session and loaded once."""
 
 import os
+import struct
+import zlib
 
 # Tests never reach a hub: everything they load is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,3 +38,20 @@ def vanilla():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(llava_arch, "retention_ratio", 1.0)
         yield
+
+
+def black_png(path, width, height):
+    """A 1-bit black PNG written row by row: a few kB on disk whatever its size in pixels."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bomb(tmp_path_factory):
+    """A 20000x20000 image: over twice PIL's decompression-bomb limit, so PIL refuses to decode it."""
+    return black_png(tmp_path_factory.mktemp("bomb") / "huge.png", 20000, 20000)

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from llava.eval import run_llava
@@ -110,6 +111,45 @@ def test_missing_image_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
         run_llava.main(["--model-path", tiny_checkpoint, "--image-file", str(tmp_path / "gone.jpg"), "--query", "Q"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "gone.jpg" in err and "Traceback" not in err
+
+
+def test_decompression_bomb_is_one_clear_line(tiny_checkpoint, bomb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_llava.main(["--model-path", tiny_checkpoint, "--image-file", str(bomb), "--query", "Q"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "huge.png is too large" in err and "--max-image-pixels" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_three_images_past_the_model_length_are_refused_unless_truncation_is_allowed(tiny_checkpoint, tmp_path, capsys):
+    images = ",".join(_image(tmp_path, f"{index}.png", (800, 500)) for index in range(3))
+    arguments = ["--model-path", tiny_checkpoint, "--image-file", images, "--query", "Which differs?",
+                 "--retention-ratio", "1", "--max-new-tokens", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_llava.main(arguments)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "(3 image(s), 6138 visual tokens) but the model takes at most 4096" in err
+    assert "a retention ratio of about 0.66 or lower fits" in err and "Traceback" not in err
+    assert run_llava.main(arguments + ["--allow-truncation"]) == 0
+    assert "warning: the prompt is" in capsys.readouterr().err
+
+
+def test_ratio_that_keeps_no_thumbnail_token_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    image = _image(tmp_path, "a.png", (800, 500))
+    assert run_llava.main(["--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q",
+                           "--retention-ratio", "1e-9", "--max-new-tokens", "1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "retention ratio" in line]
+    assert warnings == [warnings[0]] and warnings[0].startswith("warning: retention ratio 1e-09 is below 1/576")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_on_a_cpu_only_machine_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    image = _image(tmp_path, "a.png", (10, 10))
+    with pytest.raises(SystemExit) as exit_info:
+        run_llava.main(["--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--device cuda:" in err and "use --device cpu" in err
+    assert err.count("\n") == 1
 
 
 def test_not_a_checkpoint_is_one_clear_line(tmp_path, capsys):

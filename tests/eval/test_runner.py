@@ -6,11 +6,9 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 from PIL import Image
@@ -251,23 +249,6 @@ def test_skip_bad_questions_warns_and_answers_the_rest(tiny_checkpoint, data, tm
 
 
 # --- bad images and over-long prompts --------------------------------------------------------
-
-def black_png(path, width, height):
-    """A 1-bit black PNG written row by row: a few kB on disk whatever its size in pixels."""
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    compressor, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
-    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-    return path
-
-
-@pytest.fixture(scope="module")
-def bomb(tmp_path_factory):
-    """A 20000x20000 image: over twice PIL's decompression-bomb limit, so PIL refuses it."""
-    return black_png(tmp_path_factory.mktemp("bomb") / "huge.png", 20000, 20000)
-
 
 def test_decompression_bomb_stops_or_is_recorded_and_the_run_finishes(tiny_checkpoint, data, bomb, tmp_path, capsys):
     root, lines = data
