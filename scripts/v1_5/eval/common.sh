@@ -77,10 +77,14 @@ run_runner() {
         echo "error: a chunk failed; rerun the script to resume" >&2
         exit 1
     fi
-    : > "$output"
+    # Merged beside the target, then renamed over it: the old file stays whole until the new one is.
+    local parts=() merging="$output.merging"
     for idx in $(seq 0 $((CHUNKS - 1))); do
-        cat "$chunk_dir/${CHUNKS}_${idx}.jsonl" >> "$output"
+        parts+=("$chunk_dir/${CHUNKS}_${idx}.jsonl")
     done
+    cat "${parts[@]}" > "$merging"
+    sync "$merging"
+    mv -f "$merging" "$output"
 }
 
 # score BENCHMARK COMMAND...: run a scorer, show its output and keep it (with the run's settings)
@@ -90,7 +94,8 @@ score() {
     shift
     local dir="$EVAL_DIR/results/$benchmark"
     mkdir -p "$dir"
-    "$@" | tee "$dir/$NAME.txt"
+    "$@" | tee "$dir/.$NAME.txt.partial"
+    mv -f "$dir/.$NAME.txt.partial" "$dir/$NAME.txt"  # a failed or killed scorer leaves the last score whole
     python -m llava.eval.summarize record --benchmark "$benchmark" --log "$dir/$NAME.txt" --model "$CKPT" \
         --retention-ratio "$RETENTION_RATIO" --token-layout "$TOKEN_LAYOUT" --out "$dir/$NAME.json"
 }
