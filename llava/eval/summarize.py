@@ -9,7 +9,13 @@ The benchmark scripts keep each scorer's output and the run's settings as
 Rows are (model, layout, ratio); each benchmark's headline number (the one the papers report:
 GQA accuracy, SQA-IMG accuracy, TextVQA accuracy, POPE mean F1, MME perception, SEED-IMG...),
 then the relative score against the same model's R = 1 run, averaged over the benchmarks both
-runs have, as the paper's "Average" column (mean of score / vanilla x 100). Server-scored
+runs have, as the paper's "Average" column (mean of score / vanilla x 100), with the number of
+benchmarks it covers in brackets; a row with scores that have no R = 1 counterpart is named in a
+warning.
+
+Without `--results-dir`, the table reads `$EVAL_DIR/results` when EVAL_DIR is set, else
+`./playground/data/eval/results`, or the sample suite's `./playground/sample/eval/results`
+(`SAMPLE=1` runs) when the former holds nothing. Server-scored
 benchmarks (VQAv2, VizWiz, MMBench, MM-Vet) are recorded by hand:
 
     python -m llava.eval.summarize record --benchmark vqav2 --model llava-next-7b \
@@ -23,6 +29,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -38,6 +45,8 @@ HEADLINE_PATTERNS = {
     "llavabench": r"^all ([\d.]+)",
 }
 EXTRA_PATTERNS = {"mme": {"cognition": r"=+ Cognition =+\s*\ntotal score: ([\d.]+)"}}
+DATA_RESULTS = "./playground/data/eval/results"
+SAMPLE_RESULTS = "./playground/sample/eval/results"
 BENCHMARK_ORDER = ["gqa", "vqav2", "vizwiz", "sqa", "textvqa", "pope", "mme", "mmbench", "mmbench_cn", "seed",
                    "mmvet", "llavabench"]
 COLUMN_TITLES = {"gqa": "GQA", "vqav2": "VQAv2", "vizwiz": "VizWiz", "sqa": "SQA-IMG", "textvqa": "TextVQA",
@@ -95,12 +104,17 @@ def build_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
         # R = 1 is vanilla LLaVA-NeXT whatever the layout: one baseline per model.
         layout = "-" if entry["retention_ratio"] == 1 else entry.get("token_layout", "official")
         runs.setdefault((entry["model"], layout, entry["retention_ratio"]), {})[entry["benchmark"]] = entry["score"]
-    header = ["model", "layout", "R", *(COLUMN_TITLES.get(name, name) for name in benchmarks), "Average"]
+    header = ["model", "layout", "R", *(COLUMN_TITLES.get(name, name) for name in benchmarks), "Average (n)"]
     rows = []
     for (model, layout, ratio), scores in sorted(runs.items(), key=lambda item: (item[0][0], item[0][1] != "-", -item[0][2], item[0][1])):
         vanilla = runs.get((model, "-", 1.0), {})
         shared = [name for name in scores if vanilla.get(name)]
-        average = f"{sum(100 * scores[name] / vanilla[name] for name in shared) / len(shared):.1f}%" if shared else ""
+        average = (f"{sum(100 * scores[name] / vanilla[name] for name in shared) / len(shared):.1f}% ({len(shared)})"
+                   if shared else "")
+        unmatched = sorted(set(scores) - set(shared))
+        if unmatched and layout != "-":
+            print(f"warning: {model} {layout} R {ratio:g}: no R = 1 score of {model} for {', '.join(unmatched)}; "
+                  f"its Average covers {len(shared)} of its {len(scores)} benchmarks", file=sys.stderr)
         cells = [f"{scores[name]:g}" if name in scores else "" for name in benchmarks]
         rows.append([model, layout, f"{ratio:g}", *cells, average])
     return header, rows
@@ -111,10 +125,25 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def default_results_dir() -> str:
+    """Where the benchmark scripts keep results: `$EVAL_DIR/results`, else the real data's
+    directory, or the sample suite's when only it holds results."""
+    if os.environ.get("EVAL_DIR"):
+        return os.path.join(os.environ["EVAL_DIR"], "results")
+    for directory in (DATA_RESULTS, SAMPLE_RESULTS):
+        if glob.glob(os.path.join(directory, "*", "*.json")):
+            return directory
+    return DATA_RESULTS
+
+
 def table(args) -> int:
-    entries = collect(args.results_dir)
+    results_dir = args.results_dir
+    if results_dir is None:
+        results_dir = default_results_dir()
+        print(f"results from {results_dir}", file=sys.stderr)
+    entries = collect(results_dir)
     if not entries:
-        raise ValueError(f"no results under {args.results_dir}: run a benchmark script first")
+        raise ValueError(f"no results under {results_dir}: run a benchmark script first, or pass --results-dir")
     header, rows = build_table(entries)
     text = markdown(header, rows)
     print(text, end="")
@@ -129,18 +158,30 @@ def table(args) -> int:
     return 0
 
 
+def _ratio(text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = math.nan
+    if not 0 < ratio <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (1 = vanilla), got {text!r}")
+    return ratio
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Results table of the benchmark runs.")
     commands = parser.add_subparsers(dest="command")
     table_parser = commands.add_parser("table", help="print (and write) the table (default)")
     for target in (parser, table_parser):
-        target.add_argument("--results-dir", default="./playground/data/eval/results")
+        target.add_argument("--results-dir", default=None,
+                            help=f"default: $EVAL_DIR/results, else {DATA_RESULTS}, or {SAMPLE_RESULTS} "
+                                 "when only the sample suite has results")
         target.add_argument("--markdown", default=None, help="also write the table here")
         target.add_argument("--csv", default=None, help="also write it as CSV here")
     record_parser = commands.add_parser("record", help="store one run's score")
     record_parser.add_argument("--benchmark", required=True)
     record_parser.add_argument("--model", required=True)
-    record_parser.add_argument("--retention-ratio", required=True, type=float)
+    record_parser.add_argument("--retention-ratio", required=True, type=_ratio, help="in (0, 1]; 1 = vanilla")
     record_parser.add_argument("--token-layout", default="official")
     record_parser.add_argument("--log", default=None, help="the scorer's output to take the score from")
     record_parser.add_argument("--score", type=float, default=None, help="the score itself (server-scored benchmarks)")

@@ -56,16 +56,44 @@ def test_table_with_relative_average(tmp_path, capsys):
     capsys.readouterr()
     assert summarize.main(["--results-dir", str(results), "--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")]) == 0
     rows = list(csv.reader(open(tmp_path / "t.csv")))
-    assert rows[0] == ["model", "layout", "R", "GQA", "POPE", "MME", "Average"]
-    # GQA 48/64 = 75%, POPE 88/80 = 110%, MME 100%: the average is 95.0%.
-    assert rows[1:] == [["llava-next-7b", "-", "1", "64", "80", "1500", "100.0%"],
-                        ["llava-next-7b", "official", "0.25", "48", "88", "1500", "95.0%"],
-                        ["llava-next-7b", "spatial", "0.1", "32", "", "", "50.0%"],
+    assert rows[0] == ["model", "layout", "R", "GQA", "POPE", "MME", "Average (n)"]
+    # GQA 48/64 = 75%, POPE 88/80 = 110%, MME 100%: the average is 95.0%, over 3 benchmarks.
+    assert rows[1:] == [["llava-next-7b", "-", "1", "64", "80", "1500", "100.0% (3)"],
+                        ["llava-next-7b", "official", "0.25", "48", "88", "1500", "95.0% (3)"],
+                        ["llava-next-7b", "spatial", "0.1", "32", "", "", "50.0% (1)"],
                         ["other", "official", "0.5", "16", "", "", ""]]
-    assert (tmp_path / "t.md").read_text() == capsys.readouterr().out
+    output = capsys.readouterr()
+    assert (tmp_path / "t.md").read_text() == output.out
+    # "other" has no R = 1 run: its missing Average is explained.
+    assert "other official R 0.5: no R = 1 score of other for gqa; its Average covers 0 of its 1" in output.err
     assert json.load(open(results / "gqa" / "other.json"))["score"] == 16.0
 
 
 def test_empty_results_dir_is_a_clear_error(tmp_path, capsys):
     assert summarize.main(["--results-dir", str(tmp_path)]) == 2
     assert "no results under" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ratio", ["7", "0", "-0.5", "nan", "half"])
+def test_record_refuses_a_ratio_outside_zero_one(tmp_path, capsys, ratio):
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main(["record", "--benchmark", "gqa", "--model", "m", "--retention-ratio", ratio, "--score", "1",
+                        "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and "must be a number in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_default_results_dir_finds_the_sample_suite(tmp_path, capsys, monkeypatch):
+    """After `SAMPLE=1` runs only the sample suite has results: the table finds them unasked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EVAL_DIR", raising=False)
+    sample = tmp_path / "playground" / "sample" / "eval" / "results"
+    _record(sample, "gqa", 1, 50.0)
+    assert summarize.main([]) == 0
+    output = capsys.readouterr()
+    assert "results from ./playground/sample/eval/results" in output.err and "| 50 |" in output.out
+    # Real results, once there, come first; EVAL_DIR wins over both.
+    _record(tmp_path / "playground" / "data" / "eval" / "results", "gqa", 1, 60.0)
+    assert summarize.main([]) == 0 and "| 60 |" in capsys.readouterr().out
+    monkeypatch.setenv("EVAL_DIR", str(tmp_path / "elsewhere"))
+    assert summarize.main([]) == 2 and "elsewhere/results" in capsys.readouterr().err
