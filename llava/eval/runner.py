@@ -262,15 +262,20 @@ def _run(args, questions: list[Question], prompt_settings: dict) -> int:
         done = _all_rows(answers_file)
         check_settings(done, settings, answers_file)
         todo = pending_questions(share, done)
-        if os.path.exists(out_file):
-            write_jsonl(out_file, _existing_rows(out_file))  # drops a half-written last line before appending
         if todo:
+            if os.path.exists(out_file):
+                write_jsonl(out_file, _existing_rows(out_file))  # drops a half-written last line before appending
             _answer_all(args, todo, len(share), out_file, settings, rank, world_size, local_rank)
         if world_size > 1:
             _wait_for_all_ranks()
             if rank != 0:
                 return 0
-        write_jsonl(answers_file, order_answers(chunk, _all_rows(answers_file)))
+        rows = _all_rows(answers_file)
+        ordered = order_answers(chunk, rows)
+        if len(ordered) < len(rows):
+            print(f"{answers_file}: dropped {len(rows) - len(ordered)} surplus answer(s) to questions answered "
+                  "already (written twice by an older version, or merged twice)", file=sys.stderr)
+        write_jsonl(answers_file, ordered)
         for part in _part_files(answers_file):
             os.remove(part)
     _print_summary(answers_file, chunk)
