@@ -23,7 +23,8 @@ import sys
 if __name__ == "__main__":  # run as a file: make the repository's `llava` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava.eval.jsonl import read_jsonl  # noqa: E402
+from llava.eval.answers import read_answers  # noqa: E402
+from llava.files import write_text  # noqa: E402
 
 
 def prediction_text(text: str) -> str:
@@ -43,10 +44,8 @@ def gqa_predictions(answers: list[dict], src: str) -> list[dict]:
 
 def convert(src: str, dst: str) -> int:
     """Write the predictions of `src` to `dst`; returns how many."""
-    # stderr as it is now (read_jsonl's default is the one at import time)
-    predictions = gqa_predictions(read_jsonl(src, report=sys.stderr), src)
-    with open(dst, "w", encoding="utf-8") as out:
-        json.dump(predictions, out)
+    predictions = gqa_predictions(read_answers(src), src)
+    write_text(dst, json.dumps(predictions))
     return len(predictions)
 
 

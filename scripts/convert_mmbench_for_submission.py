@@ -26,6 +26,7 @@ if __name__ == "__main__":  # run as a file: make the repository's `llava` impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llava.eval.answers import UserError, answer_texts  # noqa: E402
+from llava.files import atomic_write  # noqa: E402
 from llava.utils import user_errors  # noqa: E402
 
 # Columns the server does not want back (the image column alone is most of the TSV's size).
@@ -70,7 +71,8 @@ def convert(annotation_file: str, result_dir: str, upload_dir: str, experiment: 
         print(f"warning: {unanswered} question(s) have no answer; their prediction cell is empty", file=sys.stderr)
 
     os.makedirs(upload_dir, exist_ok=True)
-    table.to_excel(upload_path, index=False, engine="openpyxl")
+    with atomic_write(upload_path, "wb") as out:
+        table.to_excel(out, index=False, engine="openpyxl")
 
 
 def main(argv: list[str] | None = None) -> int:

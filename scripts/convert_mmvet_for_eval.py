@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a file: make the repository's `llava` impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llava.eval.answers import answer_texts, make_parent_dir  # noqa: E402
+from llava.files import write_text  # noqa: E402
 from llava.utils import user_errors  # noqa: E402
 
 
@@ -37,8 +38,7 @@ def grader_results(texts: dict) -> dict:
 def convert(src: str, dst: str) -> None:
     results = grader_results(answer_texts(src))
     make_parent_dir(dst)
-    with open(dst, "w", encoding="utf-8") as out:
-        json.dump(results, out, indent=2)
+    write_text(dst, json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

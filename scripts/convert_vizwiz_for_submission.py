@@ -30,6 +30,7 @@ from llava.eval.answers import (  # noqa: E402
 )
 from llava.eval.jsonl import read_jsonl  # noqa: E402
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor  # noqa: E402
+from llava.files import write_text  # noqa: E402
 from llava.utils import user_errors  # noqa: E402
 
 
@@ -57,8 +58,7 @@ def convert(annotation_file: str, result_file: str, upload_file: str) -> None:
 
     rows = upload_rows(questions, texts, EvalAIAnswerProcessor(), result_file)
     make_parent_dir(upload_file)
-    with open(upload_file, "w", encoding="utf-8") as out:
-        json.dump(rows, out)
+    write_text(upload_file, json.dumps(rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ if __name__ == "__main__":  # run as a file: make the repository's `llava` impor
 from llava.eval.answers import answer_texts, field, make_parent_dir  # noqa: E402
 from llava.eval.jsonl import read_jsonl  # noqa: E402
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor  # noqa: E402
+from llava.files import write_text  # noqa: E402
 from llava.utils import user_errors  # noqa: E402
 
 TEST_LIST = "llava_vqav2_mscoco_test2015.jsonl"
@@ -58,8 +59,7 @@ def convert(directory: str, ckpt: str, split: str) -> None:
 
     rows = upload_rows(test_question_ids, texts, EvalAIAnswerProcessor())
     make_parent_dir(upload_path)
-    with open(upload_path, "w", encoding="utf-8") as out:
-        json.dump(rows, out)
+    write_text(upload_path, json.dumps(rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import json
 import os
 import sys
 
-from llava.eval.answers import UserError, field, make_parent_dir
+from llava.eval.answers import UserError, field, make_parent_dir, read_answers
 from llava.eval.jsonl import read_jsonl
 from llava.utils import user_errors
 
@@ -139,7 +139,7 @@ def load_inputs(args) -> list[tuple[dict, str]]:
         rules = json.load(file)
     captions = {field(row, "image", args.context): field(row, "caption", args.context) for row in read_jsonl(args.context)}
     reference_path, model_path = args.answer_list
-    return review_tasks(read_jsonl(args.question), read_jsonl(reference_path), read_jsonl(model_path), captions, rules)
+    return review_tasks(read_jsonl(args.question), read_answers(reference_path), read_answers(model_path), captions, rules)
 
 
 def run_reviews(args) -> None:

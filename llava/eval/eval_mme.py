@@ -51,7 +51,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
+from llava.eval.answers import UserError, read_answers
 from llava.eval.jsonl import read_jsonl
+from llava.files import write_text
 
 PERCEPTION_TASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                     "artwork", "OCR")
@@ -196,7 +198,7 @@ def check_every_question_answered(questions: list[dict], answers: list[dict], qu
                         f"(per category: {_per_category(missing)}; question_id {_listed(qid for qid, _ in missing)})")
     if unexpected:
         problems.append(f"{sum(unexpected.values())} answer(s) in {result_file} match no question of {question_file} "
-                        f"by question_id and prompt, or answer one twice (per category: {_per_category(unexpected)}; "
+                        f"by question_id and prompt (per category: {_per_category(unexpected)}; "
                         f"question_id {_listed(qid for qid, _ in unexpected)})")
     if problems:
         raise MMEError("; ".join(problems))
@@ -267,8 +269,7 @@ def write_category_files(lines_by_category: dict[str, list[MMELine]], out_dir: s
     """One eval-tool `<category>.txt` per category, for the official calculation.py."""
     os.makedirs(out_dir, exist_ok=True)
     for category, lines in lines_by_category.items():
-        with open(os.path.join(out_dir, f"{category}.txt"), "w", encoding="utf-8", newline="\n") as out:
-            out.writelines(line.to_text() for line in lines)
+        write_text(os.path.join(out_dir, f"{category}.txt"), "".join(line.to_text() for line in lines), newline="\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,15 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ground_truth = load_ground_truth(args.gt_dir)
-        # stderr as it is now (read_jsonl's default is the one at import time)
-        answers = read_jsonl(args.result_file, report=sys.stderr)
+        answers = read_answers(args.result_file)
         questions = read_jsonl(args.question_file, report=sys.stderr)
         check_every_question_answered(questions, answers, args.question_file, args.result_file)
         lines_by_category = category_lines(answers, ground_truth, args.result_file)
         if args.out_dir:
             write_category_files(lines_by_category, args.out_dir)
         scores = score_mme(lines_by_category)
-    except (MMEError, OSError) as err:
+    except (MMEError, UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sys.stdout.write(format_report(scores))

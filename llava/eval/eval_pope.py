@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from llava.eval.answers import read_answers
 from llava.eval.jsonl import read_jsonl
 
 LABEL_FILE_PREFIX = "coco_pope_"
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        answers = read_jsonl(args.result_file, report=sys.stderr)
+        answers = read_answers(args.result_file)
         categories = answer_categories(answers, read_jsonl(args.question_file, report=sys.stderr))
         f1_scores = []
         for category, label_file in label_files(args.annotation_dir):

@@ -20,7 +20,8 @@ import os
 import re
 import sys
 
-from llava.eval.jsonl import read_jsonl
+from llava.eval.answers import read_answers
+from llava.files import write_text
 
 FAILED = "FAILED"
 DEFAULT_OPTIONS = "ABCDE"
@@ -98,8 +99,7 @@ def load_json(path: str):
 
 
 def write_json(path: str, content) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(content, file, indent=2)
+    write_text(path, json.dumps(content, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split_pids = load_json(os.path.join(args.base_dir, "pid_splits.json"))[args.split]
         problems = load_json(os.path.join(args.base_dir, "problems.json"))
-        # A later answer to the same question replaces an earlier one, as upstream.
-        predictions = {row["question_id"]: row for row in read_jsonl(args.result_file, report=sys.stderr)}
+        # A question_id asked with several prompts keeps its later answer, as upstream.
+        predictions = {row["question_id"]: row for row in read_answers(args.result_file)}
         missing = len(set(split_pids) - predictions.keys())
         if missing:
             print(f"warning: {missing} of {len(set(split_pids))} {args.split} problems have no answer "

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from llava.eval.jsonl import read_jsonl
+from llava.eval.answers import read_answers
 from llava.eval.m4c_evaluator import TextVQAAccuracyEvaluator
 
 OCR_LINE_MARK = "Reference OCR token: "
@@ -72,7 +72,7 @@ def build_pred_list(annotations: dict[tuple[str, str], dict], results: list[dict
 def report(annotations: dict[tuple[str, str], dict], result_file: str) -> None:
     """Score one answers file and print upstream's lines for it."""
     print(os.path.splitext(os.path.basename(result_file))[0])
-    pred_list = build_pred_list(annotations, read_jsonl(result_file, report=sys.stderr))
+    pred_list = build_pred_list(annotations, read_answers(result_file))
     accuracy = TextVQAAccuracyEvaluator().eval_pred_list(pred_list)
     print(f"Samples: {len(pred_list)}\nAccuracy: {100 * accuracy:.2f}%\n")
 

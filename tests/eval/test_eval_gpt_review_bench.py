@@ -90,6 +90,14 @@ def test_answers_to_other_questions_are_refused(tmp_path, capsys):
     assert capsys.readouterr().err == "error: line 2: question_id 1, but the answers are to 1 and 7\n"
 
 
+def test_model_answers_written_twice_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(write_inputs(tmp_path, model_question_id=0))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'answers.jsonl'}: 1 question(s) are answered more "
+                                              "than once (question_id 0 x2)")
+
+
 class StandInClient:
     """Answers every judge request with the next canned reply and records the prompts."""
 

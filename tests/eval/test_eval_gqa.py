@@ -145,6 +145,15 @@ def test_convert_reports_malformed_lines_and_missing_fields(tmp_path, capsys):
     assert "a line has no 'question_id' or no string 'text'" in capsys.readouterr().err
 
 
+def test_convert_refuses_an_answer_written_twice_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "merge.jsonl"
+    src.write_text('{"question_id": "q1", "prompt": "p", "text": "Yes."}\n' * 2)
+    assert convert_gqa.main(["--src", str(src), "--dst", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {src}: 1 question(s) are answered more than once "
+                                              "(question_id 'q1' x2)")
+    assert not (tmp_path / "p.json").exists()
+
+
 # --- the scorer ---
 
 def test_reasoning_steps_and_words():

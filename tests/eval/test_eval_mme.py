@@ -262,8 +262,10 @@ def test_doubled_answer_is_an_error(tmp_path, capsys):
         first = lines.readline()
     with open(result_file, "a") as out:
         out.write(first)
-    code, _, err = _run(capsys, gt_dir, question_file, result_file)
-    assert code == 2 and "1 answer(s) in" in err and "(per category: existence 1;" in err
+    code, out, err = _run(capsys, gt_dir, question_file, result_file)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: {result_file}: 1 question(s) are answered more than once "
+                          f"(question_id {json.loads(first)['question_id']!r} x2)")
 
 
 def test_malformed_answer_line_is_reported_and_an_error(tmp_path, capsys):

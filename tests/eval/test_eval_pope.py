@@ -153,6 +153,15 @@ def test_cli_unknown_question_id_is_an_error(tmp_path, capsys):
     assert capsys.readouterr().err == "error: 1 answer(s) have a question_id missing from the question file, e.g. 99\n"
 
 
+def test_cli_refuses_an_answer_written_twice_and_names_it(tmp_path, capsys):
+    # pairing by position would shift every later label of category adversarial by one
+    assert eval_pope.main(_benchmark(tmp_path, ANSWERS[:1] + ANSWERS)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {tmp_path / 'answers.jsonl'}: 1 question(s) are answered more than once "
+                                   "(question_id 1 x2)")
+
+
 def test_cli_warns_when_answers_and_labels_differ_in_number(tmp_path, capsys):
     # without answer 6, random pairs only answers 2, 4 (no, yes) with labels no, yes: TP 1, TN 1, F1 1
     assert eval_pope.main(_benchmark(tmp_path, ANSWERS[:5])) == 0

@@ -101,9 +101,18 @@ def test_cli_prints_upstream_line_and_writes_both_files(tmp_path, capsys):
     assert (tmp_path / "result.json").read_text().startswith('{\n  "acc": 50.0,')
 
 
-def test_cli_later_duplicate_answer_wins(tmp_path, capsys):
-    code = eval_science_qa.main(_benchmark(tmp_path, ANSWERS + [("6", IMAGE_PROMPT, "B")]))
+def test_cli_later_answer_to_another_prompt_wins(tmp_path, capsys):
+    code = eval_science_qa.main(_benchmark(tmp_path, ANSWERS + [("6", "<image>\n" + TEXT_PROMPT + "\n", "B")]))
     assert (code, capsys.readouterr().out) == (0, "Total: 6, Correct: 4, Accuracy: 66.67%, IMG-Accuracy: 100.00%\n")
+
+
+def test_cli_refuses_a_question_answered_twice_and_names_it(tmp_path, capsys):
+    code = eval_science_qa.main(_benchmark(tmp_path, ANSWERS + [("6", IMAGE_PROMPT, "B")]))
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "")
+    assert captured.err.startswith(f"error: {tmp_path / 'answers.jsonl'}: 1 question(s) are answered more than once "
+                                   "(question_id '6' x2)")
+    assert not (tmp_path / "output.json").exists()
 
 
 def test_cli_without_image_prompts_is_a_clear_error(tmp_path, capsys):

@@ -93,6 +93,18 @@ def test_cli_prints_upstream_lines(tmp_path, capsys):
     assert (code, capsys.readouterr().out) == (0, "llava-next\nSamples: 4\nAccuracy: 62.50%\n\n")
 
 
+def test_cli_refuses_an_answer_written_twice_and_names_it(tmp_path, capsys):
+    # img1 is asked two questions (accepted above); its first question answered twice is not
+    _write_annotations(tmp_path / "val.json")
+    (tmp_path / "answers.jsonl").write_text("\n".join(ANSWERS + ANSWERS[:1]) + "\n")
+    code = eval_textvqa.main(["--annotation-file", str(tmp_path / "val.json"),
+                              "--result-file", str(tmp_path / "answers.jsonl")])
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "answers\n")
+    assert captured.err.startswith(f"error: {tmp_path / 'answers.jsonl'}: 1 question(s) are answered more than once "
+                                   "(question_id 'img1' x2)")
+
+
 def test_cli_result_dir_scores_every_jsonl_and_skips_the_rest(tmp_path, capsys):
     _write_annotations(tmp_path / "val.json")
     (tmp_path / "answers").mkdir()

@@ -50,15 +50,22 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- shared answers loading
 
 
-def test_answer_texts_keeps_the_later_duplicate_at_the_first_position(tmp_path, capsys):
+def test_answer_texts_keeps_the_later_prompt_of_an_id_at_the_first_position(tmp_path, capsys):
+    # MMBench's --all-rounds asks one question_id again with its options rotated
     path = write_lines(tmp_path / "answers.jsonl", [
-        {"question_id": 2, "text": "first"},
+        {"question_id": 2, "prompt": "round 1", "text": "first"},
         "{broken",
-        {"question_id": 1, "text": "one"},
-        {"question_id": 2, "text": "second"},
+        {"question_id": 1, "prompt": "round 1", "text": "one"},
+        {"question_id": 2, "prompt": "round 2", "text": "second"},
     ])
     assert list(answer_texts(path).items()) == [(2, "second"), (1, "one")]
     assert "skipped 1 malformed line(s) (line 2)" in capsys.readouterr().err
+
+
+def test_answer_texts_refuses_a_question_answered_twice(tmp_path):
+    path = write_lines(tmp_path / "answers.jsonl", [{"question_id": 2, "text": "first"}, {"question_id": 2, "text": "again"}])
+    with pytest.raises(UserError, match=r"answers.jsonl: 1 question\(s\) are answered more than once \(question_id 2 x2\)"):
+        answer_texts(path)
 
 
 def test_answer_texts_names_a_line_without_text(tmp_path):
@@ -77,15 +84,14 @@ def test_missing_answers_message_lists_at_most_ten_ids():
 
 
 def vqav2_tree(tmp_path) -> pathlib.Path:
-    """Test list in the order 3, 1, 4, 2; answers to 1 and 4 (4 twice), one malformed line and
-    one answer to a question outside the list."""
+    """Test list in the order 3, 1, 4, 2; answers to 1 and 4, one malformed line and one answer
+    to a question outside the list."""
     root = tmp_path / "vqav2"
     write_lines(root / "llava_vqav2_mscoco_test2015.jsonl",
                 [{"question_id": qid, "image": f"COCO_test2015_{qid:012d}.jpg", "text": "q"} for qid in (3, 1, 4, 2)])
     write_lines(root / "answers" / "test-dev" / "ckpt" / "merge.jsonl", [
         {"question_id": 1, "text": "Two dogs."},
         "not json",
-        {"question_id": 4, "text": "no"},
         {"question_id": 4, "text": "The Yes"},
         {"question_id": 99, "text": "cat"},
     ])
@@ -184,10 +190,10 @@ def mmbench_tsv(tmp_path) -> pathlib.Path:
 def test_mmbench_spreadsheet_columns_and_raw_predictions(tmp_path, capsys):
     tsv = mmbench_tsv(tmp_path)
     write_lines(tmp_path / "answers" / "exp.jsonl", [
-        {"question_id": 0, "text": "B"},
-        {"question_id": 1000000, "text": " D."},
-        {"question_id": 0, "text": "A"},
-        {"question_id": 5, "text": "C"},
+        {"question_id": 0, "prompt": "round 1", "text": "B"},
+        {"question_id": 1000000, "prompt": "round 1", "text": " D."},
+        {"question_id": 0, "prompt": "round 2", "text": "A"},  # --all-rounds: options rotated
+        {"question_id": 5, "prompt": "round 1", "text": "C"},
     ])
     args = ["--annotation-file", str(tsv), "--result-dir", str(tmp_path / "answers"),
             "--upload-dir", str(tmp_path / "upload" / "dev"), "--experiment", "exp"]
@@ -199,7 +205,7 @@ def test_mmbench_spreadsheet_columns_and_raw_predictions(tmp_path, capsys):
     sheet = openpyxl.load_workbook(tmp_path / "upload" / "dev" / "exp.xlsx").active
     assert [list(row) for row in sheet.iter_rows(values_only=True)] == [
         ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"],
-        [0, "What is it?", "cat", "dog", "bird", "fish", "A", "A", "dev"],  # the later answer wins
+        [0, "What is it?", "cat", "dog", "bird", "fish", "A", "A", "dev"],  # the later round wins
         [1, "Which color?", "red", "blue", None, None, None, "B", "dev"],  # empty options, no answer
         [1000000, "What is it?", "dog", "bird", "fish", "cat", " D.", "D", "dev"],  # raw text, not normalised
     ]
@@ -310,11 +316,52 @@ def test_seed_annotation_without_videos_says_so():
 
 def test_mmvet_results_are_keyed_v1_and_indented(tmp_path):
     src = write_lines(tmp_path / "answers.jsonl", [
-        {"question_id": 0, "text": "a cat"},
         {"question_id": 1, "text": "café"},
-        {"question_id": 0, "text": "a dog"},
+        {"question_id": 0, "text": "a cat"},
     ])
     dst = tmp_path / "results" / "ckpt.json"
     assert mmvet.main(["--src", str(src), "--dst", str(dst)]) == 0
-    # json.dump's defaults, as upstream: ASCII escapes, indent 2, keys in first-seen order.
-    assert dst.read_text() == '{\n  "v1_0": "a dog",\n  "v1_1": "caf\\u00e9"\n}'
+    # json.dump's defaults, as upstream: ASCII escapes, indent 2, keys in answers-file order.
+    assert dst.read_text() == '{\n  "v1_1": "caf\\u00e9",\n  "v1_0": "a cat"\n}'
+
+
+# ---------------------------------------------------------------- answers written twice
+
+DOUBLED = [{"question_id": 0, "prompt": "q", "text": "A"}, {"question_id": 1, "prompt": "q", "text": "B"},
+           {"question_id": 0, "prompt": "q", "text": "A"}]
+
+
+def doubled_vqav2(tmp_path):
+    answers = write_lines(tmp_path / "answers" / "test-dev" / "ckpt" / "merge.jsonl", DOUBLED)
+    return vqav2, ["--dir", str(tmp_path), "--ckpt", "ckpt", "--split", "test-dev"], answers
+
+
+def doubled_vizwiz(tmp_path):
+    return vizwiz, vizwiz_files(tmp_path, DOUBLED), tmp_path / "answers.jsonl"
+
+
+def doubled_mmbench(tmp_path):
+    answers = write_lines(tmp_path / "answers" / "exp.jsonl", DOUBLED)
+    return mmbench, ["--annotation-file", str(mmbench_tsv(tmp_path)), "--result-dir", str(tmp_path / "answers"),
+                     "--upload-dir", str(tmp_path / "upload"), "--experiment", "exp"], answers
+
+
+def doubled_seed(tmp_path):
+    return seed, seed_args(tmp_path, DOUBLED), tmp_path / "merge.jsonl"
+
+
+def doubled_mmvet(tmp_path):
+    answers = write_lines(tmp_path / "answers.jsonl", DOUBLED)
+    return mmvet, ["--src", str(answers), "--dst", str(tmp_path / "upload" / "ckpt.json")], answers
+
+
+@pytest.mark.parametrize("converter", [doubled_vqav2, doubled_vizwiz, doubled_mmbench, doubled_seed, doubled_mmvet])
+def test_converter_refuses_a_question_answered_twice_and_writes_nothing(tmp_path, capsys, converter):
+    module, args, answers = converter(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {answers}: 1 question(s) are answered more than once (question_id 0 x2): ")
+    assert err.count("\n") == 1
+    assert not list(tmp_path.rglob("upload*/*")) and not (tmp_path / "answers_upload").exists()
