@@ -39,6 +39,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import LanguageModel, prefill_flops  # noqa: E402  (a sibling tool)
 
+from llava.files import atomic_write, write_text  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
@@ -225,7 +226,8 @@ def plot(rows: list[dict], title: str, path: str) -> None:
     memory.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as out:
+        figure.savefig(out, format="png", dpi=110)
     plt.close(figure)
 
 
@@ -273,10 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     table = markdown(rows, header)
     print(table, end="")
-    with open(os.path.join(args.out, "efficiency.md"), "w") as out:
-        out.write(table)
-    with open(os.path.join(args.out, "efficiency.json"), "w") as out:
-        json.dump({"setup": header, "rows": rows}, out, indent=2)
+    write_text(os.path.join(args.out, "efficiency.md"), table)
+    write_text(os.path.join(args.out, "efficiency.json"), json.dumps({"setup": header, "rows": rows}, indent=2))
     plot(rows, header.split(";")[0], os.path.join(args.out, "efficiency.png"))
     return 0
 

@@ -34,6 +34,8 @@ import os
 import re
 import sys
 
+from llava.files import write_text
+
 # Headline number of each locally scored benchmark, found in its scorer's output.
 HEADLINE_PATTERNS = {
     "gqa": r"^Accuracy: ([\d.]+)%",
@@ -77,8 +79,7 @@ def record(args) -> int:
     entry = dict(benchmark=args.benchmark, model=args.model, retention_ratio=float(args.retention_ratio),
                  token_layout=args.token_layout, **values)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as out:
-        json.dump(entry, out, indent=2)
+    write_text(args.out, json.dumps(entry, indent=2))
     print(f"recorded {args.benchmark} {entry['score']:g} for {args.model} at R {args.retention_ratio} -> {args.out}")
     return 0
 
@@ -148,13 +149,11 @@ def table(args) -> int:
     text = markdown(header, rows)
     print(text, end="")
     if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write(text)
+        write_text(args.markdown, text)
     if args.csv:
         buffer = io.StringIO()
         csv.writer(buffer).writerows([header, *rows])
-        with open(args.csv, "w", newline="") as out:
-            out.write(buffer.getvalue())
+        write_text(args.csv, buffer.getvalue(), newline="")
     return 0
 
 

@@ -25,3 +25,4 @@ def test_benchmark_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     assert full["prefill_ms_vs_r1"] == 1 and 0 < compressed["prefill_tflops_vs_r1"] < 0.4
     assert "target within 1.5x" in (out / "efficiency.md").read_text()
     assert (out / "efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(path.name for path in out.iterdir()) == ["efficiency.json", "efficiency.md", "efficiency.png"]
