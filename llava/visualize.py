@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image
 
+from llava.files import atomic_write
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, resize_and_pad_image, select_best_resolution
 from llava.model import globalcom2
 
@@ -267,20 +269,33 @@ def save_visualizations(view: CompressionView, out_dir: str, stem: str, kinds=("
     paths = []
     for name, figure in figures.items():
         paths.append(os.path.join(out_dir, f"{stem}_{name}.png"))
-        figure.savefig(paths[-1], dpi=100)
+        with atomic_write(paths[-1], "wb") as out:
+            figure.savefig(out, format="png", dpi=100)
         plt.close(figure)
     return paths
 
 
-def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> int:
-    """The command line shared by `tools/mask_visualization.py` and `tools/attn_visualization.py`."""
+def figure_stems(paths: list[str]) -> list[str]:
+    """One distinct file-name stem per image path, for its figures: the file's stem when no other
+    path has it; else its parent directory's name and the stem ("a/cat.png", "b/cat.png" ->
+    "a_cat", "b_cat"); when even that repeats (a path given twice, "x/a/cat.png" and "y/a/cat.png"),
+    every stem gets its 1-based position in front ("1_cat", "2_cat"), unique whatever the names."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    repeated = {stem for stem, count in Counter(stems).items() if count > 1}
+    # abspath: a bare "cat.png" is in the current directory, which has a name
+    names = [f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}_{stem}" if stem in repeated else stem
+             for path, stem in zip(paths, stems)]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{number}_{stem}" for number, stem in enumerate(stems, 1)]
+
+
+def build_parser(description: str):
+    """The arguments of `tools/mask_visualization.py` and `tools/attn_visualization.py`."""
     import argparse
 
     from llava.generation import add_compression_arguments
-    from llava.mm_utils import load_image
-    from llava.model.builder import load_pretrained_model
-    from llava.tiny import DEFAULT_OUT, ensure_tiny_checkpoint
-    from llava.utils import quiet_transformers, user_errors
+    from llava.tiny import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-path", default=None, help=f"checkpoint (default: the tiny one, {DEFAULT_OUT}, built if missing)")
@@ -288,14 +303,23 @@ def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> in
     parser.add_argument("--out-dir", default="visualizations")
     parser.add_argument("--device", default=None)
     add_compression_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> int:
+    """The command line shared by `tools/mask_visualization.py` and `tools/attn_visualization.py`."""
+    from llava.mm_utils import load_image
+    from llava.model.builder import load_pretrained_model
+    from llava.tiny import DEFAULT_OUT, ensure_tiny_checkpoint
+    from llava.utils import quiet_transformers, user_errors
+
+    args = build_parser(description).parse_args(argv)
     quiet_transformers()
     with user_errors():
         model_path = args.model_path or ensure_tiny_checkpoint(DEFAULT_OUT)
         _, model, image_processor, _ = load_pretrained_model(model_path, device=args.device)
-        for path in args.image_file:
+        for path, stem in zip(args.image_file, figure_stems(args.image_file)):
             view = inspect_compression(model, image_processor, load_image(path), args.retention_ratio, args.token_layout)
-            stem = os.path.splitext(os.path.basename(path))[0]
             for written in save_visualizations(view, args.out_dir, stem, kinds):
                 print(written)
     return 0

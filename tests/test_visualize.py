@@ -1,6 +1,10 @@
 """The visualisations show exactly what was kept: pixels are checked against the selection, with
 [CLS] scores set by the test."""
 
+import pathlib
+import runpy
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +17,7 @@ from llava.visualize import (
     PADDING_STRIPES,
     canvas_patch_states,
     crops_mask,
+    figure_stems,
     global_score_canvas,
     heatmap,
     inspect_compression,
@@ -22,6 +27,7 @@ from llava.visualize import (
 )
 
 GREY, WHITE = 100, 240
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _image_with_bright_corner(size=(800, 500)):
@@ -135,3 +141,33 @@ def test_run_llava_visualize_flag(tiny_checkpoint, tmp_path, capsys):
     written = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[visualize]")]
     assert sorted(p.rsplit("/", 1)[-1] for p in written) == sorted(
         f"1_photo_{name}.png" for name in ["thumbnail_mask", "crops_mask", "heatmaps", "ratios", "summary"])
+
+
+@pytest.mark.parametrize("paths, stems", [
+    (["a/cat.png", "b/cat.png", "c/dog.jpg"], ["a_cat", "b_cat", "dog"]),
+    (["cat.png", "dog.png"], ["cat", "dog"]),
+    (["x/a/cat.png", "y/a/cat.png"], ["1_cat", "2_cat"]),  # same folder name
+    (["a/cat.png", "a/cat.png"], ["1_cat", "2_cat"]),  # one image given twice
+    (["a/cat.png", "b/cat.png", "a_cat.png"], ["1_cat", "2_cat", "3_a_cat"]),  # "a_cat" would repeat
+])
+def test_figure_stems_are_distinct(paths, stems):
+    assert figure_stems(paths) == stems
+
+
+@pytest.mark.parametrize("tool, figures", [
+    ("attn_visualization", ["heatmaps"]),
+    ("mask_visualization", ["thumbnail_mask", "crops_mask", "ratios", "summary"]),
+])
+def test_tools_keep_the_figures_of_two_images_with_one_name(tiny_checkpoint, tmp_path, monkeypatch, capsys, tool, figures):
+    for folder, size in (("a", (800, 500)), ("b", (500, 900))):
+        (tmp_path / folder).mkdir()
+        _image_with_bright_corner(size).save(tmp_path / folder / "cat.png")
+    monkeypatch.setattr(sys, "argv", [tool, "--model-path", tiny_checkpoint, "--out-dir", str(tmp_path / "out"),
+                                      "--image-file", str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "tools" / f"{tool}.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    expected = sorted(f"{folder}_cat_{figure}.png" for folder in "ab" for figure in figures)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == expected
+    assert capsys.readouterr().out.split() == [str(tmp_path / "out" / f"{folder}_cat_{figure}.png")
+                                               for folder in "ab" for figure in figures]

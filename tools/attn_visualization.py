@@ -4,7 +4,8 @@ received them; from a real run.
 
     python tools/attn_visualization.py --image-file images/shapes-800x500.png [--model-path ...]
 
-Writes `<out-dir>/<image>_heatmaps.png`. The drawing lives in `llava.visualize`.
+Writes `<out-dir>/<image>_heatmaps.png` (`<folder>_<image>_heatmaps.png` for images of the same
+name, see `llava.visualize.figure_stems`). The drawing lives in `llava.visualize`.
 """
 
 import sys

@@ -9,7 +9,8 @@
 
     python tools/benchmark_compression.py [--ratios 0.25 0.1] [--skip-tower] [--json out.json]
 
-Prints a Markdown table; medians of wall time after warm-up calls.
+Prints a Markdown table; medians of wall time after warm-up calls. A line on stderr announces
+each timed stage (the whole run takes minutes).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
+from llava.files import write_text
 from llava.model.globalcom2 import LAYOUTS, compress_image_features
 from llava.model.globalcom2_released import released_compress_image
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower, cls_patch_scores
@@ -65,6 +68,11 @@ def machine_description(device: torch.device) -> str:
         return platform.processor() or platform.machine()
 
 
+def progress(stage: str) -> None:
+    """Say on stderr what is being timed now (stdout keeps the tables alone)."""
+    print(f"[benchmark] {stage}...", file=sys.stderr, flush=True)
+
+
 def median_ms(call, repeats: int, warmups: int, device: torch.device) -> float:
     for _ in range(warmups):
         call()
@@ -100,6 +108,7 @@ def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: to
 
     row = {"ratio": ratio}
     for layout in LAYOUTS:
+        progress(f"R {ratio:g}: ours {layout} ({args.repeats} repeats)")
         row[f"{layout}_tokens"] = ours(layout).shape[0]
         row[f"{layout}_ms"] = median_ms(lambda: ours(layout), args.repeats, warmups=5, device=device)
     if not args.skip_released:
@@ -110,6 +119,7 @@ def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: to
             return released_compress_image(host["image_feature"], host["cls_attn_scores"], IMAGE_SIZE, GRID,
                                            host["image_newline"], ratio, cast_to_fp16=cast_to_fp16)
 
+        progress(f"R {ratio:g}: released code ({args.released_repeats} repeats)")
         row["released_ms"] = median_ms(lambda: released(True), args.released_repeats, warmups=1,
                                       device=torch.device("cpu"))
         row["speedup_vs_official"] = row["released_ms"] / row["official_ms"]
@@ -118,6 +128,7 @@ def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: to
 
 
 def bench_tower(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    progress(f"tower with and without scores ({args.tower_repeats} repeats each)")
     tower_args = SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature="patch")
     tower = CLIPVisionTower(TOWER_NAME, tower_args).to(device=device, dtype=dtype).eval()
     images = torch.randn(args.views, 3, 336, 336, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -133,6 +144,7 @@ def bench_tower(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         # extraction is also timed on its own, on the last layer's real input.
         layers = tower.vision_tower.vision_model.encoder.layers
         last_input = torch.randn(args.views, NUM_PATCHES + 1, layers[-1].embed_dim, device=device, dtype=dtype)
+        progress(f"score extraction alone ({10 * args.tower_repeats} repeats)")
         scores_ms = median_ms(lambda: cls_patch_scores(layers[-1], last_input), 10 * args.tower_repeats, warmups=2, device=device)
     with_ms, without_ms = statistics.median(times[True]), statistics.median(times[False])
     return {"views": args.views, "with_scores_ms": with_ms, "without_scores_ms": without_ms,
@@ -185,8 +197,7 @@ def main() -> None:
         print_tower_table(results["tower"])
 
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+        write_text(args.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

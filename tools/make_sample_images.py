@@ -1,15 +1,23 @@
 """Draw the sample images in `images/` (our own, generated; CC0). Deterministic: same files every run.
 
-    python tools/make_sample_images.py
+    python tools/make_sample_images.py [--out images]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
 from PIL import Image, ImageDraw
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "images")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a file: make the repository's `llava` importable
+
+from llava.files import atomic_write  # noqa: E402
+
+OUT = os.path.join(REPO, "images")
+SAMPLES = [("shapes-800x500.png", (800, 500)), ("shapes-500x900.png", (500, 900))]
 
 
 def shapes(size: tuple[int, int]) -> Image.Image:
@@ -29,12 +37,22 @@ def shapes(size: tuple[int, int]) -> Image.Image:
     return image
 
 
-def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
-    for name, size in [("shapes-800x500.png", (800, 500)), ("shapes-500x900.png", (500, 900))]:
-        shapes(size).save(os.path.join(OUT, name), optimize=True)
-        print("wrote", os.path.join(OUT, name))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=OUT, help="folder to write the images to (default: the repository's images/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name, size in SAMPLES:
+        path = os.path.join(args.out, name)
+        with atomic_write(path, "wb") as out:
+            shapes(size).save(out, format="PNG", optimize=True)
+        print("wrote", path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
