@@ -294,7 +294,7 @@ def build_parser(description: str):
     """The arguments of `tools/mask_visualization.py` and `tools/attn_visualization.py`."""
     import argparse
 
-    from llava.generation import add_compression_arguments
+    from llava.generation import add_compression_arguments, add_input_arguments
     from llava.tiny import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=description)
@@ -303,12 +303,13 @@ def build_parser(description: str):
     parser.add_argument("--out-dir", default="visualizations")
     parser.add_argument("--device", default=None)
     add_compression_arguments(parser)
+    add_input_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> int:
     """The command line shared by `tools/mask_visualization.py` and `tools/attn_visualization.py`."""
-    from llava.mm_utils import load_image
+    from llava.mm_utils import load_image, set_max_image_pixels
     from llava.model.builder import load_pretrained_model
     from llava.tiny import DEFAULT_OUT, ensure_tiny_checkpoint
     from llava.utils import quiet_transformers, user_errors
@@ -316,10 +317,12 @@ def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> in
     args = build_parser(description).parse_args(argv)
     quiet_transformers()
     with user_errors():
+        set_max_image_pixels(args.max_image_pixels)
+        images = [load_image(path) for path in args.image_file]  # a bad image stops before the model loads
         model_path = args.model_path or ensure_tiny_checkpoint(DEFAULT_OUT)
         _, model, image_processor, _ = load_pretrained_model(model_path, device=args.device)
-        for path, stem in zip(args.image_file, figure_stems(args.image_file)):
-            view = inspect_compression(model, image_processor, load_image(path), args.retention_ratio, args.token_layout)
+        for image, stem in zip(images, figure_stems(args.image_file)):
+            view = inspect_compression(model, image_processor, image, args.retention_ratio, args.token_layout)
             for written in save_visualizations(view, args.out_dir, stem, kinds):
                 print(written)
     return 0

@@ -171,3 +171,14 @@ def test_tools_keep_the_figures_of_two_images_with_one_name(tiny_checkpoint, tmp
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == expected
     assert capsys.readouterr().out.split() == [str(tmp_path / "out" / f"{folder}_cat_{figure}.png")
                                                for folder in "ab" for figure in figures]
+
+
+def test_a_decompression_bomb_stops_before_the_model_loads(bomb, tmp_path, capsys, monkeypatch):
+    import llava.model.builder
+    from llava import visualize
+
+    monkeypatch.setattr(llava.model.builder, "load_pretrained_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as stop:
+        visualize.main(["--image-file", str(bomb), "--out-dir", str(tmp_path)], ("masks",), "test")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "huge.png is too large" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 
 from llava.eval.jsonl import read_jsonl
+from llava.files import make_parent_dir  # noqa: F401  (the converters import it from here)
 
 DUPLICATES_SHOWN = 10
 
@@ -72,10 +73,3 @@ def answer_texts(path: str | os.PathLike) -> dict:
 def missing_answers_message(question_ids: list, answers_path: str | os.PathLike, shown: int = 10) -> str:
     listed = ", ".join(map(repr, question_ids[:shown])) + (", ..." if len(question_ids) > shown else "")
     return f"{len(question_ids)} question(s) have no answer in {answers_path}: question_id {listed}"
-
-
-def make_parent_dir(path: str | os.PathLike) -> None:
-    """Create the directory an output file goes into (upstream's shell scripts forget some)."""
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
