@@ -1,9 +1,12 @@
-"""The README's quick start is exactly two commands, and CI runs the second one verbatim."""
+"""The README's quick start is exactly two commands, each installing into the `.venv` virtualenv
+with scripts/install.sh and then running `.venv/bin/python -m MODULE`: the first runs the demo, the
+second (with the test tools) the test suite, and CI runs the second one verbatim."""
 
 import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMAND = re.compile(r"sh scripts/install\.sh(?P<test> test)? && \.venv/bin/python -m (?P<module>\S+)(?P<args>.*)")
 
 
 def _quick_start_commands():
@@ -16,6 +19,15 @@ def _quick_start_commands():
 def test_two_commands_and_ci_runs_the_test_one():
     commands = _quick_start_commands()
     assert len(commands) == 2
-    assert "llava.demo" in commands[0] and "pytest" in commands[1]
+    demo, tests = (COMMAND.fullmatch(command.strip()) for command in commands)
+    assert demo and not demo["test"] and demo["module"] == "llava.demo", commands[0]
+    assert tests and tests["test"] and tests["module"] == "pytest", commands[1]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert commands[1].strip() in ci_lines
+
+
+def test_the_install_script_documents_its_venv_rules():
+    header = (ROOT / "scripts" / "install.sh").read_text().split("set -eu", 1)[0]
+    for rule in (".venv/bin/python exists", "VIRTUAL_ENV", "CONDA_PREFIX", "--system-site-packages",
+                 "--without-pip", "python3-venv", "PYTHON="):
+        assert rule in header, rule
