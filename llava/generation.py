@@ -13,7 +13,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, get_model_name_from_path, process_images, tokenizer_image_token
 from llava.model import llava_arch
-from llava.model.globalcom2 import LAYOUTS, check_retention_ratio
+from llava.model.compression import method_names, parse_method_args
+from llava.model.compression.common import LAYOUTS, check_retention_ratio, check_visual_tokens
 
 
 def infer_conv_mode(model_path: str, config) -> str:
@@ -56,9 +57,8 @@ class Answer:
     image_sizes: list[tuple[int, int]]
     grids: list[tuple[int, int] | None]  # AnyRes crop grid (columns, rows) per image
     visual_tokens: int                   # visual tokens the language model received
-    accounting: list[dict]               # per image: tokens before/after compression, per-crop ratios
-    retention_ratio: float
-    token_layout: str
+    accounting: list[dict]               # per image: tokens before/after compression, per-crop counts
+    compression: dict                    # the settings: method, method_args, retention_ratio, visual_tokens, layout
     prompt_tokens: int                   # whole prompt after splicing (text + visual)
     new_tokens: int
     time_to_first_token_s: float
@@ -72,8 +72,7 @@ class Answer:
         kept = f" of {before} ({100 * self.visual_tokens / before:.1f}%)" if before else ""
         return (
             f"[summary] image {sizes} | grid {grids} | visual tokens {self.visual_tokens}{kept} | "
-            f"R {self.retention_ratio:g} {self.token_layout if self.retention_ratio < 1 else '(off)'} | "
-            f"prompt tokens {self.prompt_tokens} | new tokens {self.new_tokens} | "
+            f"{compression_label(self.compression)} | prompt tokens {self.prompt_tokens} | new tokens {self.new_tokens} | "
             f"TTFT {self.time_to_first_token_s * 1000:.0f} ms | {rate}"
         )
 
@@ -81,13 +80,25 @@ class Answer:
         """One line per compressed AnyRes image: what the thumbnail kept and each crop's share."""
         lines = []
         for number, record in enumerate(self.accounting, 1):
-            if record["retained"] == 1 or not record["crop_ratios"]:
+            if record["retained"] == 1 or not record["crop_valid"]:
                 continue
-            crops = " ".join(f"{kept}/{valid}@{ratio:.3f}" for kept, valid, ratio in
-                             zip(record["crop_kept"], record["crop_valid"], record["crop_ratios"]))
+            ratios = record.get("crop_ratios")
+            crops = " ".join(f"{kept}/{valid}" + (f"@{ratios[index]:.3f}" if ratios else "") for index, (kept, valid)
+                             in enumerate(zip(record["crop_kept"], record["crop_valid"])))
             lines.append(f"[compression] image {number}: {record['tokens_after']}/{record['tokens_before']} tokens | "
-                         f"thumbnail {record['thumbnail_kept']} | crops kept/valid@ratio {crops}")
+                         f"thumbnail {record['thumbnail_kept']} | crops kept/valid{'@ratio' if ratios else ''} {crops}")
         return lines
+
+
+def compression_label(compression: dict) -> str:
+    """`globalcom2 R 0.25 official` (method, budget, layout; `R 1 (off)` when nothing is compressed)."""
+    if compression["visual_tokens"] is not None:
+        budget = f"N {compression['visual_tokens']}"
+    elif compression["retention_ratio"] == 1:
+        return f"{compression['method']} R 1 (off)"
+    else:
+        budget = f"R {compression['retention_ratio']:g}"
+    return f"{compression['method']} {budget} {compression['layout']}"
 
 
 def image_prompt(query: str, num_images: int) -> str:
@@ -107,7 +118,7 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
     image_sizes = [image.size for image in images]
     start = time.perf_counter()
-    retention_ratio, token_layout = model.compression_settings()
+    settings = model.compression_settings()
     if images:
         pixel_values = process_images(images, image_processor, model.config)
         if isinstance(pixel_values, list):  # images with different numbers of AnyRes views
@@ -144,8 +155,7 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
         grids=[get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None for size in image_sizes],
         visual_tokens=int(inputs_embeds.shape[1]) - text_tokens,
         accounting=list(model.last_accounting) if images else [],
-        retention_ratio=retention_ratio,
-        token_layout=token_layout,
+        compression=settings.record(),
         prompt_tokens=int(inputs_embeds.shape[1]),
         new_tokens=new_tokens,
         time_to_first_token_s=first - start,
@@ -160,14 +170,40 @@ def _retention_ratio_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (1 = no compression), got {text!r}") from None
 
 
+def _visual_tokens_argument(text: str) -> int:
+    try:
+        return check_visual_tokens(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (image tokens per image), got {text!r}") from None
+
+
 def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--retention-ratio` and `--token-layout`; left out, `llava_arch`'s constants apply."""
-    parser.add_argument("--retention-ratio", type=_retention_ratio_argument, default=None, metavar="R",
-                        help="GlobalCom2's retention ratio in (0, 1]; 1 = vanilla LLaVA-NeXT "
+    """The method, its arguments, the budget and the layout; left out, `llava_arch`'s constants apply."""
+    parser.add_argument("--method", choices=method_names(), default=None,
+                        help="compression method (python -m llava.model.compression --list; "
+                             f"default: llava_arch.compression_method, now {llava_arch.compression_method})")
+    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an argument of the method (repeatable), e.g. --method-arg alpha=0")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--retention-ratio", type=_retention_ratio_argument, default=None, metavar="R",
+                        help="fraction of vanilla LLaVA-NeXT's image tokens to keep, in (0, 1]; 1 = vanilla "
                              f"(default: llava_arch.retention_ratio, now {llava_arch.retention_ratio})")
+    budget.add_argument("--visual-tokens", type=_visual_tokens_argument, default=None, metavar="N",
+                        help="image tokens to keep per image instead of a ratio (each method's docstring says how)")
     parser.add_argument("--token-layout", choices=LAYOUTS, default=None,
-                        help="order of the kept tokens: 'official' = the released code's sequence, 'spatial' = "
-                             f"raster order with one newline per image row (default: {llava_arch.token_layout})")
+                        help="order of the kept tokens: 'official' = the method's official sequence (GlobalCom2: the "
+                             "released code's), 'spatial' = raster order with one newline per image row "
+                             f"(default: {llava_arch.token_layout})")
+
+
+def compression_arguments(args) -> dict:
+    """The command line's compression settings as `set_compression` keywords, validated: a bad
+    method argument is a ValueError in one line naming the valid ones (call it before loading)."""
+    method = getattr(args, "method", None)
+    pairs = getattr(args, "method_arg", None) or []
+    method_args = parse_method_args(method or llava_arch.compression_method, pairs) if (method or pairs) else None
+    return dict(retention_ratio=getattr(args, "retention_ratio", None), token_layout=getattr(args, "token_layout", None),
+                method=method, method_args=method_args, visual_tokens=getattr(args, "visual_tokens", None))
 
 
 def _pixel_limit_argument(text: str) -> int | None:
@@ -194,5 +230,5 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure_model(model, args) -> None:
     """Apply the command line's compression and input settings to a loaded model."""
-    model.set_compression(getattr(args, "retention_ratio", None), getattr(args, "token_layout", None))
+    model.set_compression(**compression_arguments(args))
     model.allow_truncation = getattr(args, "allow_truncation", False)

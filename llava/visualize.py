@@ -30,7 +30,7 @@ from PIL import Image
 
 from llava.files import atomic_write
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, resize_and_pad_image, select_best_resolution
-from llava.model import globalcom2
+from llava.model.compression import common, globalcom2
 
 DIM = 0.25                  # brightness left to a dropped patch
 PADDING_STRIPES = (70, 130)  # grey levels of the padding's stripes
@@ -42,7 +42,7 @@ class CompressionView:
     canvas: Image.Image            # the image resized and padded to the AnyRes resolution (the crops' source)
     patch_pixels: int              # pixels per patch side in the canvas (14 for CLIP-336)
     cls_scores: torch.Tensor       # [1 + C, P] float32, CPU
-    selection: globalcom2.Selection
+    selection: common.Selection
     retention_ratio: float
     layout: str
 
@@ -67,18 +67,19 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
 
     `retention_ratio`/`layout` default to the model's settings (`model.compression_settings()`).
     """
-    default_ratio, default_layout = model.compression_settings()
-    ratio = globalcom2.check_retention_ratio(default_ratio if retention_ratio is None else retention_ratio)
-    layout = globalcom2.check_layout(default_layout if layout is None else layout)
+    settings = model.compression_settings()
+    ratio = common.check_retention_ratio(settings.retention_ratio if retention_ratio is None else retention_ratio)
+    layout = common.check_layout(settings.token_layout if layout is None else layout)
     if getattr(model.config, "image_aspect_ratio", None) != "anyres":
         raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres')")
     image = image.convert("RGB")
     views = process_images([image], image_processor, model.config)[0].to(model.device, model.dtype)
-    scores = model.encode_images(views).cls_scores.float().cpu()
+    scores = model.encode_images(views, {"cls_logits_last"}).signals["cls_logits_last"].float().cpu()
     tower = model.get_vision_tower()
     grid = get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, tower.config.image_size)
     unpad = "unpad" in getattr(model.config, "mm_patch_merge_type", "")
-    selection = globalcom2.select_tokens(scores, image.size, grid, ratio, unpad=unpad)
+    geometry = common.crop_geometry(image.size, grid, tower.num_patches_per_side, unpad)
+    selection = globalcom2.select_tokens(scores, geometry, common.Budget.resolve(geometry, ratio))
     canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.config.image_grid_pinpoints))
     return CompressionView(image, canvas, tower.config.patch_size, scores, selection, ratio, layout)
 
@@ -108,10 +109,10 @@ def thumbnail_mask(view: CompressionView, dim: float = DIM) -> Image.Image:
 def canvas_patch_states(view: CompressionView) -> np.ndarray:
     """`[grid_h*side, grid_w*side]` per canvas patch: 1 kept, 0 dropped, -1 padding."""
     geometry = view.selection.geometry
-    image_area, _ = globalcom2.crop_cells(geometry, "cpu")
+    image_area, _ = common.crop_cells(geometry, "cpu")
     keep = view.selection.crop_keep_mask.cpu()
     states = torch.where(keep, 1, torch.where(image_area, 0, -1))  # [C, P]
-    return globalcom2.crop_canvas(states, geometry.grid).numpy()
+    return common.crop_canvas(states, geometry.grid).numpy()
 
 
 def crops_mask(view: CompressionView, dim: float = DIM) -> Image.Image:
@@ -167,7 +168,7 @@ def global_score_canvas(view: CompressionView) -> np.ndarray:
 
 def crop_score_canvas(view: CompressionView) -> np.ndarray:
     """`[grid_h*side, grid_w*side]`: each crop's own [CLS] scores at their place in the canvas."""
-    return globalcom2.crop_canvas(view.cls_scores[1:], view.grid).numpy()
+    return common.crop_canvas(view.cls_scores[1:], view.grid).numpy()
 
 
 def score_heatmaps(view: CompressionView, cell: int = 8) -> list[tuple[str, Image.Image]]:
@@ -188,7 +189,7 @@ def score_heatmaps(view: CompressionView, cell: int = 8) -> list[tuple[str, Imag
 
 def _crop_labels(view: CompressionView) -> list[str]:
     grid_w = view.grid[0]
-    return [f"({index // grid_w},{index % grid_w})" for index in range(len(view.selection.crop_ratios))]
+    return [f"({index // grid_w},{index % grid_w})" for index in range(len(view.selection.extra["crop_ratios"]))]
 
 
 def ratio_chart(view: CompressionView, axes=None):
@@ -199,12 +200,13 @@ def ratio_chart(view: CompressionView, axes=None):
     if axes is None:
         figure, axes = plt.subplots(figsize=(5, 3.2))
     selection = view.selection
-    bars = axes.bar(_crop_labels(view), selection.crop_ratios, color="#3b7dd8")
+    bars = axes.bar(_crop_labels(view), selection.extra["crop_ratios"], color="#3b7dd8")
     axes.axhline(view.retention_ratio, color="grey", linestyle="--", label=f"R = {view.retention_ratio:g}")
     for bar, kept, valid in zip(bars, selection.crop_kept_counts, selection.geometry.valid_counts):
         axes.annotate(f"{kept}/{valid}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                       fontsize=8)
-    axes.set(xlabel="crop (row, column)", ylabel="retention ratio", ylim=(0, min(1.15, max(selection.crop_ratios) * 1.3 + 0.05)),
+    top = min(1.15, max(selection.extra["crop_ratios"]) * 1.3 + 0.05)
+    axes.set(xlabel="crop (row, column)", ylabel="retention ratio", ylim=(0, top),
              title="per-crop ratio (kept/valid tokens)")
     axes.legend(loc="upper right", fontsize=8)
     return figure or axes.figure

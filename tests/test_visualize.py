@@ -44,13 +44,14 @@ def scored_model(tiny, monkeypatch):
     _, model, processor = tiny
     tower = model.get_model().vision_tower
 
-    def forward(images, with_scores=True):
+    def forward(images, signals=frozenset()):
         views = images.shape[0]
         grid = torch.arange(576).view(24, 24)
         thumbnail = -grid.float() * 1e-3 + 10.0 * ((grid // 24 < 6) & (grid % 24 < 6)).float()
         crop = (grid % 24 >= 12).float() + grid.float() * 1e-4
         scores = torch.stack([thumbnail] + [crop] * (views - 1)).view(views, 576)
-        return VisionTowerOutput(torch.zeros(views, 576, tower.hidden_size), scores if with_scores else None)
+        return VisionTowerOutput(torch.zeros(views, 576, tower.hidden_size),
+                                 {"cls_logits_last": scores} if "cls_logits_last" in signals else {})
 
     monkeypatch.setattr(tower, "forward", forward)
     return model, processor

@@ -43,6 +43,7 @@ from llava.files import atomic_write, write_text  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
+from llava.model.compression import method_names  # noqa: E402
 from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
 from llava.tiny import TOWER_DIR, V16_PINPOINTS, build_tokenizer, ensure_tiny_checkpoint  # noqa: E402
@@ -138,15 +139,16 @@ def cache_bytes(cache) -> int:
 
 @torch.inference_mode()
 def measure_ratio(model, tokenizer, pixel_values, image_size, ratio: float, args, device) -> dict:
-    model.set_compression(ratio, args.layout)
+    model.set_compression(ratio, args.layout, method=args.method, method_args=args.method_arg)
+    settings = model.compression_settings()
     input_ids = tokenizer_image_token(PROMPT, tokenizer, return_tensors="pt")[None].to(device)
     views = pixel_values[0]
     samples = {name: [] for name in ("tower_ms", "compression_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")}
     for repeat in range(args.warmup + args.repeats):
         with Clock(device) as tower:
-            features, scores = model.encode_images(views, with_scores=ratio < 1)
+            features, signals = model.encode_images(views, settings.signals)
         with Clock(device) as compression:
-            model.image_sequence(features, scores, image_size, ratio, args.layout)
+            model.image_sequence(features, signals, image_size, settings)
         with PeakMemory(device) as memory:
             with Clock(device) as ttft:
                 embeds = model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--ratios", type=float, nargs="+", default=[1, 0.75, 0.5, 0.25, 0.1])
     parser.add_argument("--layout", choices=["official", "spatial"], default="official")
+    parser.add_argument("--method", choices=method_names(), default="globalcom2", help="compression method")
+    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an argument of the method (repeatable)")
     parser.add_argument("--image-size", type=int, nargs=2, default=[1000, 1000], metavar=("W", "H"),
                         help="a square image fills the 2x2 grid: 2928 visual tokens at R = 1")
     parser.add_argument("--repeats", type=int, default=3)
@@ -266,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     pixel_values = process_images([image], processor, model.config).to(device, dtype)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     header = (f"{name}, {args.dtype or dtype}, {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-              f"image {args.image_size[0]}x{args.image_size[1]}, layout {args.layout}, medians of {args.repeats}")
+              f"image {args.image_size[0]}x{args.image_size[1]}, {args.method} {' '.join(args.method_arg)}, "
+              f"layout {args.layout}, medians of {args.repeats}")
     rows = []
     for ratio in args.ratios:
         rows.append(measure_ratio(model, tokenizer, pixel_values, tuple(args.image_size), ratio, args, device))

@@ -11,8 +11,8 @@ import os
 import sys
 
 from llava.conversation import get_conv_template
-from llava.generation import (add_compression_arguments, add_input_arguments, answer, configure_model, image_prompt,
-                              infer_conv_mode)
+from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
+                              configure_model, image_prompt, infer_conv_mode)
 from llava.mm_utils import load_image, set_max_image_pixels
 from llava.model.builder import load_pretrained_model
 from llava.utils import quiet_transformers, user_errors
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def eval_model(args) -> str:
     """Load, ask, print the answer and the summary line; return the answer text."""
     image_files = [part for item in args.image_file for part in item.split(args.sep) if part]
+    compression_arguments(args)  # a bad method argument stops here, before any loading
     set_max_image_pixels(args.max_image_pixels)
     images = [load_image(path) for path in image_files]
     tokenizer, model, image_processor, _ = load_pretrained_model(

@@ -47,11 +47,13 @@ from llava.conversation import get_conv_template
 from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
 from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
-from llava.generation import add_compression_arguments, add_input_arguments, answer, configure_model
+from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
+                              compression_label, configure_model)
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels
 from llava.model import llava_arch
 from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
-from llava.model.globalcom2 import check_layout, check_retention_ratio
+from llava.model.compression.common import check_layout, check_retention_ratio
+from llava.model.compression.registry import non_default_args
 from llava.model.llava_arch import PromptTooLongError
 from llava.utils import quiet_transformers, user_errors
 
@@ -177,10 +179,15 @@ def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
     The model is identified by its directory name and a hash of its config and weights index
     (`checkpoint_digest`, None when the checkpoint is not there); its full path is recorded
     separately, so a moved checkpoint still resumes. The layout is None at R = 1, where it changes
-    nothing.
+    nothing; the method's arguments are the ones that differ from its defaults.
     """
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    ratio = check_retention_ratio(llava_arch.retention_ratio if args.retention_ratio is None else args.retention_ratio)
+    compression = compression_arguments(args)
+    method = compression["method"] or llava_arch.compression_method
+    method_args = compression["method_args"]
+    visual_tokens = compression["visual_tokens"]
+    ratio = None if visual_tokens is not None else check_retention_ratio(
+        llava_arch.retention_ratio if args.retention_ratio is None else args.retention_ratio)
     layout = check_layout(llava_arch.token_layout if args.token_layout is None else args.token_layout)
     model_path = os.path.expanduser(args.model_path)
     return dict(
@@ -193,11 +200,18 @@ def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
         top_p=args.top_p,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
+        method=method,
+        method_args=non_default_args(method_args) if method_args is not None else {},
         retention_ratio=ratio,
-        token_layout=layout if ratio < 1 else None,
+        visual_tokens=visual_tokens,
+        token_layout=layout if ratio != 1 else None,
         allow_truncation=args.allow_truncation,
         **prompt_settings,
     )
+
+
+# What a setting was before answers recorded it: files from then resume under these values.
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"method": "globalcom2", "method_args": {}, "visual_tokens": None}
 
 
 def check_settings(rows: list[dict], settings: dict, answers_file: str) -> None:
@@ -210,7 +224,8 @@ def check_settings(rows: list[dict], settings: dict, answers_file: str) -> None:
               "older version); they are kept, assumed to match this run", file=sys.stderr)
     for old in recorded:
         for key in sorted(set(old) | set(settings)):
-            before, now = old.get(key, "(not recorded)"), settings.get(key, "(not recorded)")
+            before = old.get(key, SETTINGS_BEFORE_THEY_WERE_RECORDED.get(key, "(not recorded)"))
+            now = settings.get(key, "(not recorded)")
             if before == now or (key == "model_hash" and None in (before, now)):
                 continue
             raise UserError(f"{answers_file} holds answers made with {key} {before!r}, but this run has {key} {now!r}: "
@@ -356,9 +371,11 @@ def _answer_row(args, question: Question, tokenizer, model, image_processor, mod
         return dict(row, text="", answer_id=shortuuid.uuid(), model_id=model_name, **question.extra,
                     metadata=dict(question.metadata, error=message, settings=settings))
     before = sum(record["tokens_before"] for record in result.accounting)
-    metadata = dict(question.metadata, retention_ratio=result.retention_ratio, token_layout=result.token_layout,
-                    visual_tokens=result.visual_tokens, visual_tokens_before=before, images=result.accounting,
-                    settings=settings)
+    compression = result.compression
+    metadata = dict(question.metadata, method=compression["method"], method_args=compression["method_args"],
+                    retention_ratio=compression["retention_ratio"], budget_visual_tokens=compression["visual_tokens"],
+                    token_layout=compression["layout"], visual_tokens=result.visual_tokens,
+                    visual_tokens_before=before, images=result.accounting, settings=settings)
     return dict(row, text=result.text, answer_id=shortuuid.uuid(), model_id=model_name, **question.extra,
                 metadata=metadata)
 
@@ -382,6 +399,9 @@ def _print_summary(answers_file: str, chunk: list[Question]) -> None:
     if measured:
         after = sum(meta["visual_tokens"] for meta in measured) / len(measured)
         before = sum(meta["visual_tokens_before"] for meta in measured) / len(measured)
-        line += (f"; visual tokens per question: {after:.1f} of {before:.1f} ({100 * after / max(before, 1):.1f}%) "
-                 f"at R {measured[-1]['retention_ratio']:g} {measured[-1]['token_layout']}")
+        last = measured[-1]
+        label = compression_label(dict(method=last.get("method", "globalcom2"), layout=last["token_layout"],
+                                       retention_ratio=last["retention_ratio"],
+                                       visual_tokens=last.get("budget_visual_tokens")))
+        line += f"; visual tokens per question: {after:.1f} of {before:.1f} ({100 * after / max(before, 1):.1f}%), {label}"
     print(line, file=sys.stderr)

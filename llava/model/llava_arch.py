@@ -1,13 +1,15 @@
-"""LLaVA glue: vision tower + projector + GlobalCom2 + splicing visual tokens into the text.
+"""LLaVA glue: vision tower + projector + compression method + splicing visual tokens into the text.
 
 `LlavaMetaModel` adds the multimodal modules to a language model's backbone and
 `LlavaMetaForCausalLM` turns `input_ids` with `IMAGE_TOKEN_INDEX` placeholders into
-`inputs_embeds`. The compression arithmetic lives in `llava.model.globalcom2`; the image
-geometry (grid shape, unpadding) in `llava.mm_utils`.
+`inputs_embeds`: encode, ask the chosen method (`llava.model.compression`, GlobalCom2 by
+default) what to keep, arrange, splice. The compression arithmetic lives in the methods; the
+image geometry (grid shape, unpadding) in `llava.mm_utils`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import warnings
@@ -18,8 +20,9 @@ from transformers import LlamaForCausalLM
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
-from llava.model import globalcom2
-from llava.model.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
+from llava.model.compression import common, get_method, globalcom2, parse_method_args
+from llava.model.compression.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
+from llava.model.compression.registry import method_args_dict
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.utils import LlavaWarning
@@ -35,6 +38,35 @@ CACHE_KEY = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).pa
 
 # How the kept tokens are laid out: "official" (the released code's sequence) or "spatial".
 token_layout = "official"
+
+# The compression method (`python -m llava.model.compression --list`); its arguments are given
+# with `--method-arg key=value` or `set_compression(method_args=...)`.
+compression_method = "globalcom2"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionSettings:
+    """What compresses the images of one call: the method, its arguments, the budget, the layout."""
+
+    method: str
+    method_args: object       # the method's argument dataclass
+    retention_ratio: float    # R in (0, 1]; with `visual_tokens`, each image's R is N / its vanilla image tokens
+    token_layout: str
+    visual_tokens: int | None = None
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.visual_tokens is None and self.retention_ratio == 1.0
+
+    @property
+    def signals(self) -> frozenset:
+        """The tower signals these settings need (none when everything is kept unlooked)."""
+        return get_method(self.method).signals_for(self.method_args, self.keeps_all)
+
+    def record(self) -> dict:
+        """JSON-ready, for accounting and answer metadata."""
+        return dict(method=self.method, method_args=method_args_dict(self.method_args),
+                    retention_ratio=self.retention_ratio, visual_tokens=self.visual_tokens, layout=self.token_layout)
 
 
 def generate_scale_for_crop_features(base_cls_attn_scores, num_patch_width, num_patch_height, base_scale=None,
@@ -74,7 +106,7 @@ class LlavaMetaForCausalLM:
     tokens before (vanilla LLaVA-NeXT) and after compression, and the per-crop ratios.
     """
 
-    _compression_override: tuple[float | None, str | None] = (None, None)
+    _compression_override: dict = {}
     last_accounting: list[dict] = []
     # Upstream cuts over-long prompts silently (losing the question); here they are refused unless
     # this is set (`--allow-truncation`), and then cut with a warning.
@@ -86,90 +118,126 @@ class LlavaMetaForCausalLM:
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
 
-    def set_compression(self, retention_ratio: float | None = None, token_layout: str | None = None) -> None:
-        """Fix this model's ratio and/or layout; None follows the module-level defaults."""
+    def set_compression(self, retention_ratio: float | None = None, token_layout: str | None = None,
+                        method: str | None = None, method_args=None, visual_tokens: int | None = None) -> None:
+        """Fix this model's compression; None follows the module-level defaults. `method_args`: the
+        method's argument dataclass, a dict, or `key=value` strings. `visual_tokens` (N image tokens
+        per image) replaces the ratio."""
+        if retention_ratio is not None and visual_tokens is not None:
+            raise ValueError("give a retention ratio or a number of visual tokens, not both")
         if retention_ratio is not None:
-            globalcom2.check_retention_ratio(retention_ratio)
+            common.check_retention_ratio(retention_ratio)
+        if visual_tokens is not None:
+            common.check_visual_tokens(visual_tokens)
         if token_layout is not None:
-            globalcom2.check_layout(token_layout)
-        self._compression_override = (retention_ratio, token_layout)
+            common.check_layout(token_layout)
+        if method is not None or method_args is not None:
+            method_args = _method_args(method or compression_method, method_args)
+        self._compression_override = dict(retention_ratio=retention_ratio, token_layout=token_layout, method=method,
+                                          method_args=method_args, visual_tokens=visual_tokens)
 
-    def compression_settings(self) -> tuple[float, str]:
-        """`(retention_ratio, token_layout)` in force now, validated. The module globals are
-        looked up here, at call time, so edits and run-time assignments both count."""
-        ratio, layout = self._compression_override
-        ratio = retention_ratio if ratio is None else ratio
-        layout = token_layout if layout is None else layout
-        return globalcom2.check_retention_ratio(ratio), globalcom2.check_layout(layout)
+    def compression_settings(self) -> CompressionSettings:
+        """The settings in force now, validated. The module globals are looked up here, at call
+        time, so edits and run-time assignments both count."""
+        override = self._compression_override
+        method = override.get("method") or compression_method
+        method_args = override.get("method_args")
+        if method_args is None or type(method_args) is not get_method(method).args:
+            method_args = _method_args(method, None)
+        visual_tokens = override.get("visual_tokens")
+        ratio = override.get("retention_ratio")
+        ratio = 1.0 if visual_tokens is not None else (retention_ratio if ratio is None else ratio)
+        layout = override.get("token_layout") or token_layout
+        return CompressionSettings(method, method_args, common.check_retention_ratio(ratio),
+                                   common.check_layout(layout), visual_tokens)
 
-    def encode_images(self, images: torch.Tensor, with_scores: bool = True) -> VisionTowerOutput:
-        """`[V, 3, S, S]` -> projected features `[V, P, D]` and [CLS] scores `[V, P]` (or None)."""
-        features, cls_scores = self.get_vision_tower()(images, with_scores=with_scores)
-        return VisionTowerOutput(self.get_model().mm_projector(features), cls_scores)
+    def encode_images(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
+        """`[V, 3, S, S]` -> projected features `[V, P, D]` and the named tower signals (each `[V, P]`)."""
+        features, computed = self.get_vision_tower()(images, signals)
+        return VisionTowerOutput(self.get_model().mm_projector(features), computed)
 
-    def image_sequence(self, views: torch.Tensor, cls_scores: torch.Tensor | None, image_size: tuple[int, int] | None,
-                       ratio: float = 1.0, layout: str = "official") -> tuple[torch.Tensor, dict]:
-        """Visual tokens `[M, D]` of one image and their accounting.
-
-        `views`: projected `[V, P, D]`, thumbnail first; `cls_scores`: `[V, P]` (None if
-        `ratio == 1`). AnyRes with `spatial_unpad` at `ratio == 1` is upstream LLaVA-NeXT: the
-        thumbnail's P tokens, then the unpadded crop canvas with an `image_newline` after each
-        row. Below 1, GlobalCom2 keeps a share of them (`globalcom2.compress_image_features`).
-        """
+    def image_geometry(self, num_views: int, image_size: tuple[int, int] | None,
+                       merge_type: str) -> common.CropGeometry:
+        """The crop geometry of one image with `num_views` views (1: a single view, no crops)."""
+        side = self.get_vision_tower().num_patches_per_side
+        unpad = "unpad" in merge_type
+        if num_views == 1:
+            return common.crop_geometry(image_size or (0, 0), (0, 0), side, unpad)
         config = self.config
-        merge_type = getattr(config, "mm_patch_merge_type", "flat")
-        if merge_type == "flat":  # no spatial structure to compress against, as released
-            tokens = views.flatten(0, 1)
-            return tokens, globalcom2.token_accounting(tokens.shape[0], tokens.shape[0], tokens.shape[0])
-        if not merge_type.startswith("spatial"):
-            raise ValueError(f"unknown mm_patch_merge_type: {merge_type!r}")
-        newline = self.get_model().image_newline.to(views.dtype) if "unpad" in merge_type else None
-        if views.shape[0] == 1:
-            return _single_view_sequence(views[0], None if cls_scores is None else cls_scores[0], ratio, layout, newline)
         if getattr(config, "image_aspect_ratio", None) != "anyres":
             raise ValueError("several views per image need image_aspect_ratio 'anyres'")
         if image_size is None:
             raise ValueError("image_sizes are required for AnyRes images (PIL (width, height) of each image)")
         grid = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, self.get_vision_tower().config.image_size)
-        if views.shape[0] != 1 + grid[0] * grid[1]:
+        if num_views != 1 + grid[0] * grid[1]:
             raise ValueError(
-                f"image of size {tuple(image_size)} needs {grid[0]}x{grid[1]} crops but got {views.shape[0] - 1}: "
+                f"image of size {tuple(image_size)} needs {grid[0]}x{grid[1]} crops but got {num_views - 1}: "
                 "are image_sizes the PIL (width, height) of the images given to process_images?"
             )
-        side = self.get_vision_tower().num_patches_per_side
-        unpad = newline is not None
-        if ratio == 1.0:
-            selection = globalcom2.keep_everything(globalcom2.crop_geometry(image_size, grid, side, unpad), views.device)
-        else:
-            selection = globalcom2.select_tokens(cls_scores, image_size, grid, ratio, unpad=unpad)
-        return globalcom2.arrange_tokens(views, selection, newline, layout), selection.accounting(layout)
+        return common.crop_geometry(image_size, grid, side, unpad)
 
-    def encode_image_sequences(self, images, image_sizes, ratio: float = 1.0, layout: str = "official") -> list[torch.Tensor]:
-        """One `[M_i, D]` visual sequence per image, each compressed with its own scores.
+    def merge_type(self, settings: CompressionSettings) -> str:
+        """The config's `mm_patch_merge_type`, unless the method's official code changes it."""
+        changes = get_method(settings.method).input_changes(settings.method_args)
+        merge_type = changes.get("mm_patch_merge_type", getattr(self.config, "mm_patch_merge_type", "flat"))
+        if merge_type != "flat" and not merge_type.startswith("spatial"):
+            raise ValueError(f"unknown mm_patch_merge_type: {merge_type!r}")
+        return merge_type
+
+    def image_sequence(self, views: torch.Tensor, signals: dict | None = None, image_size: tuple[int, int] | None = None,
+                       settings: CompressionSettings | None = None,
+                       merge_type: str | None = None) -> tuple[torch.Tensor, dict]:
+        """Visual tokens `[M, D]` of one image and their accounting.
+
+        `views`: projected `[V, P, D]`, thumbnail first; `signals`: this image's tower signals,
+        each `[V, P]` (empty when the budget keeps everything). With everything kept, AnyRes with
+        `spatial_unpad` is upstream LLaVA-NeXT: the thumbnail's P tokens, then the unpadded crop
+        canvas with an `image_newline` after each row; the method keeps a share of them.
+        `settings`: default the model's; `merge_type`: instead of the config's (and the method's
+        input changes).
+        """
+        settings = settings or self.compression_settings()
+        merge_type = merge_type or self.merge_type(settings)
+        if merge_type == "flat":  # no spatial structure to compress against, as released
+            tokens = views.flatten(0, 1)
+            return tokens, common.uncompressed_accounting(tokens.shape[0])
+        geometry = self.image_geometry(views.shape[0], image_size, merge_type)
+        newline = self.get_model().image_newline.to(views.dtype) if geometry.unpad else None
+        budget = common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens)
+        selection = get_method(settings.method).select(views, signals or {}, geometry, budget, settings.method_args)
+        tokens = common.arrange_tokens(views, selection, newline, settings.token_layout)
+        return tokens, selection.accounting(settings.token_layout)
+
+    def encode_image_sequences(self, images, image_sizes, settings: CompressionSettings | None = None) -> list[torch.Tensor]:
+        """One `[M_i, D]` visual sequence per image, each compressed with its own signals.
 
         `images`: a 5-D tensor `[N, V, 3, S, S]` or a list of `[V_i, 3, S, S]` (AnyRes), or a
-        4-D tensor `[N, 3, S, S]` (one view per image, LLaVA-1.5 style). Sets `last_accounting`.
+        4-D tensor `[N, 3, S, S]` (one view per image, LLaVA-1.5 style). `settings`: default
+        the model's (`compression_settings`). Sets `last_accounting`.
         """
-        with_scores = ratio < 1.0
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            features, scores = self.encode_images(images, with_scores)
-            per_image = [_single_view_sequence(feature, None if scores is None else scores[index], ratio, layout, None)
-                         for index, feature in enumerate(features)]
+        settings = settings or self.compression_settings()
+        # A 4-D batch is one view per image (LLaVA-1.5 style): upstream sends its features as they
+        # are, without the merge step, so without a newline.
+        one_view_each = isinstance(images, torch.Tensor) and images.ndim == 4
+        if one_view_each:
+            views_per_image = list(images.unsqueeze(1))
         else:
             views_per_image = [image.unsqueeze(0) if image.ndim == 3 else image for image in images]
-            counts = [views.shape[0] for views in views_per_image]
-            features, scores = self.encode_images(torch.cat(views_per_image), with_scores)
-            sizes = image_sizes if image_sizes is not None else [None] * len(counts)
-            if len(sizes) != len(counts):
-                raise ValueError(f"got {len(counts)} images but {len(sizes)} image_sizes")
-            scores = scores.split(counts) if scores is not None else [None] * len(counts)
-            per_image = [self.image_sequence(views, views_scores, size, ratio, layout)
-                         for views, views_scores, size in zip(features.split(counts), scores, sizes)]
-        if ratio < 1.0 and int(features.shape[-2] * ratio) == 0:
+        counts = [views.shape[0] for views in views_per_image]
+        features, computed = self.encode_images(torch.cat(views_per_image), settings.signals)
+        sizes = image_sizes if image_sizes is not None else [None] * len(counts)
+        if len(sizes) != len(counts):
+            raise ValueError(f"got {len(counts)} images but {len(sizes)} image_sizes")
+        per_signal = {name: values.split(counts) for name, values in computed.items()}
+        per_image = [self.image_sequence(views, {name: parts[index] for name, parts in per_signal.items()}, size, settings,
+                                         "spatial" if one_view_each else None)
+                     for index, (views, size) in enumerate(zip(features.split(counts), sizes))]
+        ratio = settings.retention_ratio
+        if settings.method == "globalcom2" and ratio < 1.0 and int(features.shape[-2] * ratio) == 0:
             warnings.warn(f"retention ratio {ratio:g} is below 1/{features.shape[-2]}: int({features.shape[-2]} R) = 0, so "
                           "the thumbnail (or single view) keeps no token and the crops keep almost none; the language "
                           "model sees little more than newline tokens", LlavaWarning, stacklevel=2)
-        self.last_accounting = [dict(accounting, retention_ratio=ratio, layout=layout) for _, accounting in per_image]
+        self.last_accounting = [dict(accounting, **settings.record()) for _, accounting in per_image]
         return [tokens for tokens, _ in per_image]
 
     def prepare_inputs_labels_for_multimodal(
@@ -185,8 +253,8 @@ class LlavaMetaForCausalLM:
         """
         if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        ratio, layout = self.compression_settings()  # refuses a bad ratio before any model work
-        image_features = self.encode_image_sequences(images, image_sizes, ratio, layout)
+        settings = self.compression_settings()  # refuses a bad setting before any model work
+        image_features = self.encode_image_sequences(images, image_sizes, settings)
         return (None, *self.splice_image_features(input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side))
 
     def splice_image_features(self, input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side=None):
@@ -259,7 +327,7 @@ class LlavaMetaForCausalLM:
         if self.allow_truncation:
             warnings.warn(f"{what}: cut to {max_length} tokens, losing the end of the prompt", LlavaWarning, stacklevel=3)
             return
-        ratio = self.compression_settings()[0]
+        ratio = self.compression_settings().retention_ratio
         fitting = ratio * (max_length - (length - visual)) / visual if visual else 0.0
         hint = f"a retention ratio of about {math.floor(fitting * 100) / 100:g} or lower fits, " if fitting >= 0.01 else ""
         raise PromptTooLongError(f"{what}: {hint}or use fewer images, or pass --allow-truncation to cut it as "
@@ -297,14 +365,13 @@ class LlavaMetaForCausalLM:
         return super().generate(**kwargs)
 
 
-def _single_view_sequence(feature: torch.Tensor, scores: torch.Tensor | None, ratio: float, layout: str,
-                          newline: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """One view `[P, D]` (no crops): keep `int(P * R)` tokens by [CLS] score (the thumbnail rule),
-    then the newline that `spatial_unpad` appends (None: none)."""
-    num_patches = feature.shape[0]
-    if ratio < 1.0:
-        keep = globalcom2.compress_thumbnail(scores, ratio)
-        feature = feature[keep if layout == "official" else keep.sort().values]
-    tokens = feature if newline is None else torch.cat([feature, newline[None]])
-    newlines = tokens.shape[0] - feature.shape[0]
-    return tokens, globalcom2.token_accounting(num_patches + newlines, tokens.shape[0], feature.shape[0])
+
+def _method_args(method: str, given):
+    """A method's argument dataclass from None (defaults), a dict, `key=value` strings or itself."""
+    if isinstance(given, dict):
+        given = [f"{key}={value}" for key, value in given.items()]
+    if given is None or isinstance(given, (list, tuple)):
+        return parse_method_args(method, list(given or []))
+    if type(given) is not get_method(method).args:
+        raise ValueError(f"method {method} takes {get_method(method).args.__name__}, got {type(given).__name__}")
+    return given

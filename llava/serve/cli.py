@@ -11,14 +11,15 @@ import argparse
 import sys
 
 from llava.conversation import get_conv_template
-from llava.generation import (add_compression_arguments, add_input_arguments, answer, configure_model, image_prompt,
-                              infer_conv_mode)
+from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
+                              configure_model, image_prompt, infer_conv_mode)
 from llava.mm_utils import load_image, set_max_image_pixels
 from llava.model.builder import load_pretrained_model
 from llava.utils import quiet_transformers, user_errors
 
 
 def chat(args, read=input) -> None:
+    compression_arguments(args)  # a bad method argument stops here, before any loading
     set_max_image_pixels(args.max_image_pixels)
     images = [load_image(path) for path in args.image_file]
     tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device=args.device, torch_dtype=args.dtype)

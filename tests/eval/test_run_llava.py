@@ -26,7 +26,7 @@ def _run(capsys, *args):
 
 def _summary(lines):
     match = re.fullmatch(r"\[summary\] image (\S+) \| grid (\S+) \| visual tokens (\d+) of (\d+) \([\d.]+%\) \| "
-                         r"R ([\d.]+) (official|spatial|\(off\)) \| prompt tokens (\d+) \| "
+                         r"globalcom2 R ([\d.]+) (official|spatial|\(off\)) \| prompt tokens (\d+) \| "
                          r"new tokens (\d+) \| TTFT (\d+) ms \| ([\d.]+|-) tokens/s", lines[-1])
     assert match, lines[-1]
     return match.groups()

@@ -131,7 +131,7 @@ def test_allow_truncation_cuts_at_the_model_max_length_with_a_warning(tiny, monk
 def test_retention_ratio_that_keeps_no_thumbnail_token_warns(tiny, monkeypatch):
     tokenizer, model, processor = tiny
     image = _image((800, 500), 5)
-    monkeypatch.setattr(model, "_compression_override", (1 / 577, None))  # int(576 / 577) = 0
+    monkeypatch.setattr(model, "_compression_override", dict(retention_ratio=1 / 577))  # int(576 / 577) = 0
     with pytest.warns(LlavaWarning, match="below 1/576"), torch.no_grad():
         embeds = _single(model, _prompt_ids(tokenizer, "<image>\nhi"), process_images([image], processor, model.config),
                          [image.size])

@@ -9,7 +9,9 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_visual_token_count, get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model import llava_arch
 from llava.model.builder import load_pretrained_model
-from llava.model.globalcom2 import compress_image_features, compress_thumbnail, generate_scale_for_crop_features
+from llava.model.compression.globalcom2 import compress_image_features, compress_thumbnail, generate_scale_for_crop_features
+
+SCORES = {"cls_logits_last"}
 
 
 @pytest.fixture
@@ -38,7 +40,8 @@ def _embeds(model, ids, pixel_values, sizes, mask=None, padding_side=None):
 def _expected_sequence(model, views, size, ratio, layout="official"):
     """The image's sequence straight from `compress_image_features`, with its own views' scores."""
     with torch.no_grad():
-        features, scores = model.encode_images(views)
+        features, signals = model.encode_images(views, SCORES)
+    scores = signals["cls_logits_last"]
     grid = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, 336)
     newline = model.get_model().image_newline
     return compress_image_features(features, scores, size, grid, newline, ratio, layout=layout)
@@ -67,7 +70,8 @@ def test_set_compression_wins_over_the_constant(tiny, model, monkeypatch):
     expected = _expected_sequence(model, pixel_values[0], image.size, 0.1, "spatial")
     image_at = (ids[0] == IMAGE_TOKEN_INDEX).nonzero().item()
     assert torch.equal(embeds[0, image_at:image_at + len(expected)], expected)
-    assert model.compression_settings() == (0.1, "spatial")
+    settings = model.compression_settings()
+    assert (settings.method, settings.retention_ratio, settings.token_layout) == ("globalcom2", 0.1, "spatial")
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, float("nan"), "0.25"])
@@ -133,7 +137,7 @@ def test_spatial_merge_without_unpad_compresses(tiny, model, monkeypatch):
     ids = _ids(tokenizer, "<image>\nQ")
     _, embeds = _embeds(model, ids[None], pixel_values, [image.size])
     with torch.no_grad():
-        scores = model.encode_images(pixel_values[0]).cls_scores
+        scores = model.encode_images(pixel_values[0], SCORES).signals["cls_logits_last"]
     kept = sum(int(576 * ratio) for ratio in generate_scale_for_crop_features(scores[0], 2, 2, 0.5))
     assert embeds.shape[1] == len(ids) - 1 + 288 + kept
     assert model.last_accounting[0]["tokens_before"] == 5 * 576
@@ -145,9 +149,9 @@ def test_single_view_images_keep_their_best_tokens(tiny, model):
     model.set_compression(0.25, "spatial")
     pixels = torch.stack([processor.preprocess(_image((336, 336), 8), return_tensors="pt")["pixel_values"][0]])
     with torch.no_grad():
-        features, scores = model.encode_images(pixels)
-        sequence, = model.encode_image_sequences(pixels, None, 0.25, "spatial")
-    keep = compress_thumbnail(scores[0], 0.25).sort().values
+        features, signals = model.encode_images(pixels, SCORES)
+        sequence, = model.encode_image_sequences(pixels, None)
+    keep = compress_thumbnail(signals["cls_logits_last"][0], 0.25).sort().values
     assert sequence.shape[0] == 144 and torch.equal(sequence, features[0][keep])
     assert model.last_accounting[0]["tokens_before"] == 576
 

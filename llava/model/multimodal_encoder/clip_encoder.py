@@ -1,10 +1,12 @@
-"""CLIP vision tower: selected patch features plus the last layer's [CLS]-to-patch scores.
+"""CLIP vision tower: selected patch features plus the signals a compression method asks for.
 
-One pass through the encoder returns both (`VisionTowerOutput`). The scores are what GlobalCom2
-uses to rank tokens: the last encoder layer's pre-softmax attention logits of the [CLS] query
-against the patch keys, `q.k / sqrt(head_dim)` averaged over heads. Only that layer's q and k
-projections are evaluated for them, so the tower never asks for `output_attentions` and keeps
-its fast attention (SDPA/flash) everywhere.
+One pass through the encoder returns both (`VisionTowerOutput`). Signals are computed only when
+named (`llava.model.compression.registry.SIGNALS`), each from one layer's input with only the
+projections it needs, so the tower never asks for `output_attentions` and keeps its fast
+attention (SDPA/flash) everywhere:
+
+- `cls_logits_last` (GlobalCom2): the last encoder layer's pre-softmax attention logits of the
+  [CLS] query against the patch keys, `q.k / sqrt(head_dim)` averaged over heads.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ _CLIP_VIT_L14 = dict(
 
 
 class VisionTowerOutput(NamedTuple):
-    features: torch.Tensor    # [V, P, C] hidden state `mm_vision_select_layer` (CLS dropped for 'patch')
-    cls_scores: torch.Tensor  # [V, P]    last layer's [CLS]->patch logits, head-averaged
+    features: torch.Tensor  # [V, P, C] hidden state `mm_vision_select_layer` (CLS dropped for 'patch')
+    signals: dict           # name -> [V, P], only those asked for
 
 
 def _local_tower_dir(name: str, model_path: str | None) -> str | None:
@@ -110,27 +112,27 @@ class CLIPVisionTower(nn.Module):
         self.vision_tower.vision_model.load_state_dict(loaded.state_dict())
         self.vision_tower.requires_grad_(False)
 
-    def forward(self, images: torch.Tensor, with_scores: bool = True) -> VisionTowerOutput:
-        """`images` `[V, 3, S, S]` -> features `[V, P, C]` and [CLS] scores `[V, P]` (P = (S/14)^2).
-
-        `with_scores=False` skips the scores (None), for runs without compression.
-        """
+    def forward(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
+        """`images` `[V, 3, S, S]` -> features `[V, P, C]` (P = (S/14)^2) and the named `signals`."""
+        unknown = set(signals) - set(SIGNAL_LAYERS)
+        if unknown:
+            raise ValueError(f"the CLIP tower cannot compute {sorted(unknown)}; it offers {sorted(SIGNAL_LAYERS)}")
         vision_model = self.vision_tower.vision_model
         layers = vision_model.encoder.layers
         num_layers = len(layers)
         select_index = self.select_layer % (num_layers + 1)  # index into the hidden_states tuple
-        last_input_index = num_layers - 1                    # the last layer consumes hidden_states[-2]
+        signal_layer = {name: SIGNAL_LAYERS[name] % num_layers for name in signals}  # each needs that layer's input
         hidden = vision_model.pre_layrnorm(vision_model.embeddings(images.to(device=self.device, dtype=self.dtype)))
         states = {0: hidden}
-        for index in range(1, max(select_index, last_input_index) + 1):
+        for index in range(1, max(select_index, *signal_layer.values(), 0) + 1):
             hidden = layers[index - 1](hidden, None)
-            if index in (select_index, last_input_index):
+            if index == select_index or index in signal_layer.values():
                 states[index] = hidden
         features = states[select_index]
         if self.select_feature == "patch":
             features = features[:, 1:]
-        scores = cls_patch_scores(layers[-1], states[last_input_index]) if with_scores else None
-        return VisionTowerOutput(features, scores)
+        computed = {name: SIGNAL_FUNCTIONS[name](layers[layer], states[layer]) for name, layer in signal_layer.items()}
+        return VisionTowerOutput(features, computed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -179,6 +181,11 @@ def cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tenso
     query = query.view(num_views, 1, num_heads, head_dim).transpose(1, 2)     # [V, H, 1, d]
     keys = keys.view(num_views, -1, num_heads, head_dim).permute(0, 2, 3, 1)  # [V, H, d, P]
     return torch.matmul(query, keys).mean(dim=1).squeeze(1)                   # [V, P]
+
+
+# Each signal: the encoder layer it is computed in (negative: from the end) and how.
+SIGNAL_LAYERS = {"cls_logits_last": -1}
+SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores}
 
 
 def build_vision_tower(config, model_path: str | None = None) -> CLIPVisionTower:

@@ -27,7 +27,8 @@ def test_features_and_scores_match_reference(tiny):
     tower = tiny[1].get_vision_tower()
     pixels = _pixels()
     with torch.no_grad():
-        features, scores = tower(pixels)
+        features, signals = tower(pixels, {"cls_logits_last"})
+        scores = signals["cls_logits_last"]
         reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True)
         eager = _eager_cls_scores(tower.vision_tower.vision_model.encoder.layers[-1], reference.hidden_states[-2])
     assert features.shape == (3, 576, tower.hidden_size) and scores.shape == (3, 576)

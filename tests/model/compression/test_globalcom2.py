@@ -13,12 +13,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
-from llava.model.globalcom2 import (
-    Selection,
-    arrange_tokens,
+from llava.model.compression.common import Budget, Selection, arrange_tokens, crop_geometry
+from llava.model.compression.globalcom2 import (
     compress_image_features,
     compress_thumbnail,
-    crop_geometry,
     generate_scale_for_crop_features,
     interpolate_and_split_cls_attn_scores,
     select_crop_tokens,
@@ -37,6 +35,12 @@ def _named_views(num_views, side):
 
 def _names(sequence):
     return [int(value) for value in sequence[:, 0].tolist()]
+
+
+def _select(scores, size, grid, ratio):
+    """GlobalCom2's selection at ratio R with default arguments."""
+    geometry = crop_geometry(size, grid, math.isqrt(scores.shape[1]))
+    return select_tokens(scores, geometry, Budget.resolve(geometry, ratio))
 
 
 # --- retention ratio and shapes -------------------------------------------------------------
@@ -158,18 +162,18 @@ def test_row_offset_follows_the_first_crop_of_each_row():
 def test_empty_image_area():
     # 5000x2: new_h = int(2 * 8 / 5000) = 0, so no canvas row holds image.
     geometry = crop_geometry((5000, 2), (2, 2), 4)
-    assert geometry.valid_counts == [0, 0, 0, 0] and len(geometry.newline_rows("spatial")) == 0
+    assert geometry.valid_counts == [0, 0, 0, 0] and len(geometry.newline_rows("raster")) == 0
     assert [piece.numel() for piece in interpolate_and_split_cls_attn_scores(torch.randn(16), 0, 0, 2, 2, geometry.crop_dimensions)] == [0] * 4
 
 
 # --- step 4: per-crop top-k -----------------------------------------------------------------
 
 def test_crop_top_k_adds_normalised_local_and_global_scores():
-    # One full 2x2 crop keeping int(4 * 0.5) = 2 tokens. local/|local| + global/|global| =
+    # One full 2x2 crop keeping 2 tokens. local/|local| + global/|global| =
     # [0, 0, .71, .71] + [0, .45, 0, .89] = [0, .45, .71, 1.60]: cells 3 and 2 win.
     geometry = crop_geometry((10, 10), (1, 1), 2)
     local = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    keep, counts = select_crop_tokens(local, [torch.tensor([0.0, 1.0, 0.0, 2.0])], geometry, [0.5])
+    keep, counts = select_crop_tokens(local, [torch.tensor([0.0, 1.0, 0.0, 2.0])], geometry, [2])
     assert counts == [2] and keep.tolist() == [[False, False, True, True]]
 
 
@@ -180,8 +184,7 @@ def test_crop_top_k_maps_packed_indices_to_real_cells():
     assert geometry.crop_boxes == ((1, 0, 1, 2), (1, 0, 1, 2), (0, 0, 1, 2), (0, 0, 1, 2))
     local = torch.ones(4, 4)
     global_scores = [torch.tensor([0.0, 1.0])] * 4
-    keep, counts = select_crop_tokens(local, global_scores, geometry, [0.5, 0.5, 0.9, 0.4])
-    assert counts == [1, 1, 1, 0]  # int(2 * 0.4) = 0
+    keep, counts = select_crop_tokens(local, global_scores, geometry, [1, 1, 1, 0])
     assert keep.tolist() == [[False, False, False, True], [False, False, False, True],
                              [False, True, False, False], [False, False, False, False]]
 
@@ -194,7 +197,7 @@ def _keep_image_area(size, side=2):
     keep = torch.zeros(4, side * side, dtype=torch.bool)
     for crop, (top, left, height, width) in enumerate(geometry.crop_boxes):
         keep[crop].view(side, side)[top:top + height, left:left + width] = True
-    return Selection(geometry, torch.tensor([3, 0]), keep, [0.5] * 4, geometry.valid_counts, keeps_all=False)
+    return Selection(geometry, torch.tensor([3, 0]), keep, geometry.valid_counts, arrangement="packed")
 
 
 def test_official_layout_of_a_letterboxed_landscape():
@@ -225,7 +228,7 @@ def test_without_unpadding_there_are_no_newlines():
     # 2x1 grid, side 2: canvas row 0 is crop 0 cells 0, 1 then crop 1 cells 0, 1; row 1 the rest.
     geometry = crop_geometry((600, 1000), (2, 1), 2, unpad=False)
     keep = torch.tensor([[True, False, False, True], [False, True, True, False]])
-    selection = Selection(geometry, torch.tensor([2, 1]), keep, [0.5, 0.5], [2, 2], keeps_all=False)
+    selection = Selection(geometry, torch.tensor([2, 1]), keep, [2, 2], arrangement="packed")
     assert _names(arrange_tokens(_named_views(3, 2), selection, None, "official")) == [2, 1, 100, 201, 103, 202]
     assert _names(arrange_tokens(_named_views(3, 2), selection, None, "spatial")) == [1, 2, 100, 201, 103, 202]
 
@@ -264,12 +267,12 @@ def test_official_worked_example_of_the_spec():
     # 1000x700 on 2x2 (side 24): rows [7, 41) hold image, 408 tokens per crop. At R = 0.25:
     # 144 thumbnail tokens, int(408 * r_c) per crop, 48 newlines.
     views, scores = torch.randn(5, 576, 4), torch.randn(5, 576) * 2 + 5
-    selection = select_tokens(scores, (1000, 700), (2, 2), 0.25)
+    selection = _select(scores, (1000, 700), (2, 2), 0.25)
     assert selection.geometry.valid_counts == [408] * 4
     kept = [int(408 * ratio) for ratio in generate_scale_for_crop_features(scores[0], 2, 2, 0.25)]
     out = compress_image_features(views, scores, (1000, 700), (2, 2), torch.zeros(4), 0.25)
     assert out.shape[0] == 144 + sum(kept) + 48 == selection.tokens_after("official")
-    assert selection.tokens_before == 576 + 34 * 49 == 2242
+    assert selection.accounting("official")["tokens_before"] == 576 + 34 * 49 == 2242
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -293,7 +296,7 @@ def test_official_layout_equals_the_released_code(dtype, seed):
 def test_extreme_sizes_never_raise(size, layout):
     grid = get_anyres_image_grid_shape(size, V16_PINPOINTS, 336)
     views, scores = torch.randn(1 + grid[0] * grid[1], 576, 2), torch.randn(1 + grid[0] * grid[1], 576)
-    selection = select_tokens(scores, size, grid, 0.25)
+    selection = _select(scores, size, grid, 0.25)
     out = compress_image_features(views, scores, size, grid, torch.zeros(2), 0.25, layout=layout)
     assert out.shape[0] == selection.tokens_after(layout)
 

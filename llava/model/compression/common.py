@@ -1,0 +1,421 @@
+"""What every compression method shares: the budget, the crop geometry, what is kept
+(`Selection`, or `Merge` for methods that merge), the arrangement into the language model's
+sequence, and the accounting.
+
+Pure tensor functions, no model state. Shapes: an AnyRes image has `V = 1 + C` views (thumbnail
+first, then the `C = grid_w * grid_h` crops row-major), each `side x side` patches (`P = side**2`,
+576 for CLIP-336) in raster order. A single-view image (LLaVA-1.5 style) has `C = 0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+
+from llava.mm_utils import unpadded_bounds
+
+LAYOUTS = ("official", "spatial")
+
+
+def check_retention_ratio(retention_ratio) -> float:
+    """Return `retention_ratio` as a float if it is a number in (0, 1]; else raise `ValueError`."""
+    if isinstance(retention_ratio, bool) or not isinstance(retention_ratio, numbers.Real):
+        raise ValueError(f"retention_ratio must be a number in (0, 1], got {retention_ratio!r}")
+    ratio = float(retention_ratio)
+    if math.isnan(ratio) or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"retention_ratio must be in (0, 1] (1 keeps every token), got {retention_ratio!r}")
+    return ratio
+
+
+def check_visual_tokens(visual_tokens) -> int:
+    """Return `visual_tokens` as an int if it is a whole number >= 1; else raise `ValueError`."""
+    if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, numbers.Integral) or visual_tokens < 1:
+        raise ValueError(f"visual_tokens must be a whole number >= 1 (image tokens per image), got {visual_tokens!r}")
+    return int(visual_tokens)
+
+
+def check_layout(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"token layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CropGeometry:
+    """Where the image lies in the crop canvas (`grid_h*side` rows by `grid_w*side` columns).
+
+    `bounds`: rows `[top, bottom)` and columns `[left, right)` of the canvas that hold image.
+    `crop_boxes[c]`: `(top, left, height, width)` of that area inside crop `c` (row-major),
+    crop-local, in patches; `(0, 0, 0, 0)` for a crop that is all padding. A single-view image
+    has grid `(0, 0)` and no crops.
+    """
+
+    side: int
+    grid: tuple[int, int]  # (grid_w, grid_h)
+    bounds: tuple[int, int, int, int]
+    crop_boxes: tuple[tuple[int, int, int, int], ...]
+    unpad: bool
+    image_size: tuple[int, int] = (0, 0)  # PIL (width, height) of the image
+
+    @property
+    def num_crops(self) -> int:
+        return len(self.crop_boxes)
+
+    @property
+    def valid_counts(self) -> list[int]:
+        return [height * width for _, _, height, width in self.crop_boxes]
+
+    @property
+    def vanilla_image_tokens(self) -> int:
+        """Image tokens vanilla LLaVA-NeXT sends for this image (newlines excluded): the budget's base."""
+        return self.side**2 + sum(self.valid_counts)
+
+    @property
+    def crop_dimensions(self) -> list[tuple[int, int]]:
+        """`(width, height)` of each crop's image area, the released GlobalCom2 code's `crop_dimensions`."""
+        return [(width, height) for _, _, height, width in self.crop_boxes]
+
+    def newline_count(self, arrangement: str) -> int:
+        """Newline tokens in the sequence: one per `newline_rows`, or for a single view the one
+        `spatial_unpad` appends after it."""
+        return len(self.newline_rows(arrangement)) if self.crop_boxes else int(self.unpad)
+
+    def newline_rows(self, arrangement: str) -> range:
+        """Canvas rows that end with an `image_newline`: every row (`packed`, GlobalCom2's released
+        sequence), the image rows (`raster`, as LLaVA-NeXT), or none without unpadding."""
+        if not self.unpad or not self.crop_boxes:
+            return range(0)
+        if arrangement == "packed":
+            return range(self.grid[1] * self.side)
+        top, bottom, _, _ = self.bounds
+        return range(top, bottom)
+
+
+def crop_geometry(image_size: tuple[int, int], grid: tuple[int, int], side: int, unpad: bool = True) -> CropGeometry:
+    """Geometry of an image of PIL size `(width, height)` on a `(grid_w, grid_h)` crop grid.
+
+    With `unpad` the letterbox padding is located as LLaVA-NeXT's `unpad_image` does; without
+    it (merge type `spatial`) the whole canvas counts as image. Grid `(0, 0)`: a single view.
+    """
+    grid_w, grid_h = grid
+    if grid_w * grid_h == 0:
+        return CropGeometry(side, (0, 0), (0, 0, 0, 0), (), unpad, tuple(image_size))
+    if unpad:
+        top, bottom, left, right = unpadded_bounds(image_size, grid_h * side, grid_w * side)
+    else:
+        top, bottom, left, right = 0, grid_h * side, 0, grid_w * side
+    boxes = []
+    for row in range(grid_h):
+        for col in range(grid_w):
+            box_top, box_left = max(top - row * side, 0), max(left - col * side, 0)
+            height = max(min(bottom - row * side, side) - box_top, 0)
+            width = max(min(right - col * side, side) - box_left, 0)
+            boxes.append((box_top, box_left, height, width) if height and width else (0, 0, 0, 0))
+    return CropGeometry(side, (grid_w, grid_h), (top, bottom, left, right), tuple(boxes), unpad, tuple(image_size))
+
+
+def crop_cells(geometry: CropGeometry, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every crop cell `[C, P]`: whether it holds image, and its packed index (its rank in
+    raster order among the crop's image cells; meaningless outside the image area)."""
+    side = geometry.side
+    if not geometry.crop_boxes:
+        empty = torch.zeros(0, side * side, dtype=torch.bool, device=device)
+        return empty, empty.long()
+    top, left, height, width = torch.tensor(geometry.crop_boxes, device=device).T[..., None, None]  # each [C, 1, 1]
+    rows = torch.arange(side, device=device)[:, None]
+    cols = torch.arange(side, device=device)[None, :]
+    image_area = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+    packed = (rows - top) * width + (cols - left)
+    return image_area.flatten(1), packed.flatten(1)
+
+
+def crop_canvas(per_crop: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-crop values `[C, P]` or `[C * P]` (crops row-major, patches raster) laid out as the crop
+    canvas `[grid_h * side, grid_w * side]`: crop `(i, j)` cell `(y, x)` lands at `(i*side + y, j*side + x)`."""
+    grid_w, grid_h = grid
+    side = math.isqrt(per_crop.numel() // (grid_w * grid_h))
+    return per_crop.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side)
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """One image's budget, resolved before the method runs.
+
+    `ratio`: the fraction R of vanilla LLaVA-NeXT's image tokens (newlines excluded) to keep,
+    in (0, 1]. Given as `--visual-tokens N`, it is `min(N / vanilla, 1)` and `tokens` keeps N.
+    Each method's docstring says how it maps the budget onto its own counts.
+    """
+
+    ratio: float
+    vanilla_image_tokens: int
+    tokens: int | None = None  # the absolute budget N, when stated so
+
+    @classmethod
+    def resolve(cls, geometry: CropGeometry, retention_ratio: float | None = None,
+                visual_tokens: int | None = None) -> Budget:
+        vanilla = geometry.vanilla_image_tokens
+        if visual_tokens is not None:
+            tokens = check_visual_tokens(visual_tokens)
+            return cls(min(tokens / vanilla, 1.0), vanilla, tokens)
+        return cls(check_retention_ratio(1.0 if retention_ratio is None else retention_ratio), vanilla)
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.ratio >= 1.0
+
+    @property
+    def image_tokens(self) -> int:
+        """The budget in image tokens: N, or `round(R * vanilla)`."""
+        return self.tokens if self.tokens is not None else round(self.ratio * self.vanilla_image_tokens)
+
+
+def apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """`total` whole units shared in proportion to `weights`, none above its cap (largest
+    remainder; what a capped part cannot take goes to the others; ties to the lower index).
+    All-zero weights share equally. Host-side arithmetic on a handful of numbers."""
+    counts = [0] * len(weights)
+    remaining = min(total, sum(caps))
+    active = [index for index, cap in enumerate(caps) if cap > 0]
+    while remaining > 0 and active:
+        weight_sum = sum(weights[index] for index in active)
+        shares = {index: remaining * (weights[index] / weight_sum if weight_sum > 0 else 1 / len(active))
+                  for index in active}
+        capped = [index for index in active if counts[index] + shares[index] >= caps[index]]
+        if capped:  # fill those to their caps, then share the rest among the others
+            for index in capped:
+                remaining -= caps[index] - counts[index]
+                counts[index] = caps[index]
+            active = [index for index in active if index not in capped]
+            continue
+        floors = {index: math.floor(shares[index]) for index in active}
+        for index in active:
+            counts[index] += floors[index]
+        remaining -= sum(floors.values())
+        by_remainder = sorted(active, key=lambda index: (-(shares[index] - floors[index]), index))
+        for index in by_remainder[:remaining]:
+            counts[index] += 1
+        remaining = 0
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# What is kept
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Selection:
+    """What a method keeps of one image; `arrange_tokens` turns it into the LLM's sequence.
+
+    `thumbnail_indices` are in the order the method's own (official) sequence sends them
+    (raster for most methods; GlobalCom2: best score first). `arrangement` is what the
+    `official` layout means for this method: `raster` (kept tokens in canvas order, as
+    LLaVA-NeXT) or `packed` (GlobalCom2's released sequence). `extra` holds the method's own
+    accounting (JSON-ready), passed through to reports unchanged.
+    """
+
+    geometry: CropGeometry
+    thumbnail_indices: torch.Tensor  # [k_t] int64
+    crop_keep_mask: torch.Tensor     # [C, P] bool, kept crop tokens at their real positions
+    crop_kept_counts: list[int]      # kept tokens per crop, known on the host
+    keeps_all: bool = False          # everything kept: LLaVA-NeXT's own sequence
+    arrangement: str = "raster"
+    send_crops: bool = True          # False: the crops, their newlines included, are not sent at all
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def image_tokens(self) -> int:
+        return int(self.thumbnail_indices.shape[0]) + sum(self.crop_kept_counts)
+
+    def resolved_arrangement(self, layout: str) -> str:
+        """`packed` only for the `official` layout of a method whose official sequence is packed,
+        and never when everything is kept (that is always LLaVA-NeXT's own sequence)."""
+        check_layout(layout)
+        return "packed" if layout == "official" and self.arrangement == "packed" and not self.keeps_all else "raster"
+
+    def newline_tokens(self, layout: str) -> int:
+        if not self.send_crops and self.geometry.crop_boxes:
+            return 0
+        return self.geometry.newline_count(self.resolved_arrangement(layout))
+
+    def tokens_after(self, layout: str) -> int:
+        """Length of `arrange_tokens`'s output: kept image tokens plus newlines."""
+        return self.image_tokens + self.newline_tokens(layout)
+
+    def accounting(self, layout: str) -> dict:
+        """One image's record (JSON-ready): visual tokens before (vanilla LLaVA-NeXT, newlines
+        included) and after; image and newline tokens kept; vanilla image tokens and the realised
+        ratio of image tokens; per crop (row-major) its image tokens and kept tokens; `extra`."""
+        geometry = self.geometry
+        before = geometry.vanilla_image_tokens + geometry.newline_count("raster")
+        after = self.tokens_after(layout)
+        record = dict(tokens_before=before, tokens_after=after, retained=after / max(before, 1),
+                      image_tokens=self.image_tokens, newline_tokens=self.newline_tokens(layout),
+                      vanilla_image_tokens=geometry.vanilla_image_tokens,
+                      realised_ratio=self.image_tokens / max(geometry.vanilla_image_tokens, 1),
+                      grid=list(geometry.grid) if geometry.crop_boxes else None,
+                      thumbnail_kept=int(self.thumbnail_indices.shape[0]), crop_valid=geometry.valid_counts,
+                      crop_kept=list(self.crop_kept_counts))
+        return dict(record, **self.extra)
+
+
+def uncompressed_accounting(tokens: int) -> dict:
+    """The record of an image sent whole without spatial structure (merge type `flat`)."""
+    return dict(tokens_before=tokens, tokens_after=tokens, retained=1.0, image_tokens=tokens, newline_tokens=0,
+                vanilla_image_tokens=tokens, realised_ratio=1.0, grid=None, thumbnail_kept=tokens, crop_valid=[],
+                crop_kept=[])
+
+
+@dataclasses.dataclass
+class Merge(Selection):
+    """A selection whose kept tokens carry merged features instead of their own.
+
+    `features`: `[K, D]` for the `K = image_tokens` kept tokens in canonical order (thumbnail
+    kept cells in raster order, then each crop's kept cells in raster order). `source_map`:
+    `[V, P]` int64, for every patch the canonical index of the kept token it was merged into,
+    -1 if none (the provenance).
+    """
+
+    features: torch.Tensor | None = None
+    source_map: torch.Tensor | None = None
+
+
+def keep_everything(geometry: CropGeometry, device=None) -> Selection:
+    """Every thumbnail patch and every crop token in the image area: vanilla LLaVA-NeXT."""
+    image_area, _ = crop_cells(geometry, device)
+    every_patch = torch.arange(geometry.side**2, device=device)
+    return Selection(geometry, every_patch, image_area, geometry.valid_counts, keeps_all=True)
+
+
+def selection_from_mask(geometry: CropGeometry, keep: torch.Tensor, kept_counts: list[int], kind: type = None,
+                        **fields) -> Selection:
+    """A raster-order selection (or `kind`, e.g. `Merge`) from a keep mask `[V, P]` (thumbnail
+    first) whose per-view counts `kept_counts` (`[V]`, thumbnail first) the caller knows on the host."""
+    thumbnail_indices = _first_true(keep[0], kept_counts[0])
+    return (kind or Selection)(geometry, thumbnail_indices, keep[1:], list(kept_counts[1:]), **fields)
+
+
+def view_image_areas(geometry: CropGeometry, device) -> torch.Tensor:
+    """`[V, P]` bool: the cells of each view that hold image (all of the thumbnail's)."""
+    crops, _ = crop_cells(geometry, device)
+    return torch.cat([torch.ones(1, geometry.side**2, dtype=torch.bool, device=device), crops])
+
+
+def view_image_tokens(geometry: CropGeometry) -> list[int]:
+    """Image tokens of each view `[V]`, thumbnail first: the caps of any per-view count."""
+    return [geometry.side**2, *geometry.valid_counts]
+
+
+def keep_mask(selection: Selection) -> torch.Tensor:
+    """The selection as a `[V, P]` bool mask, thumbnail first."""
+    thumbnail = torch.zeros(1, selection.geometry.side**2, dtype=torch.bool, device=selection.thumbnail_indices.device)
+    thumbnail[0, selection.thumbnail_indices] = True
+    return torch.cat([thumbnail, selection.crop_keep_mask.to(thumbnail.device)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The language model's sequence
+# ----------------------------------------------------------------------------------------------
+
+def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newline: torch.Tensor | None,
+                   layout: str = "official") -> torch.Tensor:
+    """The kept tokens of `image_feature` `[1 + C, P, D]` as the sequence `[M, D]` the LLM reads.
+
+    `raster` arrangement (the `spatial` layout, and `official` for most methods): thumbnail
+    tokens in raster order, kept crop tokens at their real canvas positions, one newline per
+    image row (LLaVA-NeXT's layout). `packed` (GlobalCom2's `official`): thumbnail tokens in the
+    selection's order (best score first), then the crop canvas row by row with one newline per
+    canvas row, each kept crop token placed at the cell numbered by its *packed* index (the
+    released code's sequence, quirks Q2, Q3, Q12). A single view gets its kept tokens, then one
+    newline if `image_newline` is given. A `Merge` puts its merged features in place of the kept
+    tokens' own. `image_newline`: `[D]`, or None (no unpadding, no newlines).
+    """
+    geometry = selection.geometry
+    arrangement = selection.resolved_arrangement(layout)
+    if geometry.unpad and image_newline is None:
+        raise ValueError("an unpadded selection needs image_newline")
+    if isinstance(selection, Merge):
+        image_feature = _with_merged_features(image_feature, selection)
+    thumbnail_indices = selection.thumbnail_indices
+    if arrangement == "raster":
+        thumbnail_indices = thumbnail_indices.sort().values
+    if not geometry.crop_boxes:
+        tokens = image_feature[0][thumbnail_indices]
+        return torch.cat([tokens, image_newline[None].to(tokens.dtype)]) if geometry.unpad else tokens
+    if not selection.send_crops:
+        return image_feature[0][thumbnail_indices]
+    num_crop_tokens = (image_feature.shape[0] - 1) * image_feature.shape[1]  # C * P
+    keep = selection.crop_keep_mask
+    token_ids = torch.arange(num_crop_tokens, device=keep.device).view(keep.shape)
+    if arrangement == "packed":
+        # Move each kept token to the crop cell numbered by its packed index; unkept tokens
+        # are scattered to a spare slot at the end, so no host sync is needed.
+        _, packed = crop_cells(geometry, keep.device)
+        target = torch.where(keep, packed + token_ids - token_ids % packed.shape[1], num_crop_tokens)
+        placed = torch.full((num_crop_tokens + 1,), -1, dtype=torch.long, device=keep.device)
+        cells = placed.scatter_(0, target.flatten(), torch.where(keep, token_ids, -1).flatten())[:-1]
+    else:
+        cells = torch.where(keep, token_ids, -1)
+    newline_rows = geometry.newline_rows(arrangement)
+    canvas = crop_canvas(cells, geometry.grid)
+    if len(newline_rows):
+        rows = canvas[newline_rows.start:newline_rows.stop]
+        canvas = torch.cat([rows, rows.new_full((rows.shape[0], 1), num_crop_tokens)], dim=1)
+    sequence = canvas.flatten()
+    newline_count = len(newline_rows)
+    crop_count = sum(selection.crop_kept_counts) + newline_count
+    # Occupied cells in order via stable sorts rather than `nonzero`, whose output size would
+    # need a host sync; the counts are already known on the host.
+    sequence = sequence[_first_true(sequence >= 0, crop_count)]
+    # One gather for the whole sequence (crop rows follow the thumbnail's P rows): separate
+    # [M, D] temporaries joined by `cat` would cost more than the copies themselves.
+    num_patches = image_feature.shape[1]
+    rows = torch.cat([thumbnail_indices, num_patches + sequence.clamp(max=num_crop_tokens - 1)])
+    tokens = image_feature.flatten(0, 1)[rows]
+    if newline_count:
+        newline_positions = thumbnail_indices.shape[0] + _first_true(sequence == num_crop_tokens, newline_count)
+        tokens.index_put_((newline_positions,), image_newline.to(tokens.dtype))
+    return tokens
+
+
+def _with_merged_features(image_feature: torch.Tensor, merge: Merge) -> torch.Tensor:
+    """`image_feature` `[V, P, D]` with the kept cells' rows replaced by the merged features."""
+    mask = keep_mask(merge).flatten()
+    positions = _first_true(mask, merge.image_tokens)  # canonical order: view-major, raster
+    merged = image_feature.flatten(0, 1).clone()
+    merged[positions] = merge.features.to(merged.dtype)
+    return merged.view_as(image_feature)
+
+
+def check_shapes(image_feature: torch.Tensor, cls_attn_scores: torch.Tensor, grid: tuple[int, int],
+                 image_newline: torch.Tensor | None) -> None:
+    """Raise `ValueError` naming the expected shape when the inputs disagree with the grid."""
+    grid_w, grid_h = grid
+    if image_feature.ndim != 3:
+        raise ValueError(f"image_feature must be [1 + C, P, D], got shape {tuple(image_feature.shape)}")
+    views, num_patches, dim = image_feature.shape
+    if views != 1 + grid_w * grid_h:
+        raise ValueError(f"a {grid_w}x{grid_h} grid needs image_feature of shape [{1 + grid_w * grid_h}, P, D] "
+                         f"(thumbnail + crops), got {tuple(image_feature.shape)}")
+    if math.isqrt(num_patches) ** 2 != num_patches:
+        raise ValueError(f"each view must have a square number of patches, got P = {num_patches}")
+    if tuple(cls_attn_scores.shape) != (views, num_patches):
+        raise ValueError(f"cls_attn_scores must have shape [{views}, {num_patches}] to match image_feature, "
+                         f"got {tuple(cls_attn_scores.shape)}")
+    if image_newline is not None and tuple(image_newline.shape) != (dim,):
+        raise ValueError(f"image_newline must have shape [{dim}], got {tuple(image_newline.shape)}")
+
+
+def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the first `count` True entries of the 1-D `mask`, in order."""
+    return torch.argsort(mask.logical_not().to(torch.int8), stable=True)[:count]

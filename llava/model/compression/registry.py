@@ -1,0 +1,153 @@
+"""The method registry: registration, lookup, listing, describing, and `key=value` arguments.
+
+A method module registers its entry point with `@register(name, needs=..., args=...)`. The entry
+point takes `(views, signals, geometry, budget, args)`:
+
+- `views`: `[V, P, D]` projected features, thumbnail first (`V = 1 + C`);
+- `signals`: the tower signals named in `needs`, each `[V, P]` (see `SIGNALS`), and nothing else;
+- `geometry`: `common.CropGeometry` (grid, unpadding); `budget`: `common.Budget`, resolved;
+- `args`: the method's frozen dataclass of arguments;
+
+and returns a `common.Selection` (or a `common.Merge`). Arrangement into the language model's
+sequence, newlines and accounting are shared code (`common.arrange_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from typing import Callable
+
+# Tower signals a method can ask for; the tower computes only the ones the chosen method needs.
+SIGNALS = {
+    "cls_logits_last": "last CLIP layer's pre-softmax [CLS]->patch logits, head mean [V, P] (GlobalCom2)",
+    "cls_attn_penultimate": "layer -2's post-softmax [CLS]->patch attention over all keys, head mean [V, P] "
+                            "(FasterVLM, VisionZip)",
+}
+
+# Input changes a method may declare (its official code alters the model's input): config keys
+# the glue overrides for that method's runs.
+INPUT_CHANGES = {"mm_patch_merge_type"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoArgs:
+    """A method without arguments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    select: Callable
+    needs: frozenset
+    args: type
+    stage: str
+    summary: str
+    input_changes: Callable[[object], dict]  # args -> {config key: value}
+
+    def signals_for(self, args, budget_keeps_all: bool) -> frozenset:
+        """What the tower must compute for one run: nothing when the method keeps everything at a
+        full budget without looking (its `keeps_everything` says so), else `needs`."""
+        if budget_keeps_all and getattr(args, "keeps_everything", lambda: True)():
+            return frozenset()
+        return self.needs
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, needs=(), args: type = NoArgs, stage: str = "pre-llm",
+             input_changes: Callable[[object], dict] | None = None):
+    """Decorator registering a method's entry point under `name` (the module's name)."""
+    unknown = set(needs) - set(SIGNALS)
+    if unknown:
+        raise ValueError(f"method {name}: unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
+
+    def decorate(select: Callable) -> Callable:
+        module_doc = (sys.modules[select.__module__].__doc__ or "").strip()
+        _METHODS[name] = Method(name, select, frozenset(needs), args, stage, module_doc.split("\n")[0],
+                                input_changes or (lambda method_args: {}))
+        return select
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"unknown compression method {name!r}; choose one of: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def argument_fields(method: Method) -> list[tuple[str, type, object, str]]:
+    """`(name, type, default, help)` of each argument of `method`."""
+    hints = typing.get_type_hints(method.args)
+    return [(field.name, hints[field.name], field.default, field.metadata.get("help", ""))
+            for field in dataclasses.fields(method.args)]
+
+
+def parse_method_args(name: str, pairs: list[str] | None = None):
+    """The method's argument dataclass from `key=value` strings; a ValueError in one line naming
+    the valid keys (with their defaults) on an unknown key or a bad value."""
+    method = get_method(name)
+    fields = {field_name: (kind, default) for field_name, kind, default, _ in argument_fields(method)}
+    valid = ", ".join(f"{key}={default!r}" for key, (_, default) in fields.items()) or "none"
+    values = {}
+    for pair in pairs or []:
+        key, separator, text = pair.partition("=")
+        if not separator or key not in fields:
+            raise ValueError(f"method {name} has no argument {key!r} (expected key=value; its arguments: {valid})")
+        values[key] = _convert(name, key, text, fields[key][0])
+    try:
+        return method.args(**values)
+    except ValueError as error:
+        raise ValueError(f"method {name}: {error} (its arguments: {valid})") from None
+
+
+def _convert(method: str, key: str, text: str, kind):
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    try:
+        if choices:
+            if text not in choices:
+                raise ValueError
+            return text
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return kind(text)
+    except ValueError:
+        expected = f"one of {', '.join(choices)}" if choices else kind.__name__
+        raise ValueError(f"method {method}: {key}={text!r} is not {expected}") from None
+
+
+def method_args_dict(args) -> dict:
+    """The arguments as a JSON-ready dict (for answer metadata and selection records)."""
+    return dataclasses.asdict(args)
+
+
+def non_default_args(args) -> dict:
+    """Only the arguments that differ from their defaults (what names a run)."""
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(args)
+            if getattr(args, field.name) != field.default}
+
+
+def describe(name: str) -> str:
+    """Several lines: the method's name, stage, summary, signals and arguments with defaults."""
+    method = get_method(name)
+    lines = [f"{method.name} ({method.stage}): {method.summary}",
+             f"  signals: {', '.join(sorted(method.needs)) or 'none'}"]
+    for field_name, kind, default, help_text in argument_fields(method):
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        kind_text = "|".join(choices) if choices else kind.__name__
+        lines.append(f"  {field_name}={default!r} ({kind_text}): {help_text}")
+    return "\n".join(lines)
+
+
+def arg(default, help: str):  # noqa: A002  (the dataclass field's help text)
+    """A method argument: its default (the official code's value) and one line of help."""
+    return dataclasses.field(default=default, metadata={"help": help})
