@@ -2,10 +2,14 @@
 
 import os
 import struct
+import sys
 import zlib
 
 # Tests never reach a hub: everything they load is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Subprocesses that run `python` (the benchmark scripts, the tools) get this interpreter, also
+# where the quick start's `.venv` is not activated and no `python` is on the PATH at all.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest

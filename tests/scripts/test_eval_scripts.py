@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_chunks_over_two_devices_and_the_results_table(eval_dir, tiny_checkpoint
     questions = read_jsonl(os.path.join(eval_dir, "pope", "llava_pope_test.jsonl"))
     assert [row["question_id"] for row in merged] == [line["question_id"] for line in questions]
     assert _script("pope", eval_dir, tiny_checkpoint, RETENTION_RATIO="1").returncode == 0
-    table = subprocess.run(["python", "-m", "llava.eval.summarize", "--results-dir", os.path.join(eval_dir, "results")],
+    table = subprocess.run([sys.executable, "-m", "llava.eval.summarize", "--results-dir", os.path.join(eval_dir, "results")],
                            cwd=REPO, capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
@@ -87,3 +88,27 @@ def test_missing_data_names_the_file_to_download(tmp_path, tiny_checkpoint):
                                      RETENTION_RATIO="0.25", TOKEN_LAYOUT="official"))
     assert result.returncode == 1
     assert f"missing {tmp_path}/pope/llava_pope_test.jsonl" in result.stderr and "eval.zip" in result.stderr
+
+
+@pytest.mark.parametrize("env, name, method, method_args", [
+    (dict(METHOD="random", RETENTION_RATIO="0.25"), "tiny-random-R0.25", "random", {}),
+    (dict(METHOD="globalcom2", METHOD_ARGS="alpha=0 allocation=uniform", RETENTION_RATIO="0.25"),
+     "tiny-globalcom2-{digest}-R0.25", "globalcom2", {"alpha": 0.0, "allocation": "uniform"}),
+    (dict(METHOD="pooling", VISUAL_TOKENS="300"), "tiny-pooling-N300", "pooling", {}),
+])
+def test_method_and_arguments_name_the_answers(eval_dir, tiny_checkpoint, env, name, method, method_args):
+    from llava.model.compression.__main__ import run_name
+
+    name = name.format(digest=run_name("globalcom2", ["alpha=0", "allocation=uniform"]).split("-")[-1])
+    result = _script("pope", eval_dir, tiny_checkpoint, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(os.path.join(eval_dir, "pope", "answers", f"{name}.jsonl"))
+    metadata = rows[0]["metadata"]
+    assert metadata["method"] == method and metadata["settings"]["method_args"] == method_args
+    assert metadata["budget_visual_tokens"] == (int(env["VISUAL_TOKENS"]) if "VISUAL_TOKENS" in env else None)
+
+
+def test_a_bad_method_argument_is_one_line_before_the_model_loads(eval_dir, tiny_checkpoint):
+    result = _script("pope", eval_dir, tiny_checkpoint, METHOD="globalcom2", METHOD_ARGS="alhpa=0")
+    assert result.returncode != 0 and "method globalcom2 has no argument 'alhpa'" in result.stderr
+    assert "alpha=0.5" in result.stderr and "Traceback" not in result.stderr

@@ -3,8 +3,14 @@
 # Environment (all optional):
 #   MODEL_PATH       checkpoint (default ./liuhaotian/llava-next-7b; SAMPLE=1: the tiny checkpoint)
 #   CKPT             model name in answer files (default: the checkpoint directory's name)
-#   RETENTION_RATIO  GlobalCom2's R in (0, 1], 1 = vanilla (default: llava_arch.retention_ratio)
+#   METHOD           compression method (default: llava_arch.compression_method, globalcom2;
+#                    python -m llava.model.compression --list)
+#   METHOD_ARGS      its arguments, space-separated key=value pairs (e.g. "alpha=0 allocation=uniform")
+#   RETENTION_RATIO  R in (0, 1], the fraction of vanilla image tokens kept; 1 = vanilla
+#                    (default: llava_arch.retention_ratio)
+#   VISUAL_TOKENS    instead of a ratio: image tokens kept per image
 #   TOKEN_LAYOUT     official | spatial (default: llava_arch.token_layout)
+#   PYTHON           the interpreter (default: .venv/bin/python when the install script made it, else python)
 #   CONV_MODE        chat template (default vicuna_v1)
 #   CUDA_VISIBLE_DEVICES  one runner process per listed GPU, each on its chunk (default 0)
 #   EVAL_DIR         data root (default ./playground/data/eval; SAMPLE=1: ./playground/sample/eval)
@@ -12,12 +18,16 @@
 #   RUNNER_ARGS      more runner arguments (SAMPLE=1 default: --max_new_tokens 8)
 set -euo pipefail
 
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+
 if [ "${SAMPLE:-0}" = "1" ]; then
     EVAL_DIR=${EVAL_DIR:-./playground/sample/eval}
     MODEL_PATH=${MODEL_PATH:-./checkpoints/llava-next-tiny}
     RUNNER_ARGS=${RUNNER_ARGS:---max_new_tokens 8}
-    python -m llava.eval.sample_suite --out "$EVAL_DIR" --if-missing
-    [ -f "$MODEL_PATH/config.json" ] || python -m llava.tiny --out "$MODEL_PATH"
+    "$PYTHON" -m llava.eval.sample_suite --out "$EVAL_DIR" --if-missing
+    [ -f "$MODEL_PATH/config.json" ] || "$PYTHON" -m llava.tiny --out "$MODEL_PATH"
 else
     EVAL_DIR=${EVAL_DIR:-./playground/data/eval}
     MODEL_PATH=${MODEL_PATH:-./liuhaotian/llava-next-7b}
@@ -25,14 +35,29 @@ else
 fi
 CKPT=${CKPT:-$(basename "$MODEL_PATH")}
 CONV_MODE=${CONV_MODE:-vicuna_v1}
-if [ -z "${RETENTION_RATIO:-}" ] || [ -z "${TOKEN_LAYOUT:-}" ]; then
-    read -r DEFAULT_RATIO DEFAULT_LAYOUT < <(python -c \
-        "from llava.model import llava_arch as a; print(a.retention_ratio, a.token_layout)")
-    RETENTION_RATIO=${RETENTION_RATIO:-$DEFAULT_RATIO}
-    TOKEN_LAYOUT=${TOKEN_LAYOUT:-$DEFAULT_LAYOUT}
+read -r DEFAULT_RATIO DEFAULT_LAYOUT DEFAULT_METHOD < <("$PYTHON" -c \
+    "from llava.model import llava_arch as a; print(a.retention_ratio, a.token_layout, a.compression_method)")
+TOKEN_LAYOUT=${TOKEN_LAYOUT:-$DEFAULT_LAYOUT}
+METHOD=${METHOD:-$DEFAULT_METHOD}
+METHOD_ARGS=${METHOD_ARGS:-}
+VISUAL_TOKENS=${VISUAL_TOKENS:-}
+RETENTION_RATIO=${RETENTION_RATIO:-$DEFAULT_RATIO}
+# shellcheck disable=SC2086  # METHOD_ARGS is a list of words
+METHOD_NAME=$("$PYTHON" -m llava.model.compression --run-name "$METHOD" $METHOD_ARGS)
+COMPRESSION=(--method "$METHOD" --token-layout "$TOKEN_LAYOUT")
+for pair in $METHOD_ARGS; do
+    COMPRESSION+=(--method-arg "$pair")
+done
+# Runs with different methods, arguments, budgets or layouts never overwrite each other;
+# GlobalCom2 with default arguments keeps the names of older runs.
+if [ -n "$VISUAL_TOKENS" ]; then
+    COMPRESSION+=(--visual-tokens "$VISUAL_TOKENS")
+    BUDGET="N$VISUAL_TOKENS"
+else
+    COMPRESSION+=(--retention-ratio "$RETENTION_RATIO")
+    BUDGET="R$RETENTION_RATIO"
 fi
-# Runs at different ratios or layouts never overwrite each other.
-NAME="$CKPT-R$RETENTION_RATIO"
+NAME="$CKPT${METHOD_NAME:+-$METHOD_NAME}-$BUDGET"
 [ "$TOKEN_LAYOUT" = "official" ] || NAME="$NAME-$TOKEN_LAYOUT"
 
 IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-0}"
@@ -53,19 +78,18 @@ require() {
 run_runner() {
     local output=$1 chunk_dir=$2 module=$3
     shift 3
-    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE"
-                  --retention-ratio "$RETENTION_RATIO" --token-layout "$TOKEN_LAYOUT")
+    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${COMPRESSION[@]}")
     mkdir -p "$(dirname "$output")"
     if [ "$CHUNKS" -eq 1 ]; then
         # shellcheck disable=SC2086  # RUNNER_ARGS is a list of words
-        python -m "$module" "$@" "${common[@]}" --answers-file "$output" $RUNNER_ARGS
+        "$PYTHON" -m "$module" "$@" "${common[@]}" --answers-file "$output" $RUNNER_ARGS
         return
     fi
     mkdir -p "$chunk_dir"
     local pids=() idx
     for idx in $(seq 0 $((CHUNKS - 1))); do
         # shellcheck disable=SC2086
-        CUDA_VISIBLE_DEVICES=${GPULIST[$idx]} python -m "$module" "$@" "${common[@]}" \
+        CUDA_VISIBLE_DEVICES=${GPULIST[$idx]} "$PYTHON" -m "$module" "$@" "${common[@]}" \
             --answers-file "$chunk_dir/${CHUNKS}_${idx}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$idx" $RUNNER_ARGS &
         pids+=($!)
     done
@@ -88,7 +112,7 @@ run_runner() {
 }
 
 # score BENCHMARK COMMAND...: run a scorer, show its output and keep it (with the run's settings)
-# under $EVAL_DIR/results/BENCHMARK/$NAME.{txt,json} for `python -m llava.eval.summarize`.
+# under $EVAL_DIR/results/BENCHMARK/$NAME.{txt,json} for `$PYTHON -m llava.eval.summarize`.
 score() {
     local benchmark=$1
     shift
@@ -96,6 +120,6 @@ score() {
     mkdir -p "$dir"
     "$@" | tee "$dir/.$NAME.txt.partial"
     mv -f "$dir/.$NAME.txt.partial" "$dir/$NAME.txt"  # a failed or killed scorer leaves the last score whole
-    python -m llava.eval.summarize record --benchmark "$benchmark" --log "$dir/$NAME.txt" --model "$CKPT" \
+    "$PYTHON" -m llava.eval.summarize record --benchmark "$benchmark" --log "$dir/$NAME.txt" --model "$CKPT" \
         --retention-ratio "$RETENTION_RATIO" --token-layout "$TOKEN_LAYOUT" --out "$dir/$NAME.json"
 }

@@ -10,6 +10,6 @@ require "$GQADIR/data/testdev_balanced_questions.json" "GQA balanced questions v
 ANSWERS=$GQADIR/answers/$SPLIT/$NAME
 run_runner "$ANSWERS/merge.jsonl" "$ANSWERS" llava.eval.model_vqa_loader \
     --question-file "$GQADIR/$SPLIT.jsonl" --image-folder "$GQADIR/data/images"
-python scripts/convert_gqa_for_eval.py --src "$ANSWERS/merge.jsonl" --dst "$ANSWERS/testdev_balanced_predictions.json"
-score gqa python -m llava.eval.eval_gqa --tier testdev_balanced \
+"$PYTHON" scripts/convert_gqa_for_eval.py --src "$ANSWERS/merge.jsonl" --dst "$ANSWERS/testdev_balanced_predictions.json"
+score gqa "$PYTHON" -m llava.eval.eval_gqa --tier testdev_balanced \
     --questions "$GQADIR/data/testdev_balanced_questions.json" --predictions "$ANSWERS/testdev_balanced_predictions.json"

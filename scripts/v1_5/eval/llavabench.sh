@@ -13,7 +13,7 @@ if [ -z "${OPENAI_API_KEY:-}" ] || [ -z "${RULE_FILE:-}" ]; then
     exit 0
 fi
 mkdir -p "$BENCHDIR/reviews"
-python -m llava.eval.eval_gpt_review_bench --question "$BENCHDIR/questions.jsonl" --context "$BENCHDIR/context.jsonl" \
+"$PYTHON" -m llava.eval.eval_gpt_review_bench --question "$BENCHDIR/questions.jsonl" --context "$BENCHDIR/context.jsonl" \
     --rule "$RULE_FILE" --answer-list "$BENCHDIR/answers_gpt4.jsonl" "$BENCHDIR/answers/$NAME.jsonl" \
     --output "$BENCHDIR/reviews/$NAME.jsonl"
-score llavabench python -m llava.eval.summarize_gpt_review -f "$BENCHDIR/reviews/$NAME.jsonl"
+score llavabench "$PYTHON" -m llava.eval.summarize_gpt_review -f "$BENCHDIR/reviews/$NAME.jsonl"

@@ -8,7 +8,7 @@ require "$MMBDIR/$SPLIT.tsv" "MMBench-CN dev (https://download.openmmlab.com/mmc
 run_runner "$MMBDIR/answers/$SPLIT/$NAME.jsonl" "$MMBDIR/answers/$SPLIT/$NAME" llava.eval.model_vqa_mmbench \
     --question-file "$MMBDIR/$SPLIT.tsv" --single-pred-prompt --lang cn
 mkdir -p "$MMBDIR/answers_upload/$SPLIT"
-python scripts/convert_mmbench_for_submission.py --annotation-file "$MMBDIR/$SPLIT.tsv" \
+"$PYTHON" scripts/convert_mmbench_for_submission.py --annotation-file "$MMBDIR/$SPLIT.tsv" \
     --result-dir "$MMBDIR/answers/$SPLIT" --upload-dir "$MMBDIR/answers_upload/$SPLIT" --experiment "$NAME"
 echo "upload $MMBDIR/answers_upload/$SPLIT/$NAME.xlsx to OpenCompass (MMBench-CN), then record its score:"
-echo "  python -m llava.eval.summarize record --benchmark mmbench_cn --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/mmbench_cn/$NAME.json"
+echo "  $PYTHON -m llava.eval.summarize record --benchmark mmbench_cn --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/mmbench_cn/$NAME.json"

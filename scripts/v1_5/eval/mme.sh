@@ -7,6 +7,6 @@ require "$MMEDIR/MME_Benchmark_release_version" "the MME benchmark data (https:/
 
 run_runner "$MMEDIR/answers/$NAME.jsonl" "$MMEDIR/answers/$NAME" llava.eval.model_vqa_loader \
     --question-file "$MMEDIR/llava_mme.jsonl" --image-folder "$MMEDIR/MME_Benchmark_release_version"
-score mme python -m llava.eval.eval_mme --gt-dir "$MMEDIR/MME_Benchmark_release_version" \
+score mme "$PYTHON" -m llava.eval.eval_mme --gt-dir "$MMEDIR/MME_Benchmark_release_version" \
     --question-file "$MMEDIR/llava_mme.jsonl" --result-file "$MMEDIR/answers/$NAME.jsonl" \
     --out-dir "$MMEDIR/eval_tool/answers/$NAME"

@@ -8,6 +8,6 @@ require "$VETDIR/images" "MM-Vet images (https://github.com/yuweihao/MM-Vet/rele
 run_runner "$VETDIR/answers/$NAME.jsonl" "$VETDIR/answers/$NAME" llava.eval.model_vqa \
     --question-file "$VETDIR/llava-mm-vet.jsonl" --image-folder "$VETDIR/images"
 mkdir -p "$VETDIR/results"
-python scripts/convert_mmvet_for_eval.py --src "$VETDIR/answers/$NAME.jsonl" --dst "$VETDIR/results/$NAME.json"
+"$PYTHON" scripts/convert_mmvet_for_eval.py --src "$VETDIR/answers/$NAME.jsonl" --dst "$VETDIR/results/$NAME.json"
 echo "grade $VETDIR/results/$NAME.json with MM-Vet's GPT-4 grader (https://github.com/yuweihao/MM-Vet), then record its score:"
-echo "  python -m llava.eval.summarize record --benchmark mmvet --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <total> --out $EVAL_DIR/results/mmvet/$NAME.json"
+echo "  $PYTHON -m llava.eval.summarize record --benchmark mmvet --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <total> --out $EVAL_DIR/results/mmvet/$NAME.json"

@@ -9,5 +9,5 @@ require "$POPEDIR/coco" "POPE's coco_pope_{adversarial,popular,random}.json at c
 
 run_runner "$POPEDIR/answers/$NAME.jsonl" "$POPEDIR/answers/$NAME" llava.eval.model_vqa_loader \
     --question-file "$POPEDIR/llava_pope_test.jsonl" --image-folder "$POPEDIR/val2014"
-score pope python -m llava.eval.eval_pope --annotation-dir "$POPEDIR/coco" \
+score pope "$PYTHON" -m llava.eval.eval_pope --annotation-dir "$POPEDIR/coco" \
     --question-file "$POPEDIR/llava_pope_test.jsonl" --result-file "$POPEDIR/answers/$NAME.jsonl"

@@ -12,5 +12,5 @@ ANSWERS=$SEEDDIR/answers/$NAME
 run_runner "$ANSWERS/merge.jsonl" "$ANSWERS" llava.eval.model_vqa_loader \
     --question-file "$SEEDDIR/llava-seed-bench.jsonl" --image-folder "$SEEDDIR"
 mkdir -p "$SEEDDIR/answers_upload"
-score seed python scripts/convert_seed_for_submission.py --annotation-file "$SEEDDIR/SEED-Bench.json" \
+score seed "$PYTHON" scripts/convert_seed_for_submission.py --annotation-file "$SEEDDIR/SEED-Bench.json" \
     --result-file "$ANSWERS/merge.jsonl" --result-upload-file "$SEEDDIR/answers_upload/$NAME.jsonl"

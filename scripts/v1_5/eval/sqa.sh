@@ -9,5 +9,5 @@ require "$SQADIR/pid_splits.json" "pid_splits.json from ScienceQA's data/science
 
 run_runner "$SQADIR/answers/$NAME.jsonl" "$SQADIR/answers/$NAME" llava.eval.model_vqa_science \
     --question-file "$SQADIR/llava_test_CQM-A.json" --image-folder "$SQADIR/images/test" --single-pred-prompt
-score sqa python -m llava.eval.eval_science_qa --base-dir "$SQADIR" --result-file "$SQADIR/answers/$NAME.jsonl" \
+score sqa "$PYTHON" -m llava.eval.eval_science_qa --base-dir "$SQADIR" --result-file "$SQADIR/answers/$NAME.jsonl" \
     --output-file "$SQADIR/answers/${NAME}_output.jsonl" --output-result "$SQADIR/answers/${NAME}_result.json"

@@ -15,5 +15,5 @@ if [ "${TEXTVQA_OCR:-1}" = "0" ]; then
 fi
 run_runner "$TEXTDIR/answers/$NAME.jsonl" "$TEXTDIR/answers/$NAME" llava.eval.model_vqa_loader \
     --question-file "$TEXTDIR/llava_textvqa_val_v051_ocr.jsonl" --image-folder "$TEXTDIR/train_images" "${OCR_ARGS[@]}"
-score textvqa python -m llava.eval.eval_textvqa --annotation-file "$TEXTDIR/TextVQA_0.5.1_val.json" \
+score textvqa "$PYTHON" -m llava.eval.eval_textvqa --annotation-file "$TEXTDIR/TextVQA_0.5.1_val.json" \
     --result-file "$TEXTDIR/answers/$NAME.jsonl"

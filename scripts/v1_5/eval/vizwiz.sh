@@ -8,7 +8,7 @@ require "$VIZDIR/test" "VizWiz test images (https://vizwiz.org/tasks-and-dataset
 run_runner "$VIZDIR/answers/$NAME.jsonl" "$VIZDIR/answers/$NAME" llava.eval.model_vqa_loader \
     --question-file "$VIZDIR/llava_test.jsonl" --image-folder "$VIZDIR/test"
 mkdir -p "$VIZDIR/answers_upload"
-python scripts/convert_vizwiz_for_submission.py --annotation-file "$VIZDIR/llava_test.jsonl" \
+"$PYTHON" scripts/convert_vizwiz_for_submission.py --annotation-file "$VIZDIR/llava_test.jsonl" \
     --result-file "$VIZDIR/answers/$NAME.jsonl" --result-upload-file "$VIZDIR/answers_upload/$NAME.json"
 echo "upload $VIZDIR/answers_upload/$NAME.json to EvalAI (VizWiz VQA), then record its score:"
-echo "  python -m llava.eval.summarize record --benchmark vizwiz --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/vizwiz/$NAME.json"
+echo "  $PYTHON -m llava.eval.summarize record --benchmark vizwiz --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/vizwiz/$NAME.json"
