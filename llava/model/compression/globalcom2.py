@@ -247,7 +247,12 @@ def select_tokens(cls_attn_scores: torch.Tensor, geometry: CropGeometry, budget:
     if budget.keeps_all and args.keeps_everything():
         return everything_at_ratio_one(geometry, cls_attn_scores.device)
     thumbnail_scores, crop_scores = cls_attn_scores[0], cls_attn_scores[1:]
-    ratios = crop_ratios(thumbnail_scores, geometry.grid, budget.ratio, args) if geometry.crop_boxes else []
+    # A full budget keeps every view it sends whole (the analyses of `views` and `drop_crop` at
+    # R = 1), where the released allocation would still take tokens from below-average crops (Q11).
+    if budget.keeps_all:
+        ratios = [1.0] * geometry.num_crops
+    else:
+        ratios = crop_ratios(thumbnail_scores, geometry.grid, budget.ratio, args) if geometry.crop_boxes else []
     if args.drop_crop != "none" and geometry.crop_boxes:
         sums, _ = crop_block_scores(thumbnail_scores, *geometry.grid, "sum")
         dropped = int(np.argmax(sums) if args.drop_crop == "most" else np.argmin(sums))

@@ -11,16 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
+from llava.mm_utils import process_images
 from llava.model.compression.common import Budget, Selection, arrange_tokens, crop_geometry
 from llava.model.compression.globalcom2 import (
+    GlobalCom2Args,
     compress_image_features,
     compress_thumbnail,
+    crop_ratios,
     generate_scale_for_crop_features,
     interpolate_and_split_cls_attn_scores,
     select_crop_tokens,
     select_tokens,
+    visual_token_count,
 )
 from llava.model.globalcom2_released import released_compress_image
 from llava.tiny import V16_PINPOINTS
@@ -350,3 +355,121 @@ def test_properties(side, grid_w, grid_h, width, height, ratio, layout, seed):
         assert row == [] and len(rows) == bottom - top
         for index, row in enumerate(rows):
             assert all(y == top + index for y, _ in row) and [x for _, x in row] == sorted(x for _, x in row)
+
+
+# --- ablations (arguments; defaults are the released behaviour above) ---------------------------
+
+def _ablation(cls_scores, size, grid, ratio, layout="official", **arguments):
+    geometry = crop_geometry(size, grid, math.isqrt(cls_scores.shape[1]))
+    selection = select_tokens(cls_scores, geometry, Budget.resolve(geometry, ratio), GlobalCom2Args(**arguments))
+    views = _named_views(cls_scores.shape[0], math.isqrt(cls_scores.shape[1]))
+    return selection, _names(arrange_tokens(views, selection, torch.tensor([NEWLINE]), layout))
+
+
+def test_alpha_half_is_the_released_sum_and_the_ends_are_one_score():
+    # One full 2x2 crop keeping 2 tokens. Normalised local [0, 0, .71, .71], global [0, .45, 0, .89].
+    geometry = crop_geometry((10, 10), (1, 1), 2)
+    local, global_scores = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), [torch.tensor([0.0, 1.0, 0.0, 2.0])]
+    assert select_crop_tokens(local, global_scores, geometry, [2], 0.5)[0].tolist() == [[False, False, True, True]]
+    # local only: cells 2 and 3 tie at .71 (topk keeps both); global only: 3 (.89) then 1 (.45).
+    assert select_crop_tokens(local, global_scores, geometry, [2], 0.0)[0].tolist() == [[False, False, True, True]]
+    assert select_crop_tokens(local, global_scores, geometry, [2], 1.0)[0].tolist() == [[False, True, False, True]]
+    # alpha = 0.9: .1 * local + .9 * global = [0, .40, .07, .87]: cells 3 and 1.
+    assert select_crop_tokens(local, global_scores, geometry, [2], 0.9)[0].tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scores_local_and_global_equal_alpha_zero_and_one(seed):
+    scores = torch.randn(5, 576, generator=torch.Generator().manual_seed(seed))
+    for named, alpha in (("local", 0.0), ("global", 1.0)):
+        by_name, _ = _ablation(scores, (1000, 700), (2, 2), 0.25, scores=named)
+        by_alpha, _ = _ablation(scores, (1000, 700), (2, 2), 0.25, alpha=alpha)
+        assert torch.equal(by_name.crop_keep_mask, by_alpha.crop_keep_mask)
+    default, _ = _ablation(scores, (1000, 700), (2, 2), 0.25)
+    half, _ = _ablation(scores, (1000, 700), (2, 2), 0.25, alpha=0.5)
+    assert torch.equal(default.crop_keep_mask, half.crop_keep_mask)
+
+
+def test_allocation_modes_by_hand():
+    # 4x4 thumbnail on a 2x1 grid: the left half (columns 0-1) holds score 1 per patch, the right 0,
+    # except one right patch at 3. Sums: left 8, right 3; maxima: left 1, right 3.
+    thumbnail = torch.zeros(4, 4)
+    thumbnail[:, :2] = 1.0
+    thumbnail[0, 3] = 3.0
+    flat = thumbnail.flatten()
+    args = dict(temperature=1.0)
+    # softmax-sum: s = softmax([8, 3]) = [.99331, .00669] -> R (1 + s - .5) = .5 * [1.49331, .50669]
+    ratios = crop_ratios(flat, (2, 1), 0.5, GlobalCom2Args(**args))
+    assert [round(r, 4) for r in ratios] == [0.7467, 0.2533]
+    # softmax-max: softmax([1, 3]) = [.1192, .8808] -> .5 * [.6192, 1.3808]
+    ratios = crop_ratios(flat, (2, 1), 0.5, GlobalCom2Args(allocation="softmax-max", **args))
+    assert [round(r, 4) for r in ratios] == [0.3096, 0.6904]
+    # n-topk: the top int(16 * .5) = 8 patches are the 3 and seven of the eight 1s (lower index
+    # first on ties): 7 left, 1 right; shares (7/8) / (8/16) = 1.75 and .25 -> .5 * [1.75, .25], clipped.
+    ratios = crop_ratios(flat, (2, 1), 0.5, GlobalCom2Args(allocation="n-topk", **args))
+    assert ratios == [0.875, 0.125]
+    assert crop_ratios(flat, (2, 1), 0.5, GlobalCom2Args(allocation="uniform")) == [0.5, 0.5]
+
+
+def test_views_thumbnail_only_and_crops_only():
+    scores = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    thumbnail_only, names = _ablation(scores, (1000, 700), (2, 2), 1.0, views="thumbnail", layout="spatial")
+    assert names == list(range(16)) and thumbnail_only.newline_tokens("official") == 0  # no crop, no newline
+    crops_only, names = _ablation(scores, (1000, 700), (2, 2), 1.0, views="crops", layout="spatial")
+    vanilla, vanilla_names = _ablation(scores, (1000, 700), (2, 2), 1.0, layout="spatial")
+    assert names == vanilla_names[16:] and int(crops_only.thumbnail_indices.shape[0]) == 0
+    compressed, _ = _ablation(scores, (1000, 700), (2, 2), 0.25, views="thumbnail")
+    assert compressed.image_tokens == 4 and sum(compressed.crop_kept_counts) == 0
+
+
+def test_drop_crop_most_and_least():
+    # Thumbnail 4x4 on 2x2: block sums top-left 4, top-right 8, bottom-left 0, bottom-right 2.
+    thumbnail = torch.zeros(4, 4)
+    thumbnail[:2, :2], thumbnail[:2, 2:], thumbnail[2:, 2:] = 1.0, 2.0, 0.5
+    scores = torch.cat([thumbnail.flatten()[None], torch.randn(4, 16)])
+    most, _ = _ablation(scores, (400, 400), (2, 2), 1.0, drop_crop="most")
+    least, _ = _ablation(scores, (400, 400), (2, 2), 1.0, drop_crop="least")
+    assert most.crop_kept_counts == [16, 0, 16, 16] and least.crop_kept_counts == [16, 16, 0, 16]
+    assert most.image_tokens == 16 + 48  # the rest is kept whole at R = 1
+
+
+def test_exact_budget_by_hand():
+    # 1000x700 on 2x2 at side 24: 408 image tokens per crop, vanilla 576 + 4 * 408 = 2208.
+    # R = 0.25: round(552) = 552 tokens, shared in proportion to 144 and 408 r_c (uniform: 102 each)
+    # -> 144 : 102 x 4 = 552 exactly.
+    scores = torch.randn(5, 576, generator=torch.Generator().manual_seed(2))
+    selection, _ = _ablation(scores, (1000, 700), (2, 2), 0.25, budget="exact", allocation="uniform")
+    assert int(selection.thumbnail_indices.shape[0]) == 144 and selection.crop_kept_counts == [102] * 4
+    released, _ = _ablation(scores, (1000, 700), (2, 2), 0.1, allocation="uniform")
+    exact, _ = _ablation(scores, (1000, 700), (2, 2), 0.1, budget="exact", allocation="uniform")
+    # released: int(57.6) + 4 int(40.8) = 57 + 160 = 217; exact: round(220.8) = 221.
+    assert released.image_tokens == 217 and exact.image_tokens == 221
+
+
+@settings(max_examples=1000, deadline=None)
+@given(width=st.integers(1, 4000), height=st.integers(1, 4000), ratio=st.floats(0.001, 1.0),
+       layout=st.sampled_from(["official", "spatial"]), tokens=st.one_of(st.none(), st.integers(1, 3000)))
+def test_exact_budget_length_is_known_before_the_tower(width, height, ratio, layout, tokens):
+    grid = get_anyres_image_grid_shape((width, height), V16_PINPOINTS, 336)
+    geometry = crop_geometry((width, height), grid, 24)
+    scores = torch.randn(1 + grid[0] * grid[1], 576, generator=torch.Generator().manual_seed(width * 4001 + height))
+    budget = Budget.resolve(geometry, None if tokens else ratio, tokens)
+    selection = select_tokens(scores, geometry, budget, GlobalCom2Args(budget="exact"))
+    expected = visual_token_count((width, height), V16_PINPOINTS, None if tokens else ratio, tokens, layout)
+    assert selection.tokens_after(layout) == expected
+    assert selection.image_tokens == min(budget.image_tokens, geometry.vanilla_image_tokens)
+
+
+def test_exact_budget_count_equals_the_models_sequence(tiny):
+    tokenizer, model, processor = tiny
+    model.set_compression(0.3, "spatial", method="globalcom2", method_args=["budget=exact"])
+    try:
+        for index, size in enumerate([(800, 500), (500, 900), (1000, 300), (20, 2000), (1600, 1200), (336, 336)]):
+            image = Image.new("RGB", size, (index * 40, 90, 200 - index * 30))
+            pixel_values = process_images([image], processor, model.config)
+            with torch.no_grad():
+                sequence, = model.encode_image_sequences(pixel_values, [size])
+            assert sequence.shape[0] == visual_token_count(size, model.config.image_grid_pinpoints, 0.3,
+                                                           layout="spatial")
+    finally:
+        model.set_compression()

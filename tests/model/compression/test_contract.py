@@ -1,0 +1,157 @@
+"""The contract every registered method keeps, run over `method_names()` (timm's way: tests
+driven by the registry). A method that cannot keep a point opts out here, with the reason.
+
+Features are named: value `1000 * view + cell` (D = 1), newline -1, so a sequence reads as the
+list of cells the language model receives.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
+from llava.model.compression import get_method, method_names, parse_method_args
+from llava.model.compression.common import Budget, Merge, arrange_tokens, crop_geometry, keep_everything
+from llava.model.compression.registry import SIGNALS, argument_fields
+from llava.tiny import V16_PINPOINTS
+
+NEWLINE = -1.0
+SIZES = [(1000, 700), (700, 1000), (800, 500), (336, 336), (20, 2000), (5000, 2)]
+
+
+def _inputs(size, side=24, dimension=1, seed=0, dtype=torch.float32):
+    grid = get_anyres_image_grid_shape(size, V16_PINPOINTS, 336)
+    views = 1 + grid[0] * grid[1]
+    cells = torch.arange(side * side, dtype=torch.float32)
+    named = torch.stack([1000 * view + cells for view in range(views)])[..., None].expand(-1, -1, dimension)
+    generator = torch.Generator().manual_seed(seed)
+    signals = {name: torch.randn(views, side * side, generator=generator).to(dtype) for name in SIGNALS}
+    return named.to(dtype).contiguous(), signals, crop_geometry(size, grid, side)
+
+
+def _run(name, size, ratio=None, visual_tokens=None, layout="official", dtype=torch.float32, args=None):
+    method = get_method(name)
+    views, signals, geometry = _inputs(size, dtype=dtype)
+    budget = Budget.resolve(geometry, ratio, visual_tokens)
+    declared = {key: value for key, value in signals.items() if key in method.needs}
+    selection = method.select(views, declared, geometry, budget, args or method.args())
+    return selection, arrange_tokens(views, selection, torch.tensor([NEWLINE], dtype=dtype), layout)
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("layout", ["official", "spatial"])
+def test_full_budget_is_vanilla(name, size, layout):
+    views, _, geometry = _inputs(size)
+    vanilla = arrange_tokens(views, keep_everything(geometry), torch.tensor([NEWLINE]), layout)
+    _, sequence = _run(name, size, 1.0, layout=layout)
+    assert torch.equal(sequence, vanilla)
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1, 0.01])
+@pytest.mark.parametrize("layout", ["official", "spatial"])
+def test_sequence_matches_accounting_and_holds_distinct_image_cells(name, size, ratio, layout):
+    selection, sequence = _run(name, size, ratio, layout=layout)
+    record = selection.accounting(layout)
+    assert sequence.shape[0] == record["tokens_after"] == record["image_tokens"] + record["newline_tokens"]
+    assert record["image_tokens"] <= record["vanilla_image_tokens"]
+    names = [int(value) for value in sequence[:, 0].tolist() if value != NEWLINE]
+    if not isinstance(selection, Merge):  # merged features are means, not cell names
+        assert len(set(names)) == len(names)
+        geometry = selection.geometry
+        side = geometry.side
+        image_cells = set(range(side * side))
+        for crop, (top, left, height, width) in enumerate(geometry.crop_boxes):
+            image_cells |= {1000 * (crop + 1) + (top + y) * side + left + x for y in range(height) for x in range(width)}
+        assert set(names) <= image_cells
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("tokens", [1, 100, 700, 10**6])
+def test_visual_tokens_budget_is_accepted_and_bounded(name, tokens):
+    selection, sequence = _run(name, (1000, 700), visual_tokens=tokens)
+    record = selection.accounting("official")
+    assert 0 <= record["image_tokens"] <= record["vanilla_image_tokens"]
+    if tokens >= record["vanilla_image_tokens"]:
+        assert record["image_tokens"] == record["vanilla_image_tokens"]
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtype_is_kept(name, dtype):
+    _, sequence = _run(name, (800, 500), 0.25, dtype=dtype)
+    assert sequence.dtype == dtype
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_repeated_runs_are_identical(name):
+    first, first_sequence = _run(name, (1000, 700), 0.25)
+    second, second_sequence = _run(name, (1000, 700), 0.25)
+    assert torch.equal(first_sequence, second_sequence)
+    assert first.accounting("official") == second.accounting("official")
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_arguments_round_trip_through_the_command_line_form(name):
+    method = get_method(name)
+    defaults = method.args()
+    pairs = [f"{field}={default}" for field, _, default, _ in argument_fields(method)]
+    assert parse_method_args(name, pairs) == defaults
+    for field, _, _, help_text in argument_fields(method):
+        assert help_text, f"{name}.{field} has no help"
+    with pytest.raises(ValueError, match=f"method {name} has no argument 'no_such_knob'"):
+        parse_method_args(name, ["no_such_knob=1"])
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_reads_only_declared_signals(name):
+    """`_run` hands each method only what it declared; here nothing at all for an undeclaring one."""
+    method = get_method(name)
+    assert method.needs <= set(SIGNALS)
+    selection, _ = _run(name, (1000, 700), 0.25)  # a KeyError here would mean an undeclared read
+    assert selection.image_tokens > 0
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_module_documents_the_method_and_its_budget(name):
+    method = get_method(name)
+    module = __import__(method.select.__module__, fromlist=["_"])
+    assert method.summary and "Budget" in module.__doc__
+    assert dataclasses.is_dataclass(method.args) and method.args.__dataclass_params__.frozen
+
+
+# --- through the model: batched equals per-sample, device and dtype of the real glue ----------
+
+def _image(size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_batched_equals_per_sample_in_the_model(tiny, name):
+    tokenizer, model, processor = tiny
+    images = [_image((800, 500), 1), _image((500, 900), 2)]
+    pixel_values = process_images(images, processor, model.config)
+    sizes = [image.size for image in images]
+    ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")
+    model.set_compression(0.25, method=name)
+    try:
+        with torch.no_grad():
+            batched = model.encode_image_sequences(pixel_values, sizes)
+            batched_accounting = list(model.last_accounting)
+            for index in range(2):
+                single, = model.encode_image_sequences(pixel_values[index:index + 1], sizes[index:index + 1])
+                assert torch.equal(single, batched[index])
+                assert model.last_accounting == batched_accounting[index:index + 1]
+            embeds = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixel_values[:1],
+                                                                sizes[:1])[4]
+    finally:
+        model.set_compression()
+    record = batched_accounting[0]
+    assert record["method"] == name and embeds.shape[1] == len(ids) - 1 + record["tokens_after"]
+    assert math.isclose(record["realised_ratio"], record["image_tokens"] / record["vanilla_image_tokens"])
