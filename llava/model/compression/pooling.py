@@ -57,9 +57,9 @@ def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: B
     total, cells = sum(counts), windows.numel()
     target = torch.where(windows >= 0, windows, total).flatten()  # cells outside the image go to a spare slot
     flat = views.flatten(0, 1)
-    sums = flat.new_zeros(total + 1, flat.shape[1]).index_add_(0, target, flat)
     sizes = torch.bincount(target, minlength=total + 1).clamp(min=1)
-    features = (sums / sizes[:, None].to(sums.dtype))[:total]
+    means = flat.new_zeros(total + 1, flat.shape[1]).index_add_(0, target, flat).div_(sizes[:, None].to(flat.dtype))
+    features = means[:total]
     corner = torch.full((total + 1,), cells, device=views.device).scatter_reduce_(
         0, target, torch.arange(cells, device=views.device), "amin")[:total]       # each window's top-left cell
     keep = torch.zeros(cells, dtype=torch.bool, device=views.device).scatter_(0, corner, True).view_as(windows)
