@@ -155,3 +155,25 @@ def test_batched_equals_per_sample_in_the_model(tiny, name):
     record = batched_accounting[0]
     assert record["method"] == name and embeds.shape[1] == len(ids) - 1 + record["tokens_after"]
     assert math.isclose(record["realised_ratio"], record["image_tokens"] / record["vanilla_image_tokens"])
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("budget", [dict(retention_ratio=1.0), dict(retention_ratio=0.5), dict(retention_ratio=0.25),
+                                    dict(retention_ratio=0.1), dict(visual_tokens=300)])
+def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
+    tokenizer, model, processor = tiny
+    image = _image((1000, 700), 3)
+    pixel_values = process_images([image], processor, model.config)
+    model.set_compression(method=name, **budget)
+    try:
+        with torch.no_grad():
+            sequence, = model.encode_image_sequences(pixel_values, [image.size])
+    finally:
+        model.set_compression()
+    record = model.last_accounting[0]
+    assert sequence.shape[0] == record["tokens_after"] and record["method"] == name
+    assert record["vanilla_image_tokens"] == 576 + 4 * 408
+    if budget.get("retention_ratio") == 1.0:
+        assert record["image_tokens"] == record["vanilla_image_tokens"]
+    else:
+        assert 0 < record["image_tokens"] < record["vanilla_image_tokens"]
