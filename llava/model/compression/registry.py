@@ -22,8 +22,8 @@ from typing import Callable
 # Tower signals a method can ask for; the tower computes only the ones the chosen method needs.
 SIGNALS = {
     "cls_logits_last": "last CLIP layer's pre-softmax [CLS]->patch logits, head mean [V, P] (GlobalCom2)",
-    "cls_attn_penultimate": "layer -2's post-softmax [CLS]->patch attention over all keys, head mean [V, P] "
-                            "(FasterVLM, VisionZip)",
+    "cls_attn_penultimate": "layer -2's post-softmax [CLS] attention (softmax over all keys, [CLS] included), "
+                            "patch columns not renormalised, head mean [V, P] (FasterVLM, VisionZip)",
 }
 
 # Input changes a method may declare (its official code alters the model's input): config keys

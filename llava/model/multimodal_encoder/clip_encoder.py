@@ -7,6 +7,9 @@ attention (SDPA/flash) everywhere:
 
 - `cls_logits_last` (GlobalCom2): the last encoder layer's pre-softmax attention logits of the
   [CLS] query against the patch keys, `q.k / sqrt(head_dim)` averaged over heads.
+- `cls_attn_penultimate` (FasterVLM): layer -2's post-softmax attention of the [CLS] query, the
+  softmax taken over all `1 + P` keys ([CLS] included), the patch columns kept without
+  renormalising, averaged over heads: the row HF's `output_attentions` would give.
 """
 
 from __future__ import annotations
@@ -183,9 +186,40 @@ def cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tenso
     return torch.matmul(query, keys).mean(dim=1).squeeze(1)                   # [V, P]
 
 
-# Each signal: the encoder layer it is computed in (negative: from the end) and how.
-SIGNAL_LAYERS = {"cls_logits_last": -1}
-SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores}
+def cls_attention_probabilities(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Head-averaged post-softmax attention of the [CLS] query over the patch keys of one CLIP
+    encoder layer (FasterVLM's score, without the full attention maps its code asks for).
+
+    layer_input: [V, 1 + P, C], the layer's input (before its `layer_norm1`).
+    Returns [V, P] in the input dtype: per head, the softmax of the [CLS] row over all `1 + P`
+    keys (the [CLS] key belongs to the denominator), columns `1..P` kept as they are (not
+    renormalised), then the mean over heads. Only the [CLS] row is projected to a query; every
+    row is projected to a key.
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(layer_input)
+    num_views, num_tokens, width = normed.shape
+    num_heads = attention.num_heads
+    head_dim = width // num_heads
+    # The query is scaled before the product, as transformers 4.37 (the official code's
+    # version) does, so half-precision logits round the same way.
+    query = attention.q_proj(normed[:, :1]) * attention.scale                      # [V, 1, C]
+    keys = attention.k_proj(normed)                                                 # [V, 1 + P, C]
+    query = query.view(num_views, 1, num_heads, head_dim).transpose(1, 2)           # [V, H, 1, d]
+    keys = keys.view(num_views, num_tokens, num_heads, head_dim).permute(0, 2, 3, 1)  # [V, H, d, 1 + P]
+    logits = torch.matmul(query, keys).squeeze(2)                                   # [V, H, 1 + P]
+    # Transformers 4.37's eager attention takes the softmax in the tower dtype (fp16 in
+    # evaluation); PyTorch's half softmax accumulates in fp32 and rounds its output, so an fp32
+    # softmax rounded back to the tower dtype gives the same probabilities (up to the last bit
+    # of `exp`), and the head mean then averages the same rounded values as the official code.
+    probabilities = logits.float().softmax(dim=-1).to(logits.dtype)
+    return probabilities[:, :, 1:].mean(dim=1)                                      # [V, P]
+
+
+# Each signal: the encoder layer it is computed in (negative: from the end; -2 is layer 22 of
+# 24, whose output is LLaVA's feature layer) and how.
+SIGNAL_LAYERS = {"cls_logits_last": -1, "cls_attn_penultimate": -2}
+SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores, "cls_attn_penultimate": cls_attention_probabilities}
 
 
 def build_vision_tower(config, model_path: str | None = None) -> CLIPVisionTower:

@@ -1,9 +1,11 @@
 """The tower's two outputs against transformers' own CLIP forward and an eager attention map."""
 
+import copy
+
 import pytest
 import torch
 
-from llava.model.multimodal_encoder.clip_encoder import resolve_vision_tower
+from llava.model.multimodal_encoder.clip_encoder import SIGNAL_FUNCTIONS, resolve_vision_tower
 
 
 def _pixels(views=3, seed=0):
@@ -72,3 +74,57 @@ def test_openai_tower_is_known_offline():
 def test_unknown_tower_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="not-a/clip-tower"):
         resolve_vision_tower("not-a/clip-tower")
+
+
+def _eager_model(vision_model):
+    """A copy of the tower's CLIP model with eager attention, so `output_attentions` returns maps."""
+    eager = copy.deepcopy(vision_model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def test_cls_attention_matches_hf_eager_attentions(tiny):
+    """FasterVLM's score: layer -2's post-softmax [CLS] row, [CLS] column dropped, head mean."""
+    tower = tiny[1].get_vision_tower()
+    pixels = _pixels(seed=2)
+    with torch.no_grad():
+        _, signals = tower(pixels, {"cls_attn_penultimate"})
+        reference = _eager_model(tower.vision_tower.vision_model)(pixels, output_attentions=True)
+    eager = reference.attentions[-2][:, :, 0, 1:].mean(dim=1)  # as FasterVLM's code takes it
+    assert set(signals) == {"cls_attn_penultimate"}
+    assert signals["cls_attn_penultimate"].shape == (3, 576)
+    assert (signals["cls_attn_penultimate"] - eager).abs().max() <= 1e-7
+    # Not renormalised: the patch columns miss exactly the [CLS] key's share of each head's row.
+    cls_share = reference.attentions[-2][:, :, 0, 0].mean(dim=1)
+    assert torch.allclose(signals["cls_attn_penultimate"].sum(dim=1), 1 - cls_share, atol=1e-6)
+
+
+def test_signals_are_computed_only_when_asked_and_together(tiny):
+    tower = tiny[1].get_vision_tower()
+    pixels = _pixels(views=2, seed=3)
+    with torch.no_grad():
+        plain, none = tower(pixels)
+        features, both = tower(pixels, {"cls_logits_last", "cls_attn_penultimate"})
+        _, logits_only = tower(pixels, {"cls_logits_last"})
+        _, attention_only = tower(pixels, {"cls_attn_penultimate"})
+    assert none == {} and set(logits_only) == {"cls_logits_last"} and set(attention_only) == {"cls_attn_penultimate"}
+    assert set(both) == {"cls_logits_last", "cls_attn_penultimate"}
+    assert torch.equal(features, plain)
+    assert torch.equal(both["cls_logits_last"], logits_only["cls_logits_last"])
+    assert torch.equal(both["cls_attn_penultimate"], attention_only["cls_attn_penultimate"])
+
+
+def test_cls_attention_in_half_precision_follows_the_official_fp16_softmax(tiny):
+    """transformers 4.37 (the official code's version) takes the softmax in fp16; the signal
+    rounds an fp32 softmax to fp16, which agrees to the last bit or so."""
+    layer = copy.deepcopy(tiny[1].get_vision_tower().vision_tower.vision_model.encoder.layers[-2]).half()
+    layer_input = (3 * torch.randn(2, 577, layer.self_attn.embed_dim, generator=torch.Generator().manual_seed(4))).half()
+    with torch.no_grad():
+        scores = SIGNAL_FUNCTIONS["cls_attn_penultimate"](layer, layer_input)
+        attention, normed = layer.self_attn, layer.layer_norm1(layer_input)
+        heads = attention.num_heads
+        query = (attention.q_proj(normed) * attention.scale).view(2, 577, heads, -1).transpose(1, 2)
+        keys = attention.k_proj(normed).view(2, 577, heads, -1).transpose(1, 2)
+        official = torch.softmax(query @ keys.transpose(-1, -2), dim=-1)[:, :, 0, 1:].mean(dim=1)
+    assert scores.dtype == torch.float16
+    assert torch.allclose(scores.float(), official.float(), rtol=2**-10, atol=0)
