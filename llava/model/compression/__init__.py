@@ -6,5 +6,5 @@ is one new module listed here and one test file. `python -m llava.model.compress
 prints every method with its arguments.
 """
 
-from llava.model.compression import globalcom2, pooling, random  # noqa: F401  (registers each method)
+from llava.model.compression import fastervlm, globalcom2, pooling, random  # noqa: F401  (registers each method)
 from llava.model.compression.registry import describe, get_method, method_names, parse_method_args  # noqa: F401
