@@ -56,16 +56,16 @@ def test_table_with_relative_average(tmp_path, capsys):
     capsys.readouterr()
     assert summarize.main(["--results-dir", str(results), "--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")]) == 0
     rows = list(csv.reader(open(tmp_path / "t.csv")))
-    assert rows[0] == ["model", "layout", "R", "GQA", "POPE", "MME", "Average (n)"]
+    assert rows[0] == ["model", "layout", "R", "method", "GQA", "POPE", "MME", "Average (n)"]
     # GQA 48/64 = 75%, POPE 88/80 = 110%, MME 100%: the average is 95.0%, over 3 benchmarks.
-    assert rows[1:] == [["llava-next-7b", "-", "1", "64", "80", "1500", "100.0% (3)"],
-                        ["llava-next-7b", "official", "0.25", "48", "88", "1500", "95.0% (3)"],
-                        ["llava-next-7b", "spatial", "0.1", "32", "", "", "50.0% (1)"],
-                        ["other", "official", "0.5", "16", "", "", ""]]
+    assert rows[1:] == [["llava-next-7b", "-", "1", "-", "64", "80", "1500", "100.0% (3)"],
+                        ["llava-next-7b", "official", "0.25", "globalcom2", "48", "88", "1500", "95.0% (3)"],
+                        ["llava-next-7b", "spatial", "0.1", "globalcom2", "32", "", "", "50.0% (1)"],
+                        ["other", "official", "0.5", "globalcom2", "16", "", "", ""]]
     output = capsys.readouterr()
     assert (tmp_path / "t.md").read_text() == output.out
     # "other" has no R = 1 run: its missing Average is explained.
-    assert "other official R 0.5: no R = 1 score of other for gqa; its Average covers 0 of its 1" in output.err
+    assert "other official R 0.5 globalcom2: no R = 1 score of other for gqa; its Average covers 0 of its 1" in output.err
     assert json.load(open(results / "gqa" / "other.json"))["score"] == 16.0
 
 
@@ -97,3 +97,113 @@ def test_default_results_dir_finds_the_sample_suite(tmp_path, capsys, monkeypatc
     assert summarize.main([]) == 0 and "| 60 |" in capsys.readouterr().out
     monkeypatch.setenv("EVAL_DIR", str(tmp_path / "elsewhere"))
     assert summarize.main([]) == 2 and "elsewhere/results" in capsys.readouterr().err
+
+
+def _record_run(results, benchmark, score, model="m", method=None, method_args=(), budget=("--retention-ratio", "1")):
+    """One record as the scripts make it; the file named like the scripts' answers, one per run."""
+    name = "-".join([model, method or "default", *method_args, *budget]).replace(" ", "_")
+    out = results / benchmark / f"{name}.json"
+    argv = ["record", "--benchmark", benchmark, "--model", model, *budget, "--score", str(score), "--out", str(out)]
+    argv += ["--method", method] if method else []
+    argv += ["--method-args", *method_args] if method_args else []
+    assert summarize.main(argv) == 0
+    return out
+
+
+def test_paper_table_groups_methods_by_budget_under_the_vanilla_row(tmp_path, capsys):
+    results = tmp_path / "results"
+    # Vanilla: R = 1 whatever the method, so the random run's SQA joins GlobalCom2's row.
+    for benchmark, score in [("gqa", 60), ("pope", 80), ("mme", 1500)]:
+        _record_run(results, benchmark, score)
+    _record_run(results, "sqa", 70, method="random")
+    half, quarter = ("--retention-ratio", "0.5"), ("--retention-ratio", "0.25")
+    # gqa, sqa, pope, mme against 60, 70, 80, 1500:
+    # R 0.5 GlobalCom2: 95%, 100%, 95%, 90% -> 95.0% over 4.
+    for benchmark, score in [("gqa", 57), ("sqa", 70), ("pope", 76), ("mme", 1350)]:
+        _record_run(results, benchmark, score, budget=half)
+    # R 0.5 random: 90%, 90%, 90%, 80% -> 87.5% over 4.
+    for benchmark, score in [("gqa", 54), ("sqa", 63), ("pope", 72), ("mme", 1200)]:
+        _record_run(results, benchmark, score, method="random", budget=half)
+    # R 0.25 GlobalCom2 allocation=uniform alpha=0 (keys sorted), however spelt (the last alpha wins):
+    # 80%, 90%, 85%, 85% -> 85.0% over 4.
+    for benchmark, score, args in [("gqa", 48, ["alpha=0 allocation=uniform"]),
+                                   ("sqa", 63, ["allocation=uniform", "alpha=0.0"]),
+                                   ("pope", 68, ["alpha=1 allocation=uniform alpha=0"]),
+                                   ("mme", 1275, ["alpha=0e0 allocation=uniform"])]:
+        _record_run(results, benchmark, score, method="globalcom2", method_args=args, budget=quarter)
+    # R 0.25 random, no MME: 75%, 80%, 80% -> 78.3% over 3 (and a warning).
+    for benchmark, score in [("gqa", 45), ("sqa", 56), ("pope", 64)]:
+        _record_run(results, benchmark, score, method="random", budget=quarter)
+    # 300 tokens per image, after every ratio: GQA 50% -> 50.0% over 1.
+    _record_run(results, "gqa", 30, method="pooling", budget=("--visual-tokens", "300"))
+    # A second model without a vanilla run: its own block, no Average.
+    _record_run(results, "gqa", 30, model="other", budget=half)
+    capsys.readouterr()
+    assert summarize.main(["--results-dir", str(results), "--table", "paper",
+                           "--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")]) == 0
+    rows = list(csv.reader(open(tmp_path / "t.csv")))
+    assert rows == [["model", "budget", "method", "GQA", "SQA-IMG", "POPE", "MME", "Average (n)"],
+                    ["m", "Upper bound", "vanilla", "60", "70", "80", "1500", "100.0% (4)"],
+                    ["m", "50%", "globalcom2", "57", "70", "76", "1350", "95.0% (4)"],
+                    ["m", "50%", "random", "54", "63", "72", "1200", "87.5% (4)"],
+                    ["m", "25%", "globalcom2 allocation=uniform alpha=0", "48", "63", "68", "1275", "85.0% (4)"],
+                    ["m", "25%", "random", "45", "56", "64", "", "78.3% (3)"],
+                    ["m", "300 tokens", "pooling", "30", "", "", "", "50.0% (1)"],
+                    ["other", "50%", "globalcom2", "30", "", "", "", ""]]
+    output = capsys.readouterr()
+    assert (tmp_path / "t.md").read_text() == output.out
+    assert output.out.startswith("**m**\n\n| budget | method | GQA |") and "\n**other**\n\n| budget |" in output.out
+    assert "| Upper bound | vanilla | 60 | 70 | 80 | 1500 | 100.0% (4) |" in output.out
+    assert output.err.splitlines() == [
+        "warning: m 25% random: no mme score, which the vanilla row has; "
+        "its Average covers 3 of the vanilla row's 4 benchmarks",
+        "warning: m 300 tokens pooling: no sqa, pope, mme score, which the vanilla row has; "
+        "its Average covers 1 of the vanilla row's 4 benchmarks",
+        "warning: other has no R = 1 (vanilla) run: its rows have no Average"]
+
+
+def test_records_carry_the_method_in_one_form(tmp_path):
+    spelt_one_way = _record_run(tmp_path, "gqa", 50, method="globalcom2", method_args=["alpha=0.0 allocation=uniform"])
+    spelt_another = _record_run(tmp_path, "gqa", 50, method="globalcom2", method_args=["allocation=uniform", "alpha=0"])
+    assert json.load(open(spelt_one_way)) == json.load(open(spelt_another)) == {
+        "benchmark": "gqa", "model": "m", "method": "globalcom2",
+        "method_args": {"alpha": "0", "allocation": "uniform"},
+        "retention_ratio": 1.0, "token_layout": "official", "score": 50.0}
+    tokens = json.load(open(_record_run(tmp_path, "gqa", 40, method="pooling", budget=("--visual-tokens", "300"))))
+    assert tokens["visual_tokens"] == 300 and "retention_ratio" not in tokens and tokens["method_args"] == {}
+
+
+def test_old_records_without_a_method_read_as_default_globalcom2(tmp_path, capsys):
+    (tmp_path / "gqa").mkdir()
+    for ratio, score in [(1.0, 60.0), (0.25, 45.0)]:
+        old = dict(benchmark="gqa", model="m", retention_ratio=ratio, token_layout="official", score=score)
+        (tmp_path / "gqa" / f"m-R{ratio}.json").write_text(json.dumps(old))
+    # Older still: no layout either.
+    oldest = dict(benchmark="gqa", model="m", retention_ratio=0.5, score=30.0)
+    (tmp_path / "gqa" / "m-R0.5.json").write_text(json.dumps(oldest))
+    entries = summarize.collect(str(tmp_path))
+    assert [(entry["method"], entry["method_args"], entry["token_layout"]) for entry in entries] == [
+        ("globalcom2", {}, "official")] * 3
+    assert summarize.main(["--results-dir", str(tmp_path), "--table", "paper"]) == 0
+    assert capsys.readouterr().out.splitlines()[4:] == ["| Upper bound | vanilla | 60 | 100.0% (1) |",
+                                                        "| 50% | globalcom2 | 30 | 50.0% (1) |",
+                                                        "| 25% | globalcom2 | 45 | 75.0% (1) |"]
+
+
+@pytest.mark.parametrize("budget, message", [
+    (["--retention-ratio", "0.25", "--visual-tokens", "300"], "not allowed with argument"),
+    ([], "one of the arguments --retention-ratio --visual-tokens is required"),
+    (["--visual-tokens", "0"], "must be a whole number of tokens, at least 1"),
+])
+def test_record_takes_exactly_one_budget(tmp_path, capsys, budget, message):
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main(["record", "--benchmark", "gqa", "--model", "m", *budget, "--score", "1",
+                        "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_record_refuses_method_args_that_are_not_pairs(tmp_path, capsys):
+    assert summarize.main(["record", "--benchmark", "gqa", "--model", "m", "--retention-ratio", "1", "--score", "1",
+                           "--method-args", "alpha", "--out", str(tmp_path / "r.json")]) == 2
+    assert "key=value pairs, got 'alpha'" in capsys.readouterr().err and not (tmp_path / "r.json").exists()

@@ -112,3 +112,28 @@ def test_a_bad_method_argument_is_one_line_before_the_model_loads(eval_dir, tiny
     result = _script("pope", eval_dir, tiny_checkpoint, METHOD="globalcom2", METHOD_ARGS="alhpa=0")
     assert result.returncode != 0 and "method globalcom2 has no argument 'alhpa'" in result.stderr
     assert "alpha=0.5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_paper_table_puts_methods_at_one_ratio_in_one_group(eval_dir, tiny_checkpoint):
+    """Random (with an argument) and default GlobalCom2 at R 0.75, and vanilla: the paper table has
+    the vanilla row first, then both methods under 75%."""
+    for env in (dict(METHOD="random", METHOD_ARGS="seed=1", RETENTION_RATIO="0.75"), dict(RETENTION_RATIO="0.75"),
+                dict(RETENTION_RATIO="1")):
+        result = _script("pope", eval_dir, tiny_checkpoint, **env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    table = subprocess.run([sys.executable, "-m", "llava.eval.summarize", "--table", "paper",
+                            "--results-dir", os.path.join(eval_dir, "results")], cwd=REPO, capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    block = lines[lines.index("**tiny**"):]
+    assert block[2].startswith("| budget | method |") and "POPE" in block[2]
+    assert block[4].startswith("| Upper bound | vanilla |") and block[4].endswith("| 100.0% (1) |")
+    group = [index for index, line in enumerate(block) if line.startswith("| 75% |")]
+    assert group == [group[0], group[0] + 1] and group[0] > 4
+    assert [block[index].split(" | ")[1] for index in group] == ["globalcom2", "random seed=1"]
+    assert all(block[index].endswith("% (1) |") for index in group)
+    pope_results = os.path.join(eval_dir, "results", "pope")
+    [random_record] = [name for name in os.listdir(pope_results) if name.startswith("tiny-random-")
+                       and name.endswith("-R0.75.json")]
+    record = json.load(open(os.path.join(pope_results, random_record)))
+    assert (record["method"], record["method_args"], record["retention_ratio"]) == ("random", {"seed": "1"}, 0.75)

@@ -117,9 +117,12 @@ score() {
     local benchmark=$1
     shift
     local dir="$EVAL_DIR/results/$benchmark"
+    local budget=(--retention-ratio "$RETENTION_RATIO")
+    [ -z "$VISUAL_TOKENS" ] || budget=(--visual-tokens "$VISUAL_TOKENS")
     mkdir -p "$dir"
     "$@" | tee "$dir/.$NAME.txt.partial"
     mv -f "$dir/.$NAME.txt.partial" "$dir/$NAME.txt"  # a failed or killed scorer leaves the last score whole
     "$PYTHON" -m llava.eval.summarize record --benchmark "$benchmark" --log "$dir/$NAME.txt" --model "$CKPT" \
-        --retention-ratio "$RETENTION_RATIO" --token-layout "$TOKEN_LAYOUT" --out "$dir/$NAME.json"
+        --method "$METHOD" --method-args "$METHOD_ARGS" "${budget[@]}" --token-layout "$TOKEN_LAYOUT" \
+        --out "$dir/$NAME.json"
 }

@@ -10,4 +10,4 @@ run_runner "$VETDIR/answers/$NAME.jsonl" "$VETDIR/answers/$NAME" llava.eval.mode
 mkdir -p "$VETDIR/results"
 "$PYTHON" scripts/convert_mmvet_for_eval.py --src "$VETDIR/answers/$NAME.jsonl" --dst "$VETDIR/results/$NAME.json"
 echo "grade $VETDIR/results/$NAME.json with MM-Vet's GPT-4 grader (https://github.com/yuweihao/MM-Vet), then record its score:"
-echo "  $PYTHON -m llava.eval.summarize record --benchmark mmvet --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <total> --out $EVAL_DIR/results/mmvet/$NAME.json"
+echo "  $PYTHON -m llava.eval.summarize record --benchmark mmvet --model $CKPT --method $METHOD${METHOD_ARGS:+ --method-args \"$METHOD_ARGS\"} $([ -n "$VISUAL_TOKENS" ] && echo "--visual-tokens $VISUAL_TOKENS" || echo "--retention-ratio $RETENTION_RATIO") --token-layout $TOKEN_LAYOUT --score <total> --out $EVAL_DIR/results/mmvet/$NAME.json"

@@ -11,4 +11,4 @@ mkdir -p "$VIZDIR/answers_upload"
 "$PYTHON" scripts/convert_vizwiz_for_submission.py --annotation-file "$VIZDIR/llava_test.jsonl" \
     --result-file "$VIZDIR/answers/$NAME.jsonl" --result-upload-file "$VIZDIR/answers_upload/$NAME.json"
 echo "upload $VIZDIR/answers_upload/$NAME.json to EvalAI (VizWiz VQA), then record its score:"
-echo "  $PYTHON -m llava.eval.summarize record --benchmark vizwiz --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/vizwiz/$NAME.json"
+echo "  $PYTHON -m llava.eval.summarize record --benchmark vizwiz --model $CKPT --method $METHOD${METHOD_ARGS:+ --method-args \"$METHOD_ARGS\"} $([ -n "$VISUAL_TOKENS" ] && echo "--visual-tokens $VISUAL_TOKENS" || echo "--retention-ratio $RETENTION_RATIO") --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/vizwiz/$NAME.json"

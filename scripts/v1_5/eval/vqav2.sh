@@ -12,4 +12,4 @@ run_runner "$ANSWERS/merge.jsonl" "$ANSWERS" llava.eval.model_vqa_loader \
     --question-file "$VQADIR/$SPLIT.jsonl" --image-folder "$VQADIR/test2015"
 "$PYTHON" scripts/convert_vqav2_for_submission.py --dir "$VQADIR" --ckpt "$NAME" --split "$SPLIT"
 echo "upload $VQADIR/answers_upload/$SPLIT/$NAME.json to EvalAI (VQA Challenge, test-dev), then record its score:"
-echo "  $PYTHON -m llava.eval.summarize record --benchmark vqav2 --model $CKPT --retention-ratio $RETENTION_RATIO --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/vqav2/$NAME.json"
+echo "  $PYTHON -m llava.eval.summarize record --benchmark vqav2 --model $CKPT --method $METHOD${METHOD_ARGS:+ --method-args \"$METHOD_ARGS\"} $([ -n "$VISUAL_TOKENS" ] && echo "--visual-tokens $VISUAL_TOKENS" || echo "--retention-ratio $RETENTION_RATIO") --token-layout $TOKEN_LAYOUT --score <overall> --out $EVAL_DIR/results/vqav2/$NAME.json"
