@@ -1,39 +1,60 @@
-"""What GlobalCom2 keeps of an image, drawn over the image itself, from a real run.
+"""What a compression method keeps of an image, drawn over the image itself, from a real run or
+from a selection file.
 
-`inspect_compression` runs the real preprocessing, vision tower and selection for one image and
-returns a `CompressionView`. The drawing functions turn it into pictures:
+`inspect_compression` runs one image through the real preprocessing, vision tower and the model's
+method (`model.compression_settings()`) as a run does, and returns a `CompressionView`;
+`selection_view` makes one from a line of a selection file, without a model. The drawing
+functions turn it into pictures:
 
 - `thumbnail_mask(view)`: the original image, patches the thumbnail dropped dimmed (the thumbnail
   is the whole image squashed to a square, so each of its patches covers a rectangle of the image);
 - `crops_mask(view)`: the padded AnyRes canvas the crops are cut from, dropped crop patches dimmed,
   letterbox padding striped grey (neither kept nor dropped: it never reaches the model);
-- `score_heatmaps(view)`: the thumbnail's [CLS] scores, each crop's own scores on the canvas, and
-  the thumbnail's scores resized onto the image area as each crop received them;
-- `ratio_chart(view)`, `summary_figure(view)`: per-crop ratios and counts; one page with all.
+- GlobalCom2 only: `score_heatmaps(view)`: the thumbnail's [CLS] scores, each crop's own scores on
+  the canvas, and the thumbnail's scores resized onto the image area as each crop received them
+  (a live run: a selection file holds no scores); `ratio_chart(view)`: per-crop ratios and counts
+  (from the `crop_ratios` the method records); `summary_figure(view)`: one page with all.
 
 The masks and heatmaps are plain RGB images (numpy/PIL; tests check their pixels); the figures
 are matplotlib, with titles. From a notebook:
 
     view = inspect_compression(model, image_processor, load_image("images/shapes-800x500.png"), 0.25)
     summary_figure(view)            # or thumbnail_mask(view), crops_mask(view), ...
+
+Selection files (`--save-selection FILE` of `run_llava` and the benchmark runners) hold one JSON
+line per image, appended as each answer is written (`selection_lines`):
+
+    {"image": "a.png" (run_llava) or "question_id": 7 (runners), "image_index": 0,
+     "compression": {"method", "method_args", "retention_ratio", "visual_tokens", "layout"},
+     "canvas_size": [w, h], "patch_pixels": 14,
+     "selection": common.selection_record(...), "accounting": {"tokens_before", ...}}
+
+`canvas_size` is the AnyRes resolution the crops are cut from and `patch_pixels` a patch's side
+in it: with the image, all `selection_view` needs to draw the masks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image
 
-from llava.files import atomic_write
-from llava.mm_utils import get_anyres_image_grid_shape, process_images, resize_and_pad_image, select_best_resolution
+from llava.eval.jsonl import read_jsonl
+from llava.files import atomic_write, make_parent_dir
+from llava.generation import (add_compression_arguments, add_input_arguments, compression_arguments, compression_label,
+                              configure_model)
+from llava.mm_utils import process_images, resize_and_pad_image, select_best_resolution
 from llava.model.compression import common, globalcom2
 
 DIM = 0.25                  # brightness left to a dropped patch
 PADDING_STRIPES = (70, 130)  # grey levels of the padding's stripes
+SCORES = "cls_logits_last"   # the tower signal GlobalCom2 ranks by, drawn by the heatmaps
 
 
 @dataclasses.dataclass
@@ -41,10 +62,9 @@ class CompressionView:
     image: Image.Image             # the original image, RGB
     canvas: Image.Image            # the image resized and padded to the AnyRes resolution (the crops' source)
     patch_pixels: int              # pixels per patch side in the canvas (14 for CLIP-336)
-    cls_scores: torch.Tensor       # [1 + C, P] float32, CPU
     selection: common.Selection
-    retention_ratio: float
-    layout: str
+    compression: dict              # the settings record: method, method_args, retention_ratio, visual_tokens, layout
+    cls_scores: torch.Tensor | None = None  # [1 + C, P] float32, CPU: GlobalCom2's scores, live runs only
 
     @property
     def side(self) -> int:
@@ -54,34 +74,129 @@ class CompressionView:
     def grid(self) -> tuple[int, int]:
         return self.selection.geometry.grid
 
+    @property
+    def layout(self) -> str:
+        return self.compression["layout"]
+
+    @property
+    def retention_ratio(self) -> float:
+        """This image's budget R (from `--visual-tokens N`: N over its vanilla image tokens)."""
+        return common.Budget.resolve(self.selection.geometry, self.compression["retention_ratio"],
+                                     self.compression["visual_tokens"]).ratio
+
     def title(self) -> str:
         record = self.selection.accounting(self.layout)
-        return (f"R {self.retention_ratio:g} ({self.layout}): {record['tokens_after']} of {record['tokens_before']} "
+        return (f"{compression_label(self.compression)}: {record['tokens_after']} of {record['tokens_before']} "
                 f"visual tokens; thumbnail keeps {record['thumbnail_kept']} of {self.side ** 2}")
 
 
 @torch.inference_mode()
 def inspect_compression(model, image_processor, image: Image.Image, retention_ratio: float | None = None,
                         layout: str | None = None) -> CompressionView:
-    """One AnyRes image through the model's preprocessing, tower and GlobalCom2 selection.
+    """One AnyRes image through the model's preprocessing, tower and compression method, as a run
+    sends it: the selection `encode_image_sequences` made (`model.last_selections[0]`).
 
-    `retention_ratio`/`layout` default to the model's settings (`model.compression_settings()`).
+    `retention_ratio`/`layout` replace the model's settings (`model.compression_settings()`) for
+    this image. For GlobalCom2 the tower also gives its [CLS] scores, for the heatmaps.
     """
     settings = model.compression_settings()
-    ratio = common.check_retention_ratio(settings.retention_ratio if retention_ratio is None else retention_ratio)
-    layout = common.check_layout(settings.token_layout if layout is None else layout)
+    if retention_ratio is not None:
+        settings = dataclasses.replace(settings, retention_ratio=common.check_retention_ratio(retention_ratio),
+                                       visual_tokens=None)
+    if layout is not None:
+        settings = dataclasses.replace(settings, token_layout=common.check_layout(layout))
     if getattr(model.config, "image_aspect_ratio", None) != "anyres":
         raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres')")
     image = image.convert("RGB")
     views = process_images([image], image_processor, model.config)[0].to(model.device, model.dtype)
-    scores = model.encode_images(views, {"cls_logits_last"}).signals["cls_logits_last"].float().cpu()
-    tower = model.get_vision_tower()
-    grid = get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, tower.config.image_size)
-    unpad = "unpad" in getattr(model.config, "mm_patch_merge_type", "")
-    geometry = common.crop_geometry(image.size, grid, tower.num_patches_per_side, unpad)
-    selection = globalcom2.select_tokens(scores, geometry, common.Budget.resolve(geometry, ratio))
+    model.encode_image_sequences([views], [image.size], settings)
+    scores = (model.encode_images(views, {SCORES}).signals[SCORES].float().cpu()
+              if settings.method == "globalcom2" else None)
     canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.config.image_grid_pinpoints))
-    return CompressionView(image, canvas, tower.config.patch_size, scores, selection, ratio, layout)
+    return CompressionView(image, canvas, model.get_vision_tower().config.patch_size, model.last_selections[0],
+                           settings.record(), scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection files
+# ----------------------------------------------------------------------------------------------
+
+def selection_lines(model, accounting: list[dict]) -> list[dict]:
+    """The selection-file lines (see the module's docstring) of the images of the model's last
+    call, whose `accounting` (`Answer.accounting`: empty when the call had no images) pairs them
+    with `model.last_selections`. The caller adds `image` or `question_id`."""
+    settings_keys = model.compression_settings().record().keys()
+    patch_pixels = model.get_vision_tower().config.patch_size
+    lines = []
+    for index, (record, selection) in enumerate(zip(accounting, model.last_selections)):
+        compression = {key: record[key] for key in settings_keys}
+        anyres = selection is not None and selection.geometry.crop_boxes
+        canvas_size = (list(select_best_resolution(selection.geometry.image_size, model.config.image_grid_pinpoints))
+                       if anyres else None)
+        lines.append(dict(
+            image_index=index, compression=compression, canvas_size=canvas_size, patch_pixels=patch_pixels,
+            selection=common.selection_record(selection, compression["layout"]) if selection is not None else None,
+            accounting={key: value for key, value in record.items() if key not in compression}))
+    return lines
+
+
+def open_selection_file(path: str):
+    """`path` opened for appending lines (its folder made), after cutting a half-written last line
+    that a killed run left, which the next line would otherwise join."""
+    make_parent_dir(path)
+    with open(path, "a+b") as file:
+        end = file.seek(0, os.SEEK_END)
+        start = end
+        while start > 0:  # back to the last newline, a block at a time
+            block = min(start, 1 << 16)
+            file.seek(start - block)
+            newline = file.read(block).rfind(b"\n")
+            if newline >= 0:
+                start = start - block + newline + 1
+                break
+            start -= block
+        if start < end:
+            file.truncate(start)
+    return open(path, "a", encoding="utf-8")
+
+
+def write_lines(out, lines: list[dict]) -> None:
+    """Append JSON lines to an open file and flush, so a killed run loses at most the line in flight."""
+    out.writelines(json.dumps(line) + "\n" for line in lines)
+    out.flush()
+
+
+def selection_view(line: dict, image: Image.Image) -> CompressionView:
+    """A `CompressionView` from one selection-file line and its image, without a model (no scores:
+    masks, and the ratio chart for methods that record `crop_ratios`)."""
+    record = line["selection"]
+    if record is None or record["grid"] is None:
+        raise ValueError(f"selection line of image {line.get('image', line.get('question_id'))!r} holds no AnyRes "
+                         "selection to draw (a single view, or merge type 'flat')")
+    image = image.convert("RGB")
+    if list(image.size) != record["image_size"]:
+        recorded = "x".join(map(str, record["image_size"]))
+        raise ValueError(f"the selection line is of an image of size {recorded}, but the image given is "
+                         f"{image.size[0]}x{image.size[1]}: give the images in the file's order, or the paths "
+                         "run_llava recorded")
+    selection = common.selection_from_record(record)
+    # The method's own accounting (GlobalCom2's crop ratios) is what the shared accounting lacks.
+    shared = selection.accounting(record["layout"])
+    selection.extra = {key: value for key, value in line["accounting"].items() if key not in shared}
+    canvas = resize_and_pad_image(image, tuple(line["canvas_size"]))
+    return CompressionView(image, canvas, line["patch_pixels"], selection, line["compression"])
+
+
+def match_selection_lines(lines: list[dict], image_files: list[str]) -> list[dict]:
+    """The line of each image file: by path when every file is one the lines record (`run_llava`'s;
+    a path recorded by several runs takes its last line), else the lines in order, one per image."""
+    recorded = {os.path.abspath(line["image"]): line for line in lines if line.get("image")}
+    if recorded and all(os.path.abspath(path) in recorded for path in image_files):
+        return [recorded[os.path.abspath(path)] for path in image_files]
+    if len(lines) != len(image_files):
+        raise ValueError(f"the selection file has {len(lines)} line(s) but {len(image_files)} image(s) were given: "
+                         "give one image per line, in the file's order, or the image paths run_llava recorded")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +304,15 @@ def score_heatmaps(view: CompressionView, cell: int = 8) -> list[tuple[str, Imag
 
 def _crop_labels(view: CompressionView) -> list[str]:
     grid_w = view.grid[0]
-    return [f"({index // grid_w},{index % grid_w})" for index in range(len(view.selection.extra["crop_ratios"]))]
+    return [f"({index // grid_w},{index % grid_w})" for index in range(view.selection.geometry.num_crops)]
+
+
+def _crops_caption(view: CompressionView) -> str:
+    """Each crop's label, ratio (where the method records one) and kept/valid tokens."""
+    record = view.selection.accounting(view.layout)
+    ratios = [f" {ratio:.3f}" for ratio in record.get("crop_ratios", [])] or [""] * len(record["crop_kept"])
+    return ", ".join(f"{label}{ratio} ({kept}/{valid})" for label, ratio, kept, valid in
+                     zip(_crop_labels(view), ratios, record["crop_kept"], record["crop_valid"]))
 
 
 def ratio_chart(view: CompressionView, axes=None):
@@ -243,18 +366,35 @@ def summary_figure(view: CompressionView):
     return figure
 
 
+def missing_figures(view: CompressionView, kinds) -> dict[str, str]:
+    """Of the figure `kinds`, those this view has no data for, each with what it needs: the
+    heatmaps GlobalCom2's [CLS] scores (a live GlobalCom2 run), the ratio chart the per-crop ratios
+    a method records (GlobalCom2's `crop_ratios`), the summary both."""
+    lacking = {"heatmaps": [], "ratios": [], "summary": []}
+    if view.cls_scores is None:
+        for kind in ("heatmaps", "summary"):
+            lacking[kind].append("GlobalCom2's [CLS] scores (a live globalcom2 run; selection files hold none)")
+    if "crop_ratios" not in view.selection.extra:
+        for kind in ("ratios", "summary"):
+            lacking[kind].append("per-crop ratios (crop_ratios, recorded by globalcom2)")
+    return {kind: " and ".join(lacking[kind]) for kind in kinds if lacking.get(kind)}
+
+
 def save_visualizations(view: CompressionView, out_dir: str, stem: str, kinds=("masks", "heatmaps", "ratios", "summary")) -> list[str]:
-    """Write the chosen figures as `<out_dir>/<stem>_<name>.png`; returns the paths."""
+    """Write the chosen figures as `<out_dir>/<stem>_<name>.png`; returns the paths. A figure the
+    view has no data for (`missing_figures`) is left out with a note on stderr."""
     import matplotlib.pyplot as plt
 
+    missing = missing_figures(view, kinds)
+    for kind, need in missing.items():
+        print(f"note: {stem}: no {kind} figure for method {view.compression['method']}: it needs {need}",
+              file=sys.stderr)
+    kinds = [kind for kind in kinds if kind not in missing]
     os.makedirs(out_dir, exist_ok=True)
-    record = view.selection.accounting(view.layout)
-    crops = ", ".join(f"{label} {ratio:.3f} ({kept}/{valid})" for label, ratio, kept, valid in
-                      zip(_crop_labels(view), record["crop_ratios"], record["crop_kept"], record["crop_valid"]))
     figures = {}
     if "masks" in kinds:
         figures["thumbnail_mask"] = _image_figure(thumbnail_mask(view), view.title())
-        figures["crops_mask"] = _image_figure(crops_mask(view), f"{view.title()}\ncrops: {crops}")
+        figures["crops_mask"] = _image_figure(crops_mask(view), f"{view.title()}\ncrops: {_crops_caption(view)}")
     if "heatmaps" in kinds:
         maps = score_heatmaps(view)
         figure, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 5))
@@ -296,12 +436,15 @@ def build_parser(description: str):
     """The arguments of `tools/mask_visualization.py` and `tools/attn_visualization.py`."""
     import argparse
 
-    from llava.generation import add_compression_arguments, add_input_arguments
     from llava.tiny import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-path", default=None, help=f"checkpoint (default: the tiny one, {DEFAULT_OUT}, built if missing)")
-    parser.add_argument("--image-file", nargs="+", required=True)
+    parser.add_argument("--image-file", nargs="+", required=True,
+                        help="the images; with --selection-file, the paths its lines record, or one per line in order")
+    parser.add_argument("--selection-file", default=None, metavar="FILE",
+                        help="draw the masks from this file (written by --save-selection of run_llava or a runner) "
+                             "instead of running a model; the model and compression arguments are then unused")
     parser.add_argument("--out-dir", default="visualizations")
     parser.add_argument("--device", default=None)
     add_compression_arguments(parser)
@@ -321,10 +464,16 @@ def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> in
     with user_errors():
         set_max_image_pixels(args.max_image_pixels)
         images = [load_image(path) for path in args.image_file]  # a bad image stops before the model loads
-        model_path = args.model_path or ensure_tiny_checkpoint(DEFAULT_OUT)
-        _, model, image_processor, _ = load_pretrained_model(model_path, device=args.device)
-        for image, stem in zip(images, figure_stems(args.image_file)):
-            view = inspect_compression(model, image_processor, image, args.retention_ratio, args.token_layout)
+        if args.selection_file:
+            lines = match_selection_lines(read_jsonl(args.selection_file, report=sys.stderr), args.image_file)
+            views = [selection_view(line, image) for line, image in zip(lines, images)]
+        else:
+            compression_arguments(args)  # a bad method argument stops here too
+            model_path = args.model_path or ensure_tiny_checkpoint(DEFAULT_OUT)
+            _, model, image_processor, _ = load_pretrained_model(model_path, device=args.device)
+            configure_model(model, args)
+            views = (inspect_compression(model, image_processor, image) for image in images)
+        for view, stem in zip(views, figure_stems(args.image_file)):
             for written in save_visualizations(view, args.out_dir, stem, kinds):
                 print(written)
     return 0

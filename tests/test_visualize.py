@@ -1,7 +1,10 @@
 """The visualisations show exactly what was kept: pixels are checked against the selection, with
 [CLS] scores set by the test."""
 
+import dataclasses
+import json
 import pathlib
+import re
 import runpy
 import sys
 
@@ -10,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from llava import visualize
 from llava.eval import run_llava
+from llava.eval.jsonl import read_jsonl
+from llava.mm_utils import process_images
+from llava.model.compression.common import Selection, arrange_tokens, selection_from_record, selection_record
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput
 from llava.visualize import (
     DIM,
@@ -23,6 +30,7 @@ from llava.visualize import (
     inspect_compression,
     save_visualizations,
     score_heatmaps,
+    selection_view,
     thumbnail_mask,
 )
 
@@ -183,3 +191,96 @@ def test_a_decompression_bomb_stops_before_the_model_loads(bomb, tmp_path, capsy
         visualize.main(["--image-file", str(bomb), "--out-dir", str(tmp_path)], ("masks",), "test")
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "huge.png is too large" in err and "Traceback" not in err
+
+
+# --- selection files -------------------------------------------------------------------------
+
+@pytest.fixture
+def method_model(tiny):
+    """The tiny model under a method the test names; its own settings again afterwards."""
+    _, model, processor = tiny
+
+    def use(method):
+        model.set_compression(method=method)
+        return model, processor
+
+    yield use
+    model.set_compression()
+
+
+def _named_cells(selection, layout) -> list[int]:
+    """The cells (`view * P + patch`, -1 a newline) in the order the selection sends them."""
+    views, patches = 1 + selection.geometry.num_crops, selection.geometry.side**2
+    positions = Selection(**{field.name: getattr(selection, field.name) for field in dataclasses.fields(Selection)})
+    named = torch.arange(views * patches).view(views, patches, 1)
+    return arrange_tokens(named, positions, torch.tensor([-1]), layout)[:, 0].tolist()
+
+
+@pytest.mark.parametrize("method", ["globalcom2", "random"])
+def test_a_selection_file_draws_the_masks_of_the_live_run(tiny_checkpoint, method_model, tmp_path, capsys, method):
+    paths = [str(tmp_path / "wide.png"), str(tmp_path / "tall.png")]
+    for path, size in zip(paths, [(800, 500), (500, 900)]):
+        _image_with_bright_corner(size).save(path)
+    selections = str(tmp_path / "selection.jsonl")
+    assert run_llava.main(["--model-path", tiny_checkpoint, "--image-file", *paths, "--query", "Q", "--max-new-tokens",
+                           "1", "--method", method, "--save-selection", selections]) == 0
+    visual_tokens = int(re.search(r"visual tokens (\d+)", capsys.readouterr().out).group(1))
+    lines = read_jsonl(selections)
+    assert [(line["image"], line["image_index"], line["compression"]["method"]) for line in lines] == [
+        (paths[0], 0, method), (paths[1], 1, method)]
+    records = [line["selection"] for line in lines]
+    assert sum(record["image_tokens"] + record["newline_tokens"] for record in records) == visual_tokens
+    assert all(record["image_tokens"] == line["accounting"]["image_tokens"] for record, line in zip(records, lines))
+
+    model, processor = method_model(method)
+    for line, path in zip(lines, paths):
+        image = Image.open(path)
+        live, drawn = inspect_compression(model, processor, image), selection_view(line, image)
+        assert line["selection"] == selection_record(live.selection, live.layout)
+        for draw in (thumbnail_mask, crops_mask):
+            assert np.array_equal(np.asarray(draw(drawn)), np.asarray(draw(live))), draw.__name__
+
+    # The file's order is the sequence the model received: per view, and whole from the record alone.
+    record = records[1]
+    views = process_images([image], processor, model.config)[0]
+    sequence, = model.encode_image_sequences([views], [image.size])
+    cells = _named_cells(model.last_selections[0], record["layout"])
+    patches = record["side"] ** 2
+    assert record["kept"] == [[cell % patches for cell in cells if cell >= 0 and cell // patches == view]
+                              for view in range(len(record["kept"]))]
+    rebuilt = arrange_tokens(model.encode_images(views).features, selection_from_record(record),
+                             model.get_model().image_newline, record["layout"])
+    assert torch.equal(rebuilt, sequence)
+
+    # The tool draws the same from the file, images matched by path whatever their order.
+    out = tmp_path / "out"
+    assert visualize.main(["--selection-file", selections, "--out-dir", str(out), "--image-file", *paths[::-1]],
+                          ("masks", "ratios", "summary"), "test") == 0
+    ratios = ["ratios"] if method == "globalcom2" else []
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        f"{stem}_{figure}.png" for stem in ("tall", "wide") for figure in ["thumbnail_mask", "crops_mask", *ratios])
+    err = capsys.readouterr().err
+    assert f"note: tall: no summary figure for method {method}" in err and "[CLS] scores" in err
+
+
+def test_selection_file_lines_pair_with_images_in_order_or_refuse(tmp_path, capsys):
+    line = dict(compression=dict(method="random", method_args={}, retention_ratio=0.25, visual_tokens=None,
+                                 layout="official"),
+                canvas_size=[672, 672], patch_pixels=14, accounting={},
+                selection=dict(image_size=[800, 500], grid=[2, 2], side=24, unpad=True, layout="official",
+                               arrangement="raster", send_crops=True, kept=[[0, 1]] + [[]] * 4,
+                               image_tokens=2, newline_tokens=30))
+    selections = tmp_path / "selection.jsonl"
+    selections.write_text("".join(f"{json.dumps(dict(question_id=number, **line))}\n" for number in range(2)))
+    images = [tmp_path / "one.png", tmp_path / "two.png"]
+    for path, size in zip(images, [(800, 500), (500, 800)]):
+        _image_with_bright_corner(size).save(path)
+    arguments = ["--selection-file", str(selections), "--out-dir", str(tmp_path / "out"), "--image-file"]
+    with pytest.raises(SystemExit) as stop:
+        visualize.main([*arguments, str(images[0])], ("masks",), "test")
+    assert stop.value.code == 2 and "2 line(s) but 1 image(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        visualize.main([*arguments, *map(str, images)], ("masks",), "test")
+    assert stop.value.code == 2 and "of size 800x500, but the image given is 500x800" in capsys.readouterr().err
+    kept = np.asarray(thumbnail_mask(selection_view(line, Image.open(images[0]))))
+    assert (kept[0, 0] == WHITE).all() and (kept[499, 799] == np.round(GREY * DIM)).all()

@@ -16,6 +16,7 @@ from llava.generation import (add_compression_arguments, add_input_arguments, an
 from llava.mm_utils import load_image, set_max_image_pixels
 from llava.model.builder import load_pretrained_model
 from llava.utils import quiet_transformers, user_errors
+from llava.visualize import inspect_compression, open_selection_file, save_visualizations, selection_lines, write_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compression_arguments(parser)
     add_input_arguments(parser)
     parser.add_argument("--visualize", metavar="OUT_DIR", default=None,
-                        help="also draw what GlobalCom2 kept of each image (masks, heatmaps, ratios) into OUT_DIR")
+                        help="also draw what the method kept of each image into OUT_DIR (masks; for GlobalCom2 also "
+                             "heatmaps, ratios and a summary)")
+    parser.add_argument("--save-selection", metavar="FILE", default=None,
+                        help="append one JSON line per image to FILE: the settings, the kept patches in the order "
+                             "the language model receives them, and the token counts (see llava.visualize; "
+                             "tools/mask_visualization.py --selection-file draws them)")
     return parser
 
 
@@ -59,9 +65,11 @@ def eval_model(args) -> str:
     for line in result.compression_lines():
         print(line)
     print(result.summary())
+    if args.save_selection:
+        with open_selection_file(args.save_selection) as out:
+            lines = selection_lines(model, result.accounting)
+            write_lines(out, [dict(image=path, **line) for path, line in zip(image_files, lines)])
     if args.visualize:
-        from llava.visualize import inspect_compression, save_visualizations
-
         for number, (path, image) in enumerate(zip(image_files, images), 1):
             view = inspect_compression(model, image_processor, image)
             stem = f"{number}_{os.path.splitext(os.path.basename(path))[0]}"

@@ -56,6 +56,7 @@ from llava.model.compression.common import check_layout, check_retention_ratio
 from llava.model.compression.registry import non_default_args
 from llava.model.llava_arch import PromptTooLongError
 from llava.utils import quiet_transformers, user_errors
+from llava.visualize import open_selection_file, selection_lines, write_lines
 
 
 @dataclasses.dataclass
@@ -105,6 +106,11 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
     parser.add_argument("--skip-bad-questions", action="store_true",
                         help="leave out question entries that are malformed or lack a field, with a warning "
                              "listing them (default: stop with an error before the model loads)")
+    parser.add_argument("--save-selection", metavar="FILE", default=None,
+                        help="append one JSON line per image to FILE as each answer is written: the question_id, the "
+                             "settings, the kept patches in the order the language model receives them, and the token "
+                             "counts (see llava.visualize). A resumed run appends only the new questions' records, and "
+                             "--overwrite does not clear FILE; under torchrun each rank appends to FILE.rank<N>")
     add_compression_arguments(parser)
     add_input_arguments(parser)
     return parser
@@ -334,11 +340,18 @@ def _answer_all(args, todo: list[Question], share_size: int, out_file: str, sett
                 world_size: int, local_rank: int) -> None:
     tokenizer, model, image_processor = _load_model(args, local_rank)
     model_name = get_model_name_from_path(args.model_path)
-    with open(out_file, "a", encoding="utf-8") as out:
+    selection_file = args.save_selection and args.save_selection + (f".rank{rank}" if world_size > 1 else "")
+    with open(out_file, "a", encoding="utf-8") as out, \
+            (open_selection_file(selection_file) if selection_file else contextlib.nullcontext()) as selections:
         progress = tqdm(todo, desc=f"answers (rank {rank})" if world_size > 1 else "answers",
                         initial=share_size - len(todo), total=share_size, disable=None)
         for question in progress:
             row = _answer_row(args, question, tokenizer, model, image_processor, model_name, settings)
+            if selections:
+                # Before the answer: a kill between the two repeats this question's records on resume
+                # rather than losing them. An error row has no accounting, so no (stale) selection.
+                lines = selection_lines(model, row["metadata"].get("images", []))
+                write_lines(selections, [dict(question_id=question.question_id, **line) for line in lines])
             out.write(json.dumps(row) + "\n")
             out.flush()
 

@@ -108,6 +108,7 @@ class LlavaMetaForCausalLM:
 
     _compression_override: dict = {}
     last_accounting: list[dict] = []
+    last_selections: list = []  # per image of the last call, its `common.Selection` (None for merge type `flat`)
     # Upstream cuts over-long prompts silently (losing the question); here they are refused unless
     # this is set (`--allow-truncation`), and then cut with a warning.
     allow_truncation: bool = False
@@ -186,8 +187,8 @@ class LlavaMetaForCausalLM:
 
     def image_sequence(self, views: torch.Tensor, signals: dict | None = None, image_size: tuple[int, int] | None = None,
                        settings: CompressionSettings | None = None,
-                       merge_type: str | None = None) -> tuple[torch.Tensor, dict]:
-        """Visual tokens `[M, D]` of one image and their accounting.
+                       merge_type: str | None = None) -> tuple[torch.Tensor, common.Selection | None]:
+        """Visual tokens `[M, D]` of one image and what the method kept (None for merge type `flat`).
 
         `views`: projected `[V, P, D]`, thumbnail first; `signals`: this image's tower signals,
         each `[V, P]` (empty when the budget keeps everything). With everything kept, AnyRes with
@@ -199,21 +200,19 @@ class LlavaMetaForCausalLM:
         settings = settings or self.compression_settings()
         merge_type = merge_type or self.merge_type(settings)
         if merge_type == "flat":  # no spatial structure to compress against, as released
-            tokens = views.flatten(0, 1)
-            return tokens, common.uncompressed_accounting(tokens.shape[0])
+            return views.flatten(0, 1), None
         geometry = self.image_geometry(views.shape[0], image_size, merge_type)
         newline = self.get_model().image_newline.to(views.dtype) if geometry.unpad else None
         budget = common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens)
         selection = get_method(settings.method).select(views, signals or {}, geometry, budget, settings.method_args)
-        tokens = common.arrange_tokens(views, selection, newline, settings.token_layout)
-        return tokens, selection.accounting(settings.token_layout)
+        return common.arrange_tokens(views, selection, newline, settings.token_layout), selection
 
     def encode_image_sequences(self, images, image_sizes, settings: CompressionSettings | None = None) -> list[torch.Tensor]:
         """One `[M_i, D]` visual sequence per image, each compressed with its own signals.
 
         `images`: a 5-D tensor `[N, V, 3, S, S]` or a list of `[V_i, 3, S, S]` (AnyRes), or a
         4-D tensor `[N, 3, S, S]` (one view per image, LLaVA-1.5 style). `settings`: default
-        the model's (`compression_settings`). Sets `last_accounting`.
+        the model's (`compression_settings`). Sets `last_accounting` and `last_selections`.
         """
         settings = settings or self.compression_settings()
         # A 4-D batch is one view per image (LLaVA-1.5 style): upstream sends its features as they
@@ -237,7 +236,10 @@ class LlavaMetaForCausalLM:
             warnings.warn(f"retention ratio {ratio:g} is below 1/{features.shape[-2]}: int({features.shape[-2]} R) = 0, so "
                           "the thumbnail (or single view) keeps no token and the crops keep almost none; the language "
                           "model sees little more than newline tokens", LlavaWarning, stacklevel=2)
-        self.last_accounting = [dict(accounting, **settings.record()) for _, accounting in per_image]
+        self.last_selections = [selection for _, selection in per_image]
+        self.last_accounting = [dict(selection.accounting(settings.token_layout) if selection is not None
+                                     else common.uncompressed_accounting(tokens.shape[0]), **settings.record())
+                                for tokens, selection in per_image]
         return [tokens for tokens, _ in per_image]
 
     def prepare_inputs_labels_for_multimodal(

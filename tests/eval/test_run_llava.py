@@ -1,5 +1,6 @@
 """The main job end to end on the tiny checkpoint: answer, summary line, user mistakes."""
 
+import json
 import re
 
 import numpy as np
@@ -165,3 +166,29 @@ def test_query_with_wrong_number_of_image_tokens(tiny_checkpoint, tmp_path, caps
     with pytest.raises(SystemExit):
         run_llava.main(["--model-path", tiny_checkpoint, "--image-file", image, "--query", "<image> <image> two?"])
     assert "places 2 <image> tokens but 1 images" in capsys.readouterr().err
+
+
+def test_save_selection_appends_one_line_per_image(tiny_checkpoint, tmp_path, capsys):
+    """Pooling merges, so its lines also name each kept token's source patches; a half-written
+    last line (a killed run) is cut before the next line is appended."""
+    image = _image(tmp_path, "a.png", (800, 500))
+    selections = tmp_path / "runs" / "selection.jsonl"
+    arguments = ["--model-path", tiny_checkpoint, "--image-file", image, "--query", "Q", "--max-new-tokens", "1",
+                 "--method", "pooling", "--visual-tokens", "300", "--save-selection", str(selections)]
+    _, lines = _run(capsys, *arguments)
+    first = selections.read_text()
+    selections.write_text(first + first[:40])
+    _, lines = _run(capsys, *arguments)
+    written = [json.loads(line) for line in selections.read_text().splitlines()]
+    assert len(written) == 2 and written[0] == written[1] == json.loads(first)
+    line = written[0]
+    assert set(line) == {"image", "image_index", "compression", "canvas_size", "patch_pixels", "selection", "accounting"}
+    assert (line["image"], line["image_index"], line["canvas_size"], line["patch_pixels"]) == (image, 0, [672, 672], 14)
+    assert line["compression"] == dict(method="pooling", method_args={}, retention_ratio=1.0, visual_tokens=300,
+                                       layout="official")
+    record, accounting = line["selection"], line["accounting"]
+    visual = int(re.search(r"visual tokens (\d+)", lines[-1]).group(1))
+    assert record["image_tokens"] + record["newline_tokens"] == accounting["tokens_after"] == visual
+    assert [len(kept) for kept in record["kept"]] == [accounting["thumbnail_kept"], *accounting["crop_kept"]]
+    assert [len(sources) for sources in record["sources"]] == [len(kept) for kept in record["kept"]]
+    assert sum(len(cells) for view in record["sources"] for cells in view) == accounting["vanilla_image_tokens"]

@@ -298,3 +298,33 @@ def test_answers_file_under_a_file_is_one_clear_error(tiny_checkpoint, data, tmp
     status, err = _exit_status(lambda: model_vqa_loader.main(
         _arguments(tiny_checkpoint, root, tmp_path / "results" / "a.jsonl")), capsys)
     assert status == 2 and f"{tmp_path / 'results'} is a file, not a directory" in err
+
+
+# --- selection records -----------------------------------------------------------------------
+
+def test_save_selection_appends_with_each_answer_and_a_resume_adds_only_the_new_questions(tiny_checkpoint, data,
+                                                                                          tmp_path, capsys):
+    root, lines = data
+    answers, selections = tmp_path / "a.jsonl", tmp_path / "selection.jsonl"
+    arguments = _arguments(tiny_checkpoint, root, answers, "--method", "random", "--save-selection", str(selections))
+    assert model_vqa_loader.main(arguments) == 0
+    complete, records = read_jsonl(answers), read_jsonl(selections)
+    assert [record["question_id"] for record in records] == [0, 1, 2]
+    for row, record in zip(complete, records):
+        assert record["compression"]["method"] == "random" and record["image_index"] == 0
+        counted = record["selection"]["image_tokens"] + record["selection"]["newline_tokens"]
+        assert counted == row["metadata"]["visual_tokens"] == record["accounting"]["tokens_after"]
+    assert "save_selection" not in complete[0]["metadata"]["settings"]  # not part of the fingerprint
+
+    # Killed after the first answer, halfway through the second record: the resume answers questions
+    # 1 and 2 and appends their records after the first, the half line cut.
+    answers.write_text(json.dumps(complete[0]) + "\n")
+    first, second = selections.read_text().splitlines(keepends=True)[:2]
+    selections.write_text(first + second[:50])
+    assert model_vqa_loader.main(arguments) == 0
+    assert read_jsonl(selections, report=sys.stderr) == records
+    assert "malformed" not in capsys.readouterr().err
+
+    # Another selection file does not change the settings: nothing is left to answer, nothing written.
+    assert model_vqa_loader.main([*arguments[:-1], str(tmp_path / "other.jsonl")]) == 0
+    assert not (tmp_path / "other.jsonl").exists()

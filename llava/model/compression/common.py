@@ -419,3 +419,63 @@ def check_shapes(image_feature: torch.Tensor, cls_attn_scores: torch.Tensor, gri
 def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the first `count` True entries of the 1-D `mask`, in order."""
     return torch.argsort(mask.logical_not().to(torch.int8), stable=True)[:count]
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection records
+# ----------------------------------------------------------------------------------------------
+
+def selection_record(selection: Selection, layout: str) -> dict:
+    """What the language model receives of one image, JSON-ready: `image_size` (PIL `(w, h)`),
+    `grid` (`(grid_w, grid_h)`, None for a single view), `side`, `unpad`, `layout`, the resolved
+    `arrangement`, `send_crops`, and `kept[v]`: the patch indices (`0..P-1`) of view `v` (thumbnail
+    first) in the order the sequence holds them; `image_tokens` and `newline_tokens` counted in
+    that sequence. A `Merge` adds `sources[v][i]`: the cells (`view * P + patch`) merged into the
+    i-th kept token of view `v`. `selection_from_record` inverts it (without merged features).
+    """
+    geometry = selection.geometry
+    num_views, num_patches = 1 + geometry.num_crops, geometry.side**2
+    device = selection.thumbnail_indices.device
+    # The arrangement run on cell numbers instead of features (a plain copy of a Merge, whose
+    # merged features would hide them), so the record is by construction the sequence sent.
+    plain = Selection(**{field.name: getattr(selection, field.name) for field in dataclasses.fields(Selection)})
+    cells = torch.arange(num_views * num_patches, device=device).view(num_views, num_patches, 1)
+    sequence = arrange_tokens(cells, plain, torch.tensor([-1], device=device), layout)[:, 0]
+    image_cells = sequence[sequence >= 0]
+    # Per view in sequence order: a stable sort by view keeps each view's tokens in their order.
+    by_view = image_cells[torch.argsort(image_cells // num_patches, stable=True)]
+    per_view = torch.bincount(image_cells // num_patches, minlength=num_views).tolist()
+    kept_cells = by_view.split(per_view)
+    record = dict(image_size=list(geometry.image_size), grid=list(geometry.grid) if geometry.crop_boxes else None,
+                  side=geometry.side, unpad=geometry.unpad, layout=layout,
+                  arrangement=selection.resolved_arrangement(layout), send_crops=selection.send_crops,
+                  kept=[(view_cells % num_patches).tolist() for view_cells in kept_cells],
+                  image_tokens=int(image_cells.shape[0]), newline_tokens=int(sequence.shape[0] - image_cells.shape[0]))
+    if isinstance(selection, Merge):
+        record["sources"] = _merge_sources(selection, kept_cells)
+    return record
+
+
+def _merge_sources(merge: Merge, kept_cells: tuple[torch.Tensor, ...]) -> list[list[list[int]]]:
+    """Per view, per kept cell in `kept_cells` (`[k_v]` each): the cells `source_map` merged into it."""
+    source_map = merge.source_map.flatten().to(kept_cells[0].device)
+    canonical = keep_mask(merge).flatten().cumsum(0) - 1  # each kept cell's index among the merged tokens
+    # Cells grouped by the token they went into (unmerged cells, -1, first), in cell order.
+    grouped = torch.argsort(source_map, stable=True)
+    group_sizes = torch.bincount(source_map + 1, minlength=merge.image_tokens + 1).tolist()
+    sources = [group.tolist() for group in grouped.split(group_sizes)[1:]]
+    return [[sources[token] for token in canonical[view_cells].tolist()] for view_cells in kept_cells]
+
+
+def selection_from_record(record: dict, device=None) -> Selection:
+    """The `Selection` a `selection_record` describes: arranged, it gives the recorded sequence
+    (a `Merge` comes back as a plain selection of its kept cells, without merged features)."""
+    side = record["side"]
+    geometry = crop_geometry(tuple(record["image_size"]), tuple(record["grid"] or (0, 0)), side, record["unpad"])
+    thumbnail, *crops = record["kept"]
+    crop_keep_mask = torch.zeros(geometry.num_crops, side**2, dtype=torch.bool, device=device)
+    for crop, patches in enumerate(crops):
+        crop_keep_mask[crop, patches] = True
+    return Selection(geometry, torch.tensor(thumbnail, dtype=torch.long, device=device), crop_keep_mask,
+                     [len(patches) for patches in crops], arrangement=record["arrangement"],
+                     send_crops=record["send_crops"])
