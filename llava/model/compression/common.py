@@ -344,16 +344,14 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     arrangement = selection.resolved_arrangement(layout)
     if geometry.unpad and image_newline is None:
         raise ValueError("an unpadded selection needs image_newline")
-    if isinstance(selection, Merge):
-        image_feature = _with_merged_features(image_feature, selection)
     thumbnail_indices = selection.thumbnail_indices
     if arrangement == "raster":
         thumbnail_indices = thumbnail_indices.sort().values
     if not geometry.crop_boxes:
-        tokens = image_feature[0][thumbnail_indices]
+        tokens = _gather(image_feature, selection, thumbnail_indices)
         return torch.cat([tokens, image_newline[None].to(tokens.dtype)]) if geometry.unpad else tokens
     if not selection.send_crops:
-        return image_feature[0][thumbnail_indices]
+        return _gather(image_feature, selection, thumbnail_indices)
     num_crop_tokens = (image_feature.shape[0] - 1) * image_feature.shape[1]  # C * P
     keep = selection.crop_keep_mask
     token_ids = torch.arange(num_crop_tokens, device=keep.device).view(keep.shape)
@@ -381,20 +379,23 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     # [M, D] temporaries joined by `cat` would cost more than the copies themselves.
     num_patches = image_feature.shape[1]
     rows = torch.cat([thumbnail_indices, num_patches + sequence.clamp(max=num_crop_tokens - 1)])
-    tokens = image_feature.flatten(0, 1)[rows]
+    tokens = _gather(image_feature, selection, rows)
     if newline_count:
         newline_positions = thumbnail_indices.shape[0] + _first_true(sequence == num_crop_tokens, newline_count)
         tokens.index_put_((newline_positions,), image_newline.to(tokens.dtype))
     return tokens
 
 
-def _with_merged_features(image_feature: torch.Tensor, merge: Merge) -> torch.Tensor:
-    """`image_feature` `[V, P, D]` with the kept cells' rows replaced by the merged features."""
-    mask = keep_mask(merge).flatten()
-    positions = _first_true(mask, merge.image_tokens)  # canonical order: view-major, raster
-    merged = image_feature.flatten(0, 1).clone()
-    merged[positions] = merge.features.to(merged.dtype)
-    return merged.view_as(image_feature)
+def _gather(image_feature: torch.Tensor, selection: Selection, cells: torch.Tensor) -> torch.Tensor:
+    """The features `[len(cells), D]` of the flat cells `cells` (`view * P + patch`): the cells' own,
+    or for a `Merge` the merged token each kept cell stands for (looked up, not copied in place,
+    so no `[V * P, D]` temporary is made)."""
+    if not isinstance(selection, Merge):
+        return image_feature.flatten(0, 1)[cells]
+    positions = _first_true(keep_mask(selection).flatten(), selection.image_tokens)  # canonical order
+    canonical = torch.zeros(image_feature.shape[0] * image_feature.shape[1], dtype=torch.long, device=cells.device)
+    canonical[positions] = torch.arange(selection.image_tokens, device=cells.device)
+    return selection.features.to(image_feature.dtype)[canonical[cells]]
 
 
 def check_shapes(image_feature: torch.Tensor, cls_attn_scores: torch.Tensor, grid: tuple[int, int],

@@ -164,7 +164,10 @@ def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
     tokenizer, model, processor = tiny
     image = _image((1000, 700), 3)
     pixel_values = process_images([image], processor, model.config)
-    model.set_compression(method=name, **budget)
+    # Opt-out: FasterVLM's faithful mode forces merge type `spatial` (its quirk F1), so it sends
+    # padding cells and counts against the padded canvas; its own test file checks that mode.
+    method_args = ["mode=anyres"] if name == "fastervlm" else None
+    model.set_compression(method=name, method_args=method_args, **budget)
     try:
         with torch.no_grad():
             sequence, = model.encode_image_sequences(pixel_values, [image.size])
