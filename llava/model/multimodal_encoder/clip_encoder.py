@@ -166,54 +166,45 @@ class CLIPVisionTower(nn.Module):
         return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
 
 
-def cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
-    """Head-averaged pre-softmax [CLS]->patch logits of one CLIP encoder layer.
+def cls_head_logits(layer: nn.Module, layer_input: torch.Tensor, first_key: int) -> torch.Tensor:
+    """Per-head pre-softmax logits `[V, H, K]` of the [CLS] query of one CLIP encoder layer
+    against the keys of rows `first_key..` (1: the patches only; 0: [CLS] too).
 
-    layer_input: [V, 1 + P, C], the layer's input (before its `layer_norm1`).
-    Returns [V, P] in the input dtype. Only the [CLS] row's query and the patch keys are
-    projected; the per-head products and the head mean follow the released code's order of
-    operations (query scaled first), so fp16 results round the same way.
+    layer_input: [V, 1 + P, C], the layer's input (before its `layer_norm1`). Only the [CLS]
+    row is projected to a query, and only the needed rows to keys. The query is scaled before
+    the product, as the released codes' transformers (4.37) does, so fp16 logits round the same way.
     """
     attention = layer.self_attn
     normed = layer.layer_norm1(layer_input)
     num_views, _, width = normed.shape
     num_heads = attention.num_heads
     head_dim = width // num_heads
-    query = attention.q_proj(normed[:, :1]) * attention.scale                # [V, 1, C]
-    keys = attention.k_proj(normed[:, 1:])                                    # [V, P, C]
-    query = query.view(num_views, 1, num_heads, head_dim).transpose(1, 2)     # [V, H, 1, d]
-    keys = keys.view(num_views, -1, num_heads, head_dim).permute(0, 2, 3, 1)  # [V, H, d, P]
-    return torch.matmul(query, keys).mean(dim=1).squeeze(1)                   # [V, P]
+    query = attention.q_proj(normed[:, :1]) * attention.scale                 # [V, 1, C]
+    keys = attention.k_proj(normed[:, first_key:])                            # [V, K, C]
+    query = query.view(num_views, 1, num_heads, head_dim).transpose(1, 2)      # [V, H, 1, d]
+    keys = keys.view(num_views, -1, num_heads, head_dim).permute(0, 2, 3, 1)   # [V, H, d, K]
+    return torch.matmul(query, keys).squeeze(2)                                # [V, H, K]
+
+
+def cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Head-averaged pre-softmax [CLS]->patch logits `[V, P]` of one CLIP encoder layer
+    (GlobalCom2's score), in the input dtype; the head mean follows the released code's order."""
+    return cls_head_logits(layer, layer_input, first_key=1).mean(dim=1)
 
 
 def cls_attention_probabilities(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
-    """Head-averaged post-softmax attention of the [CLS] query over the patch keys of one CLIP
-    encoder layer (FasterVLM's score, without the full attention maps its code asks for).
-
-    layer_input: [V, 1 + P, C], the layer's input (before its `layer_norm1`).
-    Returns [V, P] in the input dtype: per head, the softmax of the [CLS] row over all `1 + P`
-    keys (the [CLS] key belongs to the denominator), columns `1..P` kept as they are (not
-    renormalised), then the mean over heads. Only the [CLS] row is projected to a query; every
-    row is projected to a key.
+    """Head-averaged post-softmax attention `[V, P]` of the [CLS] query over the patch keys of one
+    CLIP encoder layer (FasterVLM's score, without the full attention maps its code asks for):
+    per head, the softmax of the [CLS] row over all `1 + P` keys (the [CLS] key belongs to the
+    denominator), columns `1..P` kept as they are (not renormalised), then the mean over heads.
     """
-    attention = layer.self_attn
-    normed = layer.layer_norm1(layer_input)
-    num_views, num_tokens, width = normed.shape
-    num_heads = attention.num_heads
-    head_dim = width // num_heads
-    # The query is scaled before the product, as transformers 4.37 (the official code's
-    # version) does, so half-precision logits round the same way.
-    query = attention.q_proj(normed[:, :1]) * attention.scale                      # [V, 1, C]
-    keys = attention.k_proj(normed)                                                 # [V, 1 + P, C]
-    query = query.view(num_views, 1, num_heads, head_dim).transpose(1, 2)           # [V, H, 1, d]
-    keys = keys.view(num_views, num_tokens, num_heads, head_dim).permute(0, 2, 3, 1)  # [V, H, d, 1 + P]
-    logits = torch.matmul(query, keys).squeeze(2)                                   # [V, H, 1 + P]
+    logits = cls_head_logits(layer, layer_input, first_key=0)                 # [V, H, 1 + P]
     # Transformers 4.37's eager attention takes the softmax in the tower dtype (fp16 in
     # evaluation); PyTorch's half softmax accumulates in fp32 and rounds its output, so an fp32
     # softmax rounded back to the tower dtype gives the same probabilities (up to the last bit
     # of `exp`), and the head mean then averages the same rounded values as the official code.
     probabilities = logits.float().softmax(dim=-1).to(logits.dtype)
-    return probabilities[:, :, 1:].mean(dim=1)                                      # [V, P]
+    return probabilities[:, :, 1:].mean(dim=1)                                # [V, P]
 
 
 # Each signal: the encoder layer it is computed in (negative: from the end; -2 is layer 22 of
