@@ -64,6 +64,7 @@ class CompressionView:
     patch_pixels: int              # pixels per patch side in the canvas (14 for CLIP-336)
     selection: common.Selection
     compression: dict              # the settings record: method, method_args, retention_ratio, visual_tokens, layout
+    accounting: dict               # the run's accounting of this image (Selection.accounting, against vanilla)
     cls_scores: torch.Tensor | None = None  # [1 + C, P] float32, CPU: GlobalCom2's scores, live runs only
 
     @property
@@ -85,7 +86,7 @@ class CompressionView:
                                      self.compression["visual_tokens"]).ratio
 
     def title(self) -> str:
-        record = self.selection.accounting(self.layout)
+        record = self.accounting
         return (f"{compression_label(self.compression)}: {record['tokens_after']} of {record['tokens_before']} "
                 f"visual tokens; thumbnail keeps {record['thumbnail_kept']} of {self.side ** 2}")
 
@@ -114,7 +115,7 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
               if settings.method == "globalcom2" else None)
     canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.config.image_grid_pinpoints))
     return CompressionView(image, canvas, model.get_vision_tower().config.patch_size, model.last_selections[0],
-                           settings.record(), scores)
+                           settings.record(), model.last_accounting[0], scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,12 +180,9 @@ def selection_view(line: dict, image: Image.Image) -> CompressionView:
         raise ValueError(f"the selection line is of an image of size {recorded}, but the image given is "
                          f"{image.size[0]}x{image.size[1]}: give the images in the file's order, or the paths "
                          "run_llava recorded")
-    selection = common.selection_from_record(record)
-    # The method's own accounting (GlobalCom2's crop ratios) is what the shared accounting lacks.
-    shared = selection.accounting(record["layout"])
-    selection.extra = {key: value for key, value in line["accounting"].items() if key not in shared}
     canvas = resize_and_pad_image(image, tuple(line["canvas_size"]))
-    return CompressionView(image, canvas, line["patch_pixels"], selection, line["compression"])
+    return CompressionView(image, canvas, line["patch_pixels"], common.selection_from_record(record),
+                           line["compression"], line["accounting"])
 
 
 def match_selection_lines(lines: list[dict], image_files: list[str]) -> list[dict]:
@@ -309,7 +307,7 @@ def _crop_labels(view: CompressionView) -> list[str]:
 
 def _crops_caption(view: CompressionView) -> str:
     """Each crop's label, ratio (where the method records one) and kept/valid tokens."""
-    record = view.selection.accounting(view.layout)
+    record = view.accounting
     ratios = [f" {ratio:.3f}" for ratio in record.get("crop_ratios", [])] or [""] * len(record["crop_kept"])
     return ", ".join(f"{label}{ratio} ({kept}/{valid})" for label, ratio, kept, valid in
                      zip(_crop_labels(view), ratios, record["crop_kept"], record["crop_valid"]))
@@ -322,13 +320,13 @@ def ratio_chart(view: CompressionView, axes=None):
     figure = None
     if axes is None:
         figure, axes = plt.subplots(figsize=(5, 3.2))
-    selection = view.selection
-    bars = axes.bar(_crop_labels(view), selection.extra["crop_ratios"], color="#3b7dd8")
+    ratios = view.accounting["crop_ratios"]
+    bars = axes.bar(_crop_labels(view), ratios, color="#3b7dd8")
     axes.axhline(view.retention_ratio, color="grey", linestyle="--", label=f"R = {view.retention_ratio:g}")
-    for bar, kept, valid in zip(bars, selection.crop_kept_counts, selection.geometry.valid_counts):
+    for bar, kept, valid in zip(bars, view.accounting["crop_kept"], view.accounting["crop_valid"]):
         axes.annotate(f"{kept}/{valid}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                       fontsize=8)
-    top = min(1.15, max(selection.extra["crop_ratios"]) * 1.3 + 0.05)
+    top = min(1.15, max(ratios) * 1.3 + 0.05)
     axes.set(xlabel="crop (row, column)", ylabel="retention ratio", ylim=(0, top),
              title="per-crop ratio (kept/valid tokens)")
     axes.legend(loc="upper right", fontsize=8)
@@ -374,7 +372,7 @@ def missing_figures(view: CompressionView, kinds) -> dict[str, str]:
     if view.cls_scores is None:
         for kind in ("heatmaps", "summary"):
             lacking[kind].append("GlobalCom2's [CLS] scores (a live globalcom2 run; selection files hold none)")
-    if "crop_ratios" not in view.selection.extra:
+    if "crop_ratios" not in view.accounting:
         for kind in ("ratios", "summary"):
             lacking[kind].append("per-crop ratios (crop_ratios, recorded by globalcom2)")
     return {kind: " and ".join(lacking[kind]) for kind in kinds if lacking.get(kind)}

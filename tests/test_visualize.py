@@ -216,7 +216,7 @@ def _named_cells(selection, layout) -> list[int]:
     return arrange_tokens(named, positions, torch.tensor([-1]), layout)[:, 0].tolist()
 
 
-@pytest.mark.parametrize("method", ["globalcom2", "random"])
+@pytest.mark.parametrize("method", ["globalcom2", "random", "fastervlm"])
 def test_a_selection_file_draws_the_masks_of_the_live_run(tiny_checkpoint, method_model, tmp_path, capsys, method):
     paths = [str(tmp_path / "wide.png"), str(tmp_path / "tall.png")]
     for path, size in zip(paths, [(800, 500), (500, 900)]):
@@ -233,10 +233,22 @@ def test_a_selection_file_draws_the_masks_of_the_live_run(tiny_checkpoint, metho
     assert all(record["image_tokens"] == line["accounting"]["image_tokens"] for record, line in zip(records, lines))
 
     model, processor = method_model(method)
+
+    def vanilla_length(image):
+        model.set_compression(1.0)
+        try:
+            sequence, = model.encode_image_sequences(process_images([image], processor, model.config), [image.size])
+        finally:
+            model.set_compression(method=method)
+        return sequence.shape[0]
+
     for line, path in zip(lines, paths):
         image = Image.open(path)
         live, drawn = inspect_compression(model, processor, image), selection_view(line, image)
         assert line["selection"] == selection_record(live.selection, live.layout)
+        # Counted against the model's own vanilla sequence, also for FasterVLM's official input.
+        assert drawn.title() == live.title() and f"of {line['accounting']['tokens_before']} visual" in live.title()
+        assert line["accounting"]["tokens_before"] == vanilla_length(image)
         for draw in (thumbnail_mask, crops_mask):
             assert np.array_equal(np.asarray(draw(drawn)), np.asarray(draw(live))), draw.__name__
 

@@ -236,9 +236,13 @@ class LlavaMetaForCausalLM:
             warnings.warn(f"retention ratio {ratio:g} is below 1/{features.shape[-2]}: int({features.shape[-2]} R) = 0, so "
                           "the thumbnail (or single view) keeps no token and the crops keep almost none; the language "
                           "model sees little more than newline tokens", LlavaWarning, stacklevel=2)
+        # Accounting is against the model's own vanilla sequence, also where the method's official
+        # input changed the merge type (FasterVLM's sends the letterbox padding).
+        unpad = not one_view_each and "unpad" in getattr(self.config, "mm_patch_merge_type", "flat")
         self.last_selections = [selection for _, selection in per_image]
-        self.last_accounting = [dict(selection.accounting(settings.token_layout) if selection is not None
-                                     else common.uncompressed_accounting(tokens.shape[0]), **settings.record())
+        self.last_accounting = [dict(selection.accounting(settings.token_layout, selection.geometry.with_unpad(unpad))
+                                     if selection is not None else common.uncompressed_accounting(tokens.shape[0]),
+                                     **settings.record())
                                 for tokens, selection in per_image]
         return [tokens for tokens, _ in per_image]
 

@@ -82,6 +82,11 @@ class CropGeometry:
         """`(width, height)` of each crop's image area, the released GlobalCom2 code's `crop_dimensions`."""
         return [(width, height) for _, _, height, width in self.crop_boxes]
 
+    def with_unpad(self, unpad: bool) -> CropGeometry:
+        """The same image with (or without) LLaVA-NeXT's unpadding: the geometry the model sends
+        when a method's official input changes the merge type, or the one it replaces."""
+        return self if unpad == self.unpad else crop_geometry(self.image_size, self.grid, self.side, unpad)
+
     def newline_count(self, arrangement: str) -> int:
         """Newline tokens in the sequence: one per `newline_rows`, or for a single view the one
         `spatial_unpad` appends after it."""
@@ -252,17 +257,22 @@ class Selection:
         """Length of `arrange_tokens`'s output: kept image tokens plus newlines."""
         return self.image_tokens + self.newline_tokens(layout)
 
-    def accounting(self, layout: str) -> dict:
-        """One image's record (JSON-ready): visual tokens before (vanilla LLaVA-NeXT, newlines
+    def accounting(self, layout: str, vanilla: CropGeometry | None = None) -> dict:
+        """One image's record (JSON-ready): visual tokens before (the vanilla model's, newlines
         included) and after; image and newline tokens kept; vanilla image tokens and the realised
-        ratio of image tokens; per crop (row-major) its image tokens and kept tokens; `extra`."""
+        ratio of image tokens; per crop (row-major) its image tokens and kept tokens; `extra`.
+
+        `vanilla`: the geometry the model sends without compression, when the method changed
+        the model's input (FasterVLM's official input has no unpadding); default `geometry`.
+        """
         geometry = self.geometry
-        before = geometry.vanilla_image_tokens + geometry.newline_count("raster")
+        vanilla = vanilla or geometry
+        before = vanilla.vanilla_image_tokens + vanilla.newline_count("raster")
         after = self.tokens_after(layout)
         record = dict(tokens_before=before, tokens_after=after, retained=after / max(before, 1),
                       image_tokens=self.image_tokens, newline_tokens=self.newline_tokens(layout),
-                      vanilla_image_tokens=geometry.vanilla_image_tokens,
-                      realised_ratio=self.image_tokens / max(geometry.vanilla_image_tokens, 1),
+                      vanilla_image_tokens=vanilla.vanilla_image_tokens,
+                      realised_ratio=self.image_tokens / max(vanilla.vanilla_image_tokens, 1),
                       grid=list(geometry.grid) if geometry.crop_boxes else None,
                       thumbnail_kept=int(self.thumbnail_indices.shape[0]), crop_valid=geometry.valid_counts,
                       crop_kept=list(self.crop_kept_counts))

@@ -28,7 +28,7 @@ Budget. View v keeps `T_v = min(c_v, round(R' c_v))` of the `c_v` cells it offer
   as in the paper's LLaVA-NeXT table (10% -> 58 per view, 290 for 5 views), the same T for every
   view, all-padding crops included (quirk F2). Where there is padding this is more than R of
   LLaVA-NeXT's tokens: a 1000x700 image (2x2 grid, 2208 vanilla image tokens) sends 290 = 13.1%
-  at R = 0.1; the accounting's `extra` reports it. In `anyres` mode each view keeps R of its own
+  at R = 0.1, and the run's accounting (against the model's own vanilla sequence) reports 13.1%. In `anyres` mode each view keeps R of its own
   image cells: the paper keeps R of every view it sees, and applied to the views LLaVA-NeXT
   sends this keeps R of the vanilla image tokens to within rounding, the budget other methods
   are held to (a uniform `round(576 R)` would be capped on padding-cut crops and miss it).
@@ -59,7 +59,7 @@ from typing import Literal
 import torch
 
 from llava.model.compression.common import (
-    Budget, CropGeometry, Selection, crop_geometry, keep_everything, selection_from_mask, view_image_areas,
+    Budget, CropGeometry, Selection, keep_everything, selection_from_mask, view_image_areas,
     view_image_tokens,
 )
 from llava.model.compression.registry import arg, register
@@ -82,14 +82,6 @@ def official_input(args: FasterVLMArgs) -> dict:
     return {"mm_patch_merge_type": "spatial"} if args.mode == "faithful" else {}
 
 
-def llava_next_image_tokens(geometry: CropGeometry) -> int:
-    """`N_van`: the image tokens vanilla LLaVA-NeXT (`spatial_unpad`) sends for this image, also
-    when `geometry` is the official input's (no unpadding, padding cells counted)."""
-    if geometry.unpad:
-        return geometry.vanilla_image_tokens
-    return crop_geometry(geometry.image_size, geometry.grid, geometry.side, unpad=True).vanilla_image_tokens
-
-
 def view_token_counts(geometry: CropGeometry, budget: Budget, args: FasterVLMArgs) -> list[int]:
     """`T_v = min(c_v, round(R' c_v))` for each view `[V]`, thumbnail first (`R'`: the module's
     Budget). Host-side arithmetic on a handful of numbers, done in exact fractions so that a rule
@@ -102,7 +94,7 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: FasterVLMArg
     elif args.budget == "paper":
         kept_per_cell = Fraction(budget.ratio)
     else:
-        kept_per_cell = Fraction(budget.ratio) * llava_next_image_tokens(geometry) / offered
+        kept_per_cell = Fraction(budget.ratio) * geometry.with_unpad(True).vanilla_image_tokens / offered
     at_least = 1 if args.budget == "matched" else 0
     return [min(view_cells, max(at_least, round(kept_per_cell * view_cells))) for view_cells in cells]
 
@@ -126,8 +118,7 @@ def select_view_tokens(scores: torch.Tensor, image_areas: torch.Tensor, counts: 
 def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: Budget,
            args: FasterVLMArgs = FasterVLMArgs()) -> Selection:
     """FasterVLM for one image: `views` `[V, P, D]` (only its device is used: the scores decide),
-    `signals["cls_attn_penultimate"]` `[V, P]`. `extra` records each view's `T_v`, LLaVA-NeXT's
-    image tokens `N_van` and the share of them sent (above R in `faithful` mode where there is padding)."""
+    `signals["cls_attn_penultimate"]` `[V, P]`. `extra` records each view's `T_v`."""
     if budget.keeps_all:
         return keep_everything(geometry, views.device)
     scores = signals[SIGNAL]
@@ -136,7 +127,4 @@ def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: B
                          f"got {list(scores.shape)}")
     counts = view_token_counts(geometry, budget, args)
     keep = select_view_tokens(scores.to(views.device), view_image_areas(geometry, views.device), counts)
-    llava_next = llava_next_image_tokens(geometry)
-    extra = dict(view_tokens=counts, llava_next_image_tokens=llava_next,
-                 llava_next_ratio=sum(counts) / llava_next)
-    return selection_from_mask(geometry, keep, counts, extra=extra)
+    return selection_from_mask(geometry, keep, counts, extra=dict(view_tokens=counts))

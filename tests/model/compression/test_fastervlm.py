@@ -62,7 +62,10 @@ def test_faithful_keeps_the_top_t_of_every_view_padding_included_without_newline
     # 0, 1 and right 3; row 1 left 5, right 4, 7; row 2 left 10; row 3 right 15. No newline.
     selection, sequence = _sequence((800, 200), (2, 1), 4, 0.25, FAITHFUL, _scores(HAND_SCORES, 4))
     assert sequence == [2, 6, 9, 13, 100, 101, 203, 105, 204, 207, 110, 215]
-    assert selection.extra == dict(view_tokens=[4, 4, 4], llava_next_image_tokens=32, llava_next_ratio=12 / 32)
+    assert selection.extra == dict(view_tokens=[4, 4, 4])
+    # Against the model's own vanilla sequence (unpadded: 16 + 8 + 8 image cells) that is 12 of 32.
+    record = selection.accounting("official", selection.geometry.with_unpad(True))
+    assert record["vanilla_image_tokens"] == 32 and record["realised_ratio"] == 12 / 32
 
 
 def test_anyres_keeps_the_top_share_of_each_crops_image_cells_with_newlines():
@@ -186,9 +189,9 @@ def test_the_specs_worked_example():
     scores = torch.rand(5, 576, generator=torch.Generator().manual_seed(0))
     selection = select(torch.zeros(5, 576, 1), {"cls_attn_penultimate": scores}, geometry,
                        Budget.resolve(geometry, 0.1))
-    record = selection.accounting("official")
+    record = selection.accounting("official", geometry.with_unpad(True))
     assert record["image_tokens"] == record["tokens_after"] == 290 and record["newline_tokens"] == 0
-    assert record["llava_next_image_tokens"] == 2208 and round(100 * record["llava_next_ratio"], 1) == 13.1
+    assert record["vanilla_image_tokens"] == 2208 and round(100 * record["realised_ratio"], 1) == 13.1
 
 
 def test_bad_signal_shape_is_a_clear_error():
@@ -234,7 +237,8 @@ def test_faithful_sends_v_times_t_tokens_without_newlines_through_the_model(tiny
     sequence, features, scores, record = _encode(model, processor, (1000, 700), method="fastervlm",
                                                  retention_ratio=0.25)
     assert sequence.shape[0] == 5 * 144 == record["tokens_after"] and record["newline_tokens"] == 0
-    assert record["view_tokens"] == [144] * 5 and record["llava_next_image_tokens"] == 2208
+    assert record["view_tokens"] == [144] * 5 and record["vanilla_image_tokens"] == 2208
+    assert record["tokens_before"] == 2208 + 34 and record["realised_ratio"] == 720 / 2208
     # The released selection: topk(k=144) per view on the tower's signal, the set in raster order.
     kept = torch.zeros(5, 576, dtype=torch.bool).scatter_(1, torch.topk(scores, k=144, dim=1).indices, True)
     thumbnail = features[0][kept[0]]
