@@ -137,14 +137,17 @@ def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: to
 
 
 def bench_methods(inputs: dict, ratio: float, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Every registered method's selection and arrangement, each fed every signal it may read."""
-    geometry = crop_geometry(IMAGE_SIZE, GRID, int(NUM_PATCHES**0.5))
-    budget = Budget.resolve(geometry, ratio)
-    views, newline = inputs["image_feature"], inputs["image_newline"]
+    """Every registered method's selection and arrangement (default arguments, on the input the
+    method's official code sends: FasterVLM's without unpadding), each fed every signal it may read."""
+    views = inputs["image_feature"]
     signals = {name: inputs["cls_attn_scores"] for name in SIGNALS}
     rows = []
     for name in method_names():
         method = get_method(name)
+        merge_type = method.input_changes(method.args()).get("mm_patch_merge_type", "spatial_unpad")
+        geometry = crop_geometry(IMAGE_SIZE, GRID, int(NUM_PATCHES**0.5), unpad="unpad" in merge_type)
+        budget = Budget.resolve(geometry, ratio)
+        newline = inputs["image_newline"] if geometry.unpad else None
 
         def compress() -> torch.Tensor:
             selection = method.select(views, signals, geometry, budget, method.args())
