@@ -120,7 +120,7 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
     start = time.perf_counter()
     settings = model.compression_settings()
     if images:
-        pixel_values = process_images(images, image_processor, model.config)
+        pixel_values = process_images(images, image_processor, model.input_config(settings))
         if isinstance(pixel_values, list):  # images with different numbers of AnyRes views
             pixel_values = [views.to(model.device, model.dtype) for views in pixel_values]
         else:

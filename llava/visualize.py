@@ -109,11 +109,11 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
     if getattr(model.config, "image_aspect_ratio", None) != "anyres":
         raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres')")
     image = image.convert("RGB")
-    views = process_images([image], image_processor, model.config)[0].to(model.device, model.dtype)
+    views = process_images([image], image_processor, model.input_config(settings))[0].to(model.device, model.dtype)
     model.encode_image_sequences([views], [image.size], settings)
     scores = (model.encode_images(views, {SCORES}).signals[SCORES].float().cpu()
               if settings.method == "globalcom2" else None)
-    canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.config.image_grid_pinpoints))
+    canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.input_config(settings).image_grid_pinpoints))
     return CompressionView(image, canvas, model.get_vision_tower().config.patch_size, model.last_selections[0],
                            settings.record(), model.last_accounting[0], scores)
 
@@ -132,7 +132,8 @@ def selection_lines(model, accounting: list[dict]) -> list[dict]:
     for index, (record, selection) in enumerate(zip(accounting, model.last_selections)):
         compression = {key: record[key] for key in settings_keys}
         anyres = selection is not None and selection.geometry.crop_boxes
-        canvas_size = (list(select_best_resolution(selection.geometry.image_size, model.config.image_grid_pinpoints))
+        canvas_size = (list(select_best_resolution(selection.geometry.image_size,
+                                                   model.input_config().image_grid_pinpoints))
                        if anyres else None)
         lines.append(dict(
             image_index=index, compression=compression, canvas_size=canvas_size, patch_pixels=patch_pixels,

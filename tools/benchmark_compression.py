@@ -30,9 +30,9 @@ import torch
 
 from llava.files import write_text
 from llava.model.compression import get_method, method_names
-from llava.model.compression.common import LAYOUTS, Budget, arrange_tokens, crop_geometry
+from llava.model.compression.common import LAYOUTS, Budget, arrange_tokens, crop_geometry, project_merge
 from llava.model.compression.globalcom2 import compress_image_features
-from llava.model.compression.registry import SIGNALS
+from llava.model.compression.registry import SIGNALS, example_signals
 from llava.model.globalcom2_released import released_compress_image
 from llava.model.multimodal_encoder.clip_encoder import SIGNAL_FUNCTIONS, SIGNAL_LAYERS, CLIPVisionTower
 
@@ -42,6 +42,7 @@ IMAGE_SIZE = (1000, 700)  # PIL (width, height): wider than the 2x2 canvas, so r
 GRID = (2, 2)
 NUM_PATCHES = 576
 HIDDEN_SIZE = 4096
+TOWER_WIDTH, TOWER_HEADS = 1024, 16  # CLIP ViT-L/14-336
 TOWER_NAME = "openai/clip-vit-large-patch14-336"
 SCORE_OVERHEAD_TARGET = 0.02
 
@@ -138,9 +139,15 @@ def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: to
 
 def bench_methods(inputs: dict, ratio: float, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Every registered method's selection and arrangement (default arguments, on the input the
-    method's official code sends: FasterVLM's without unpadding), each fed every signal it may read."""
+    method's official code sends: FasterVLM's without unpadding), each fed every signal it may read
+    (CLIP-L shapes), merges in CLIP space projected by an `mlp2x_gelu` projector."""
     views = inputs["image_feature"]
-    signals = {name: inputs["cls_attn_scores"] for name in SIGNALS}
+    generator = torch.Generator().manual_seed(1)
+    signals = {name: (inputs["cls_attn_scores"] if SIGNALS[name].shape == ("V", "P") else example.to(views))
+               for name, example in example_signals(SIGNALS, views.shape[0], NUM_PATCHES, TOWER_WIDTH, TOWER_HEADS,
+                                                    generator).items()}
+    projector = torch.nn.Sequential(torch.nn.Linear(TOWER_WIDTH, HIDDEN_SIZE), torch.nn.GELU(),
+                                    torch.nn.Linear(HIDDEN_SIZE, HIDDEN_SIZE)).to(views)
     rows = []
     for name in method_names():
         method = get_method(name)
@@ -150,7 +157,7 @@ def bench_methods(inputs: dict, ratio: float, args: argparse.Namespace, device: 
         newline = inputs["image_newline"] if geometry.unpad else None
 
         def compress() -> torch.Tensor:
-            selection = method.select(views, signals, geometry, budget, method.args())
+            selection = project_merge(method.select(views, signals, geometry, budget, method.args()), projector)
             return arrange_tokens(views, selection, newline, "official")
 
         progress(f"R {ratio:g}: method {name} ({args.repeats} repeats)")

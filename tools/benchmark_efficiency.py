@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, model, processor = build_random_model(args.preset, str(device), dtype)
         name = f"{args.preset} (random weights)"
     image = Image.new("RGB", tuple(args.image_size), (120, 160, 200))
-    pixel_values = process_images([image], processor, model.config).to(device, dtype)
+    model.set_compression(method=args.method, method_args=args.method_arg)  # its input changes shape the views
+    pixel_values = process_images([image], processor, model.input_config()).to(device, dtype)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     header = (f"{name}, {args.dtype or dtype}, {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"image {args.image_size[0]}x{args.image_size[1]}, {args.method} {' '.join(args.method_arg)}, "

@@ -9,6 +9,7 @@ image geometry (grid shape, unpadding) in `llava.mm_utils`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -22,7 +23,7 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression import common, get_method, globalcom2, parse_method_args
 from llava.model.compression.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
-from llava.model.compression.registry import method_args_dict
+from llava.model.compression.registry import INPUT_CHANGES, method_args_dict
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.utils import LlavaWarning
@@ -153,18 +154,37 @@ class LlavaMetaForCausalLM:
                                    common.check_layout(layout), visual_tokens)
 
     def encode_images(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
-        """`[V, 3, S, S]` -> projected features `[V, P, D]` and the named tower signals (each `[V, P]`)."""
+        """`[V, 3, S, S]` -> projected features `[V, P, D]` and the named tower signals (shapes in
+        `registry.SIGNALS`, each with the views first)."""
         features, computed = self.get_vision_tower()(images, signals)
         return VisionTowerOutput(self.get_model().mm_projector(features), computed)
 
+    def input_config(self, settings: CompressionSettings | None = None):
+        """The config the model's input follows: its own, with the input changes the method's
+        official code makes (merge type, pinpoints) applied; preprocessing reads it too
+        (`process_images(images, processor, model.input_config())`)."""
+        settings = settings or self.compression_settings()
+        changes = get_method(settings.method).input_changes(settings.method_args)
+        unknown = set(changes) - INPUT_CHANGES
+        if unknown:
+            raise ValueError(f"method {settings.method} changes {sorted(unknown)}, which the glue does not apply "
+                             f"(it applies {sorted(INPUT_CHANGES)})")
+        if not changes:
+            return self.config
+        config = copy.copy(self.config)
+        for key, value in changes.items():
+            setattr(config, key, value)
+        return config
+
     def image_geometry(self, num_views: int, image_size: tuple[int, int] | None,
-                       merge_type: str) -> common.CropGeometry:
-        """The crop geometry of one image with `num_views` views (1: a single view, no crops)."""
+                       merge_type: str, config=None) -> common.CropGeometry:
+        """The crop geometry of one image with `num_views` views (1: a single view, no crops);
+        `config`: the input's (`input_config`), default the model's."""
         side = self.get_vision_tower().num_patches_per_side
         unpad = "unpad" in merge_type
         if num_views == 1:
             return common.crop_geometry(image_size or (0, 0), (0, 0), side, unpad)
-        config = self.config
+        config = config or self.config
         if getattr(config, "image_aspect_ratio", None) != "anyres":
             raise ValueError("several views per image need image_aspect_ratio 'anyres'")
         if image_size is None:
@@ -179,8 +199,7 @@ class LlavaMetaForCausalLM:
 
     def merge_type(self, settings: CompressionSettings) -> str:
         """The config's `mm_patch_merge_type`, unless the method's official code changes it."""
-        changes = get_method(settings.method).input_changes(settings.method_args)
-        merge_type = changes.get("mm_patch_merge_type", getattr(self.config, "mm_patch_merge_type", "flat"))
+        merge_type = getattr(self.input_config(settings), "mm_patch_merge_type", "flat")
         if merge_type != "flat" and not merge_type.startswith("spatial"):
             raise ValueError(f"unknown mm_patch_merge_type: {merge_type!r}")
         return merge_type
@@ -201,11 +220,22 @@ class LlavaMetaForCausalLM:
         merge_type = merge_type or self.merge_type(settings)
         if merge_type == "flat":  # no spatial structure to compress against, as released
             return views.flatten(0, 1), None
-        geometry = self.image_geometry(views.shape[0], image_size, merge_type)
+        geometry = self.image_geometry(views.shape[0], image_size, merge_type, self.input_config(settings))
         newline = self.get_model().image_newline.to(views.dtype) if geometry.unpad else None
         budget = common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens)
         selection = get_method(settings.method).select(views, signals or {}, geometry, budget, settings.method_args)
+        selection = common.project_merge(selection, self.get_model().mm_projector)
         return common.arrange_tokens(views, selection, newline, settings.token_layout), selection
+
+    def vanilla_geometry(self, geometry: common.CropGeometry, one_view_each: bool = False) -> common.CropGeometry:
+        """The geometry the model sends for the same image uncompressed (its own config), which
+        differs from `geometry` where a method's official input changed the merge type or grid."""
+        unpad = not one_view_each and "unpad" in getattr(self.config, "mm_patch_merge_type", "flat")
+        if not geometry.crop_boxes:
+            return geometry.with_unpad(unpad)
+        grid = get_anyres_image_grid_shape(geometry.image_size, self.config.image_grid_pinpoints,
+                                           self.get_vision_tower().config.image_size)
+        return common.crop_geometry(geometry.image_size, grid, geometry.side, unpad)
 
     def encode_image_sequences(self, images, image_sizes, settings: CompressionSettings | None = None) -> list[torch.Tensor]:
         """One `[M_i, D]` visual sequence per image, each compressed with its own signals.
@@ -237,10 +267,10 @@ class LlavaMetaForCausalLM:
                           "the thumbnail (or single view) keeps no token and the crops keep almost none; the language "
                           "model sees little more than newline tokens", LlavaWarning, stacklevel=2)
         # Accounting is against the model's own vanilla sequence, also where the method's official
-        # input changed the merge type (FasterVLM's sends the letterbox padding).
-        unpad = not one_view_each and "unpad" in getattr(self.config, "mm_patch_merge_type", "flat")
+        # input changed it (FasterVLM's sends the letterbox padding).
         self.last_selections = [selection for _, selection in per_image]
-        self.last_accounting = [dict(selection.accounting(settings.token_layout, selection.geometry.with_unpad(unpad))
+        self.last_accounting = [dict(selection.accounting(settings.token_layout,
+                                                          self.vanilla_geometry(selection.geometry, one_view_each))
                                      if selection is not None else common.uncompressed_accounting(tokens.shape[0]),
                                      **settings.record())
                                 for tokens, selection in per_image]

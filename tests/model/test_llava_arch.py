@@ -240,3 +240,59 @@ def test_sequence_length_matches_the_token_count_rule(tiny, width, height):
     views = torch.zeros(1 + grid_w * grid_h, 576, model.config.hidden_size)
     model_sequence, _ = model.image_sequence(views, None, (width, height))
     assert model_sequence.shape[0] == anyres_visual_token_count((width, height), pinpoints)
+
+
+# --- a method that changes the model's input (its official code does) -------------------------
+
+@pytest.fixture
+def square_grid_method():
+    """A method registered for this test only: `random`'s selection, declaring the input changes
+    VisPruner's and CDPruner's official codes make (every image on the 672x672 grid, no unpadding)."""
+    from llava.model.compression import random as random_method
+    from llava.model.compression.registry import _METHODS, register
+
+    register("test-square-grid", args=random_method.RandomArgs, input_changes=lambda args: {
+        "image_grid_pinpoints": [[672, 672]], "mm_patch_merge_type": "spatial"})(random_method.select)
+    yield "test-square-grid"
+    del _METHODS["test-square-grid"]
+
+
+def test_input_changes_reach_preprocessing_geometry_and_accounting(tiny, square_grid_method):
+    from llava.generation import answer
+
+    tokenizer, model, processor = tiny
+    image = _image((1000, 300), 3)  # LLaVA-NeXT's own grid for it: 3 crops in a row
+    assert get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, 336) == (3, 1)
+    model.set_compression(0.5, method=square_grid_method)
+    try:
+        config = model.input_config()
+        assert config.image_grid_pinpoints == [[672, 672]] and config.mm_patch_merge_type == "spatial"
+        assert model.config.image_grid_pinpoints != [[672, 672]]  # the model's own config is untouched
+        reply = answer(model, tokenizer, processor, "USER: <image>\nWhat? ASSISTANT:", [image], max_new_tokens=1)
+    finally:
+        model.set_compression()
+    selection, record = model.last_selections[0], reply.accounting[0]
+    assert selection.geometry.grid == (2, 2) and not selection.geometry.unpad  # 5 views, padding cells count
+    assert record["crop_valid"] == [576] * 4 and record["newline_tokens"] == 0
+    # Counted against what the model itself sends for this image: 576 + 3 unpadded crops, newlines.
+    own_tokens = anyres_visual_token_count(image.size, model.config.image_grid_pinpoints, 336, 24)
+    assert record["tokens_before"] == own_tokens
+    # Its 1008x336 canvas (3 crops in a row, 72 columns) holds the image in 22 of 24 rows.
+    assert record["vanilla_image_tokens"] == 576 + 22 * 72 == own_tokens - 22
+    assert record["image_tokens"] == round(0.5 * 5 * 576)
+
+
+def test_an_input_change_the_glue_cannot_apply_is_refused(tiny, square_grid_method):
+    from llava.model.compression.registry import get_method
+
+    model = tiny[1]
+    method = get_method(square_grid_method)
+    original = method.input_changes
+    object.__setattr__(method, "input_changes", lambda args: {"image_aspect_ratio": "pad"})
+    model.set_compression(method=square_grid_method)
+    try:
+        with pytest.raises(ValueError, match=r"changes \['image_aspect_ratio'\], which the glue does not apply"):
+            model.input_config()
+    finally:
+        object.__setattr__(method, "input_changes", original)
+        model.set_compression()

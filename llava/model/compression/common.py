@@ -227,6 +227,12 @@ class Selection:
     `official` layout means for this method: `raster` (kept tokens in canvas order, as
     LLaVA-NeXT) or `packed` (GlobalCom2's released sequence). `extra` holds the method's own
     accounting (JSON-ready), passed through to reports unchanged.
+
+    `sequence` (`[M]` int64): for a method whose official code sends its own order (tokens in
+    score order, views one after another, no newlines, tokens that are no patch), that order for
+    the `official` layout: entry `view * P + patch` is a kept cell, `V * P + e` the e-th of a
+    `Merge`'s `extra_features`, -1 an `image_newline`. Every kept cell appears exactly once. The
+    `spatial` layout then sends the raster arrangement followed by the extra tokens.
     """
 
     geometry: CropGeometry
@@ -237,21 +243,39 @@ class Selection:
     arrangement: str = "raster"
     send_crops: bool = True          # False: the crops, their newlines included, are not sent at all
     extra: dict = dataclasses.field(default_factory=dict)
+    sequence: torch.Tensor | None = None  # [M] int64, the method's own official order (see above)
+
+    @property
+    def kept_cells(self) -> int:
+        """Kept patches, thumbnail and crops."""
+        return int(self.thumbnail_indices.shape[0]) + sum(self.crop_kept_counts)
+
+    @property
+    def extra_tokens(self) -> int:
+        """Tokens sent that are no patch (a `Merge`'s `extra_features`)."""
+        return 0
 
     @property
     def image_tokens(self) -> int:
-        return int(self.thumbnail_indices.shape[0]) + sum(self.crop_kept_counts)
+        """Visual tokens sent other than newlines: kept patches plus extra tokens."""
+        return self.kept_cells + self.extra_tokens
 
     def resolved_arrangement(self, layout: str) -> str:
-        """`packed` only for the `official` layout of a method whose official sequence is packed,
-        and never when everything is kept (that is always LLaVA-NeXT's own sequence)."""
+        """For the `official` layout the method's own: `sequence` when it gives one, else `packed`
+        or `raster`; `raster` for the `spatial` layout. Never other than `raster` when everything
+        is kept (that is always LLaVA-NeXT's own sequence)."""
         check_layout(layout)
-        return "packed" if layout == "official" and self.arrangement == "packed" and not self.keeps_all else "raster"
+        if layout != "official" or self.keeps_all:
+            return "raster"
+        return "sequence" if self.sequence is not None else self.arrangement
 
     def newline_tokens(self, layout: str) -> int:
+        arrangement = self.resolved_arrangement(layout)
+        if arrangement == "sequence":
+            return int((self.sequence < 0).sum())
         if not self.send_crops and self.geometry.crop_boxes:
             return 0
-        return self.geometry.newline_count(self.resolved_arrangement(layout))
+        return self.geometry.newline_count(arrangement)
 
     def tokens_after(self, layout: str) -> int:
         """Length of `arrange_tokens`'s output: kept image tokens plus newlines."""
@@ -260,7 +284,8 @@ class Selection:
     def accounting(self, layout: str, vanilla: CropGeometry | None = None) -> dict:
         """One image's record (JSON-ready): visual tokens before (the vanilla model's, newlines
         included) and after; image and newline tokens kept; vanilla image tokens and the realised
-        ratio of image tokens; per crop (row-major) its image tokens and kept tokens; `extra`.
+        ratio of image tokens (extra tokens, which are no patch, included); per crop (row-major)
+        its image tokens and kept tokens; `extra`.
 
         `vanilla`: the geometry the model sends without compression, when the method changed
         the model's input (FasterVLM's official input has no unpadding); default `geometry`.
@@ -271,6 +296,7 @@ class Selection:
         after = self.tokens_after(layout)
         record = dict(tokens_before=before, tokens_after=after, retained=after / max(before, 1),
                       image_tokens=self.image_tokens, newline_tokens=self.newline_tokens(layout),
+                      extra_tokens=self.extra_tokens,
                       vanilla_image_tokens=vanilla.vanilla_image_tokens,
                       realised_ratio=self.image_tokens / max(vanilla.vanilla_image_tokens, 1),
                       grid=list(geometry.grid) if geometry.crop_boxes else None,
@@ -281,23 +307,44 @@ class Selection:
 
 def uncompressed_accounting(tokens: int) -> dict:
     """The record of an image sent whole without spatial structure (merge type `flat`)."""
-    return dict(tokens_before=tokens, tokens_after=tokens, retained=1.0, image_tokens=tokens, newline_tokens=0,
+    return dict(tokens_before=tokens, tokens_after=tokens, retained=1.0, image_tokens=tokens, newline_tokens=0, extra_tokens=0,
                 vanilla_image_tokens=tokens, realised_ratio=1.0, grid=None, thumbnail_kept=tokens, crop_valid=[],
                 crop_kept=[])
 
 
 @dataclasses.dataclass
 class Merge(Selection):
-    """A selection whose kept tokens carry merged features instead of their own.
+    """A selection whose kept tokens carry merged features instead of their own, and that may
+    send tokens that are no patch.
 
-    `features`: `[K, D]` for the `K = image_tokens` kept tokens in canonical order (thumbnail
-    kept cells in raster order, then each crop's kept cells in raster order). `source_map`:
-    `[V, P]` int64, for every patch the canonical index of the kept token it was merged into,
-    -1 if none (the provenance).
+    `features`: `[K, D]` for the `K = kept_cells` kept tokens in canonical order (thumbnail
+    kept cells in raster order, then each crop's kept cells in raster order); None: their own.
+    `source_map`: `[V, P]` int64, for every patch the canonical index of the kept token it was
+    merged into, -1 if none (the provenance). `extra_features`: `[E, D]` tokens that are no
+    patch (a view's [CLS] token, a token summing the dropped ones, zero padding), placed by
+    `sequence`. `feature_space`: `projected` (the LLM's width D) or `tower` (the vision tower's
+    width, before the projector: methods that merge in CLIP space, as their official code
+    does); `project_merge` maps a `tower` merge through the projector.
     """
 
     features: torch.Tensor | None = None
     source_map: torch.Tensor | None = None
+    extra_features: torch.Tensor | None = None
+    feature_space: str = "projected"
+
+    @property
+    def extra_tokens(self) -> int:
+        return 0 if self.extra_features is None else int(self.extra_features.shape[0])
+
+
+def project_merge(selection: Selection, projector) -> Selection:
+    """`selection` with a `tower`-space merge's features (and extra features) passed through
+    `projector` (`[N, C] -> [N, D]`, token by token, as LLaVA's MLP); anything else unchanged."""
+    if not isinstance(selection, Merge) or selection.feature_space != "tower":
+        return selection
+    project = (lambda features: None if features is None else projector(features))
+    return dataclasses.replace(selection, features=project(selection.features),
+                               extra_features=project(selection.extra_features), feature_space="projected")
 
 
 def keep_everything(geometry: CropGeometry, device=None) -> Selection:
@@ -348,8 +395,36 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     canvas row, each kept crop token placed at the cell numbered by its *packed* index (the
     released code's sequence, quirks Q2, Q3, Q12). A single view gets its kept tokens, then one
     newline if `image_newline` is given. A `Merge` puts its merged features in place of the kept
-    tokens' own. `image_newline`: `[D]`, or None (no unpadding, no newlines).
+    tokens' own. `sequence` (a method's own order): the cells, extra tokens and newlines it
+    names; the `spatial` layout of such a selection is the raster arrangement, then its extra
+    tokens. `image_newline`: `[D]`, or None (no unpadding, no newlines).
     """
+    if isinstance(selection, Merge) and selection.feature_space != "projected":
+        raise ValueError("a merge in the tower's feature space must be projected first (project_merge)")
+    if selection.resolved_arrangement(layout) == "sequence":
+        return _sequence_tokens(image_feature, selection, image_newline)
+    tokens = _arranged_tokens(image_feature, selection, image_newline, layout)
+    if selection.extra_tokens:
+        return torch.cat([tokens, selection.extra_features.to(tokens.dtype)])
+    return tokens
+
+
+def _sequence_tokens(image_feature: torch.Tensor, selection: Selection, image_newline: torch.Tensor | None) -> torch.Tensor:
+    """The tokens `[M, D]` a selection's own `sequence` names."""
+    sequence = selection.sequence
+    num_cells = image_feature.shape[0] * image_feature.shape[1]
+    tokens = _gather(image_feature, selection, sequence.clamp(0, num_cells - 1))
+    if selection.extra_tokens:
+        extra_rows = (sequence - num_cells).clamp(0, selection.extra_tokens - 1)
+        tokens = torch.where((sequence >= num_cells)[:, None], selection.extra_features.to(tokens.dtype)[extra_rows], tokens)
+    if image_newline is not None:
+        tokens = torch.where((sequence < 0)[:, None], image_newline.to(tokens.dtype), tokens)
+    return tokens
+
+
+def _arranged_tokens(image_feature: torch.Tensor, selection: Selection, image_newline: torch.Tensor | None,
+                     layout: str) -> torch.Tensor:
+    """The kept cells in the `raster` or `packed` arrangement (see `arrange_tokens`)."""
     geometry = selection.geometry
     arrangement = selection.resolved_arrangement(layout)
     if geometry.unpad and image_newline is None:
@@ -400,11 +475,11 @@ def _gather(image_feature: torch.Tensor, selection: Selection, cells: torch.Tens
     """The features `[len(cells), D]` of the flat cells `cells` (`view * P + patch`): the cells' own,
     or for a `Merge` the merged token each kept cell stands for (looked up, not copied in place,
     so no `[V * P, D]` temporary is made)."""
-    if not isinstance(selection, Merge):
+    if not isinstance(selection, Merge) or selection.features is None:
         return image_feature.flatten(0, 1)[cells]
-    positions = _first_true(keep_mask(selection).flatten(), selection.image_tokens)  # canonical order
+    positions = _first_true(keep_mask(selection).flatten(), selection.kept_cells)  # canonical order
     canonical = torch.zeros(image_feature.shape[0] * image_feature.shape[1], dtype=torch.long, device=cells.device)
-    canonical[positions] = torch.arange(selection.image_tokens, device=cells.device)
+    canonical[positions] = torch.arange(selection.kept_cells, device=cells.device)
     return selection.features.to(image_feature.dtype)[canonical[cells]]
 
 
@@ -449,20 +524,27 @@ def selection_record(selection: Selection, layout: str) -> dict:
     device = selection.thumbnail_indices.device
     # The arrangement run on cell numbers instead of features (a plain copy of a Merge, whose
     # merged features would hide them), so the record is by construction the sequence sent.
-    plain = Selection(**{field.name: getattr(selection, field.name) for field in dataclasses.fields(Selection)})
-    cells = torch.arange(num_views * num_patches, device=device).view(num_views, num_patches, 1)
-    sequence = arrange_tokens(cells, plain, torch.tensor([-1], device=device), layout)[:, 0]
-    image_cells = sequence[sequence >= 0]
+    arrangement = selection.resolved_arrangement(layout)
+    if arrangement == "sequence":
+        sequence = selection.sequence
+    else:
+        plain = Selection(**{field.name: getattr(selection, field.name) for field in dataclasses.fields(Selection)})
+        cells = torch.arange(num_views * num_patches, device=device).view(num_views, num_patches, 1)
+        sequence = arrange_tokens(cells, plain, torch.tensor([-1], device=device), layout)[:, 0]
+    image_cells = sequence[(sequence >= 0) & (sequence < num_views * num_patches)]
     # Per view in sequence order: a stable sort by view keeps each view's tokens in their order.
     by_view = image_cells[torch.argsort(image_cells // num_patches, stable=True)]
     per_view = torch.bincount(image_cells // num_patches, minlength=num_views).tolist()
     kept_cells = by_view.split(per_view)
     record = dict(image_size=list(geometry.image_size), grid=list(geometry.grid) if geometry.crop_boxes else None,
                   side=geometry.side, unpad=geometry.unpad, layout=layout,
-                  arrangement=selection.resolved_arrangement(layout), send_crops=selection.send_crops,
+                  arrangement=arrangement, send_crops=selection.send_crops,
                   kept=[(view_cells % num_patches).tolist() for view_cells in kept_cells],
-                  image_tokens=int(image_cells.shape[0]), newline_tokens=int(sequence.shape[0] - image_cells.shape[0]))
-    if isinstance(selection, Merge):
+                  image_tokens=int(image_cells.shape[0]) + selection.extra_tokens,
+                  newline_tokens=int((sequence < 0).sum()), extra_tokens=selection.extra_tokens)
+    if arrangement == "sequence":
+        record["sequence"] = sequence.tolist()
+    if isinstance(selection, Merge) and selection.source_map is not None:
         record["sources"] = _merge_sources(selection, kept_cells)
     return record
 
@@ -473,20 +555,24 @@ def _merge_sources(merge: Merge, kept_cells: tuple[torch.Tensor, ...]) -> list[l
     canonical = keep_mask(merge).flatten().cumsum(0) - 1  # each kept cell's index among the merged tokens
     # Cells grouped by the token they went into (unmerged cells, -1, first), in cell order.
     grouped = torch.argsort(source_map, stable=True)
-    group_sizes = torch.bincount(source_map + 1, minlength=merge.image_tokens + 1).tolist()
+    group_sizes = torch.bincount(source_map + 1, minlength=merge.kept_cells + 1).tolist()
     sources = [group.tolist() for group in grouped.split(group_sizes)[1:]]
     return [[sources[token] for token in canonical[view_cells].tolist()] for view_cells in kept_cells]
 
 
 def selection_from_record(record: dict, device=None) -> Selection:
     """The `Selection` a `selection_record` describes: arranged, it gives the recorded sequence
-    (a `Merge` comes back as a plain selection of its kept cells, without merged features)."""
+    (a `Merge` comes back as a plain selection of its kept cells, without merged or extra
+    features: its `sequence` still names the extra tokens)."""
     side = record["side"]
     geometry = crop_geometry(tuple(record["image_size"]), tuple(record["grid"] or (0, 0)), side, record["unpad"])
     thumbnail, *crops = record["kept"]
     crop_keep_mask = torch.zeros(geometry.num_crops, side**2, dtype=torch.bool, device=device)
     for crop, patches in enumerate(crops):
         crop_keep_mask[crop, patches] = True
+    sequence = record.get("sequence")
     return Selection(geometry, torch.tensor(thumbnail, dtype=torch.long, device=device), crop_keep_mask,
-                     [len(patches) for patches in crops], arrangement=record["arrangement"],
-                     send_crops=record["send_crops"])
+                     [len(patches) for patches in crops],
+                     arrangement="raster" if record["arrangement"] == "sequence" else record["arrangement"],
+                     send_crops=record["send_crops"],
+                     sequence=None if sequence is None else torch.tensor(sequence, dtype=torch.long, device=device))

@@ -4,12 +4,16 @@ A method module registers its entry point with `@register(name, needs=..., args=
 point takes `(views, signals, geometry, budget, args)`:
 
 - `views`: `[V, P, D]` projected features, thumbnail first (`V = 1 + C`);
-- `signals`: the tower signals named in `needs`, each `[V, P]` (see `SIGNALS`), and nothing else;
+- `signals`: the tower signals named in `needs` (see `SIGNALS` for their shapes), and nothing else;
 - `geometry`: `common.CropGeometry` (grid, unpadding); `budget`: `common.Budget`, resolved;
 - `args`: the method's frozen dataclass of arguments;
 
 and returns a `common.Selection` (or a `common.Merge`). Arrangement into the language model's
 sequence, newlines and accounting are shared code (`common.arrange_tokens`).
+
+A method whose official code changes the model's input declares it (`input_changes`: its
+arguments -> config overrides among `INPUT_CHANGES`); the glue applies them to the geometry and
+to preprocessing for that method's runs.
 """
 
 from __future__ import annotations
@@ -19,16 +23,43 @@ import sys
 import typing
 from typing import Callable
 
+import torch
+
 # Tower signals a method can ask for; the tower computes only the ones the chosen method needs.
+@dataclasses.dataclass(frozen=True)
+class Signal:
+    shape: tuple[str, ...]  # dimension names: V views, H heads, P patches, C tower width, d = C / H
+    help: str
+
+
 SIGNALS = {
-    "cls_logits_last": "last CLIP layer's pre-softmax [CLS]->patch logits, head mean [V, P] (GlobalCom2)",
-    "cls_attn_penultimate": "layer -2's post-softmax [CLS] attention (softmax over all keys, [CLS] included), "
-                            "patch columns not renormalised, head mean [V, P] (FasterVLM, VisionZip)",
+    "cls_logits_last": Signal(("V", "P"), "last CLIP layer's pre-softmax [CLS]->patch logits, head mean (GlobalCom2)"),
+    "cls_attn_penultimate": Signal(("V", "P"), "layer -2's post-softmax [CLS] attention (softmax over all keys, [CLS] "
+                                               "included), patch columns not renormalised, head mean (FasterVLM)"),
+    "cls_attn_heads_first": Signal(("V", "H", "P"), "layer 0's post-softmax [CLS] attention per head (HiRED)"),
+    "cls_attn_heads_penultimate": Signal(("V", "H", "P"), "layer -2's post-softmax [CLS] attention per head "
+                                                          "(VisionZip, HiRED, HoloV, VisPruner)"),
+    "keys_head_mean_penultimate": Signal(("V", "1+P", "d"), "layer -2's keys of every token, head mean (VisionZip)"),
+    "cls_attn_full_width_last": Signal(("V", "P"), "last layer's [CLS] attention as one full-width head, "
+                                                   "softmax(q.k / sqrt(C)) over all keys (PruMerge)"),
+    "keys_last": Signal(("V", "P", "C"), "last layer's patch keys (PruMerge)"),
+    "tower_features": Signal(("V", "1+P", "C"), "the selected hidden state with its [CLS] row, before the projector "
+                                                "(methods that merge in CLIP space)"),
 }
 
+
+def example_signals(names, num_views: int, num_patches: int, width: int = 64, heads: int = 4,
+                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """Random positive tensors of the declared shapes for the signals `names` (tests and
+    benchmarks: no tower needed)."""
+    sizes = {"V": num_views, "H": heads, "P": num_patches, "1+P": 1 + num_patches, "C": width, "d": width // heads}
+    return {name: torch.rand([sizes[dim] for dim in SIGNALS[name].shape], generator=generator).to(dtype)
+            for name in names}
+
+
 # Input changes a method may declare (its official code alters the model's input): config keys
-# the glue overrides for that method's runs.
-INPUT_CHANGES = {"mm_patch_merge_type"}
+# the glue overrides for that method's runs (`image_grid_pinpoints`: the preprocessing's too).
+INPUT_CHANGES = {"mm_patch_merge_type", "image_grid_pinpoints"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,17 @@ attention (SDPA/flash) everywhere:
 - `cls_attn_penultimate` (FasterVLM): layer -2's post-softmax attention of the [CLS] query, the
   softmax taken over all `1 + P` keys ([CLS] included), the patch columns kept without
   renormalising, averaged over heads: the row HF's `output_attentions` would give.
+- `cls_attn_heads_first`, `cls_attn_heads_penultimate`: the same row per head `[V, H, P]`, of
+  layer 0 and layer -2 (HiRED sums the heads, VisionZip too; HoloV and VisPruner average them).
+- `keys_head_mean_penultimate`: layer -2's keys of all `1 + P` tokens, averaged over the heads
+  `[V, 1 + P, C / H]` (VisionZip's merge metric).
+- `cls_attn_full_width_last`: the last layer's [CLS] row as one head over the full width,
+  `softmax(q.k / sqrt(C))` over all `1 + P` keys, patch columns `[V, P]` (PruMerge's score).
+- `keys_last`: the last layer's patch keys `[V, P, C]` (PruMerge's neighbours).
+- `tower_features`: the selected layer's hidden state with its [CLS] row `[V, 1 + P, C]`, before
+  the projector (for methods that merge in CLIP space).
+
+Keys are the raw `k_proj` outputs (bias included, unscaled).
 """
 
 from __future__ import annotations
@@ -117,14 +128,15 @@ class CLIPVisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
         """`images` `[V, 3, S, S]` -> features `[V, P, C]` (P = (S/14)^2) and the named `signals`."""
-        unknown = set(signals) - set(SIGNAL_LAYERS)
+        offered = {*SIGNAL_LAYERS, TOWER_FEATURES}
+        unknown = set(signals) - offered
         if unknown:
-            raise ValueError(f"the CLIP tower cannot compute {sorted(unknown)}; it offers {sorted(SIGNAL_LAYERS)}")
+            raise ValueError(f"the CLIP tower cannot compute {sorted(unknown)}; it offers {sorted(offered)}")
         vision_model = self.vision_tower.vision_model
         layers = vision_model.encoder.layers
         num_layers = len(layers)
         select_index = self.select_layer % (num_layers + 1)  # index into the hidden_states tuple
-        signal_layer = {name: SIGNAL_LAYERS[name] % num_layers for name in signals}  # each needs that layer's input
+        signal_layer = {name: SIGNAL_LAYERS[name] % num_layers for name in signals if name in SIGNAL_LAYERS}
         hidden = vision_model.pre_layrnorm(vision_model.embeddings(images.to(device=self.device, dtype=self.dtype)))
         states = {0: hidden}
         for index in range(1, max(select_index, *signal_layer.values(), 0) + 1):
@@ -135,6 +147,8 @@ class CLIPVisionTower(nn.Module):
         if self.select_feature == "patch":
             features = features[:, 1:]
         computed = {name: SIGNAL_FUNCTIONS[name](layers[layer], states[layer]) for name, layer in signal_layer.items()}
+        if TOWER_FEATURES in signals:
+            computed[TOWER_FEATURES] = states[select_index]
         return VisionTowerOutput(features, computed)
 
     @property
@@ -192,25 +206,63 @@ def cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tenso
     return cls_head_logits(layer, layer_input, first_key=1).mean(dim=1)
 
 
+def _patch_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax of [CLS] logits `[..., 1 + P]` over all keys, patch columns `[..., P]`, in the
+    logits' dtype. Transformers 4.37's eager attention takes the softmax in the tower dtype (fp16
+    in evaluation); PyTorch's half softmax accumulates in fp32 and rounds its output, so an fp32
+    softmax rounded back gives the same probabilities (up to the last bit of `exp`)."""
+    return logits.float().softmax(dim=-1).to(logits.dtype)[..., 1:]
+
+
+def cls_attention_heads(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Post-softmax attention `[V, H, P]` of the [CLS] query over the patch keys of one CLIP
+    encoder layer, per head, without the full maps: the softmax of the [CLS] row over all `1 + P`
+    keys (the [CLS] key belongs to the denominator), columns `1..P` not renormalised."""
+    return _patch_probabilities(cls_head_logits(layer, layer_input, first_key=0))
+
+
 def cls_attention_probabilities(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
-    """Head-averaged post-softmax attention `[V, P]` of the [CLS] query over the patch keys of one
-    CLIP encoder layer (FasterVLM's score, without the full attention maps its code asks for):
-    per head, the softmax of the [CLS] row over all `1 + P` keys (the [CLS] key belongs to the
-    denominator), columns `1..P` kept as they are (not renormalised), then the mean over heads.
-    """
-    logits = cls_head_logits(layer, layer_input, first_key=0)                 # [V, H, 1 + P]
-    # Transformers 4.37's eager attention takes the softmax in the tower dtype (fp16 in
-    # evaluation); PyTorch's half softmax accumulates in fp32 and rounds its output, so an fp32
-    # softmax rounded back to the tower dtype gives the same probabilities (up to the last bit
-    # of `exp`), and the head mean then averages the same rounded values as the official code.
-    probabilities = logits.float().softmax(dim=-1).to(logits.dtype)
-    return probabilities[:, :, 1:].mean(dim=1)                                # [V, P]
+    """`cls_attention_heads` averaged over the heads `[V, P]` (FasterVLM's score): the mean of
+    the same rounded values the official code averages."""
+    return cls_attention_heads(layer, layer_input).mean(dim=1)
+
+
+def head_mean_keys(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Keys of all `1 + P` tokens of one CLIP encoder layer, split into heads and averaged over
+    them `[V, 1 + P, C / H]` (VisionZip's metric: raw `k_proj`, bias included, unscaled)."""
+    attention = layer.self_attn
+    keys = attention.k_proj(layer.layer_norm1(layer_input))                  # [V, 1 + P, C]
+    return keys.view(*keys.shape[:2], attention.num_heads, -1).mean(dim=2)
+
+
+def full_width_cls_attention(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """The [CLS] query's attention over the patch keys `[V, P]` of one CLIP encoder layer, taken
+    as a single head over the full width C (PruMerge's score, which no head of the ViT computes):
+    `softmax(q.k / sqrt(C))` over all `1 + P` keys, scaled after the product as released, patch
+    columns not renormalised."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(layer_input)
+    query = attention.q_proj(normed[:, :1])                                   # [V, 1, C]
+    keys = attention.k_proj(normed)                                           # [V, 1 + P, C]
+    logits = torch.matmul(query, keys.transpose(1, 2)).squeeze(1) * normed.shape[-1] ** -0.5
+    return _patch_probabilities(logits)                                       # [V, P]
+
+
+def patch_keys(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """Raw keys `[V, P, C]` of the patch tokens of one CLIP encoder layer (bias included)."""
+    return layer.self_attn.k_proj(layer.layer_norm1(layer_input[:, 1:]))
 
 
 # Each signal: the encoder layer it is computed in (negative: from the end; -2 is layer 22 of
 # 24, whose output is LLaVA's feature layer) and how.
-SIGNAL_LAYERS = {"cls_logits_last": -1, "cls_attn_penultimate": -2}
-SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores, "cls_attn_penultimate": cls_attention_probabilities}
+SIGNAL_LAYERS = {"cls_logits_last": -1, "cls_attn_penultimate": -2, "cls_attn_heads_first": 0,
+                 "cls_attn_heads_penultimate": -2, "keys_head_mean_penultimate": -2, "cls_attn_full_width_last": -1,
+                 "keys_last": -1}
+SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores, "cls_attn_penultimate": cls_attention_probabilities,
+                    "cls_attn_heads_first": cls_attention_heads, "cls_attn_heads_penultimate": cls_attention_heads,
+                    "keys_head_mean_penultimate": head_mean_keys, "cls_attn_full_width_last": full_width_cls_attention,
+                    "keys_last": patch_keys}
+TOWER_FEATURES = "tower_features"  # the selected hidden state itself, [CLS] row included
 
 
 def build_vision_tower(config, model_path: str | None = None) -> CLIPVisionTower:

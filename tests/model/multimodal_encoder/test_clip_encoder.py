@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from llava.model.compression.registry import SIGNALS, example_signals
 from llava.model.multimodal_encoder.clip_encoder import SIGNAL_FUNCTIONS, resolve_vision_tower
 
 
@@ -128,3 +129,77 @@ def test_cls_attention_in_half_precision_follows_the_official_fp16_softmax(tiny)
         official = torch.softmax(query @ keys.transpose(-1, -2), dim=-1)[:, :, 0, 1:].mean(dim=1)
     assert scores.dtype == torch.float16
     assert torch.allclose(scores.float(), official.float(), rtol=2**-10, atol=0)
+
+
+def _projection_outputs(layer, layer_input):
+    """`q_proj` and `k_proj` outputs `[V, 1 + P, C]` of one layer, captured by forward hooks on a
+    plain (SDPA) forward of the layer, as HiRED's and PruMerge's codes capture them."""
+    captured = {}
+    hooks = [getattr(layer.self_attn, name).register_forward_hook(
+        lambda module, inputs, output, name=name: captured.__setitem__(name, output)) for name in ("q_proj", "k_proj")]
+    try:
+        layer(layer_input, None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured["q_proj"], captured["k_proj"]
+
+
+def test_per_head_cls_attention_of_layers_0_and_22_match_hf_eager_attentions(tiny):
+    """HiRED's and VisionZip's inputs: each head's post-softmax [CLS] row, [CLS] column dropped."""
+    tower = tiny[1].get_vision_tower()
+    pixels = _pixels(views=2, seed=5)
+    with torch.no_grad():
+        _, signals = tower(pixels, {"cls_attn_heads_first", "cls_attn_heads_penultimate", "cls_attn_penultimate"})
+        reference = _eager_model(tower.vision_tower.vision_model)(pixels, output_attentions=True)
+    heads = tower.config.num_attention_heads
+    for name, layer in (("cls_attn_heads_first", 0), ("cls_attn_heads_penultimate", -2)):
+        assert signals[name].shape == (2, heads, 576)
+        assert (signals[name] - reference.attentions[layer][:, :, 0, 1:]).abs().max() <= 1e-7, name
+    assert torch.equal(signals["cls_attn_heads_penultimate"].mean(dim=1), signals["cls_attn_penultimate"])
+    assert not torch.allclose(signals["cls_attn_heads_first"], signals["cls_attn_heads_penultimate"])
+
+
+def test_keys_and_full_width_attention_match_hooked_projections(tiny):
+    """VisionZip's head-mean keys of layer -2; PruMerge's keys and one-head, full-width
+    attention of the last layer (scale 1/sqrt(C), softmax over all keys, [CLS] column dropped)."""
+    tower = tiny[1].get_vision_tower()
+    layers = tower.vision_tower.vision_model.encoder.layers
+    pixels = _pixels(views=2, seed=6)
+    names = {"keys_head_mean_penultimate", "cls_attn_full_width_last", "keys_last"}
+    with torch.no_grad():
+        _, signals = tower(pixels, names)
+        hidden = tower.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states
+        _, keys_22 = _projection_outputs(layers[-2], hidden[-3])
+        query_23, keys_23 = _projection_outputs(layers[-1], hidden[-2])
+    width, heads = tower.hidden_size, tower.config.num_attention_heads
+    expected_mean_keys = keys_22.view(2, 577, heads, width // heads).mean(dim=2)
+    attention = torch.softmax(query_23[:, :1] @ keys_23.transpose(1, 2) / width**0.5, dim=-1)[:, 0, 1:]
+    assert signals["keys_head_mean_penultimate"].shape == (2, 577, width // heads)
+    assert (signals["keys_head_mean_penultimate"] - expected_mean_keys).abs().max() <= 1e-5
+    assert signals["keys_last"].shape == (2, 576, width)
+    assert (signals["keys_last"] - keys_23[:, 1:]).abs().max() <= 1e-5
+    assert signals["cls_attn_full_width_last"].shape == (2, 576)
+    assert (signals["cls_attn_full_width_last"] - attention).abs().max() <= 1e-6
+    assert (signals["cls_attn_full_width_last"].sum(dim=1) < 1).all()  # the [CLS] key's share is left out
+
+
+def test_tower_features_are_the_selected_hidden_state_with_cls(tiny):
+    tower = tiny[1].get_vision_tower()
+    pixels = _pixels(views=2, seed=7)
+    with torch.no_grad():
+        features, signals = tower(pixels, {"tower_features"})
+        reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
+    assert signals["tower_features"].shape == (2, 577, tower.hidden_size)
+    assert torch.equal(signals["tower_features"][:, 1:], features)
+    assert torch.allclose(signals["tower_features"], reference, atol=1e-6)
+
+
+def test_every_declared_signal_has_the_declared_shape(tiny):
+    tower = tiny[1].get_vision_tower()
+    with torch.no_grad():
+        _, signals = tower(_pixels(views=2, seed=8), set(SIGNALS))
+    examples = example_signals(SIGNALS, 2, 576, tower.hidden_size, tower.config.num_attention_heads)
+    assert set(signals) == set(SIGNALS)
+    assert {name: tuple(value.shape) for name, value in signals.items()} == {
+        name: tuple(value.shape) for name, value in examples.items()}
