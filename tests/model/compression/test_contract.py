@@ -22,8 +22,11 @@ NEWLINE = -1.0
 SIZES = [(1000, 700), (700, 1000), (800, 500), (336, 336), (20, 2000), (5000, 2)]
 
 
-def _inputs(size, side=24, dimension=1, seed=0, dtype=torch.float32):
-    grid = get_anyres_image_grid_shape(size, V16_PINPOINTS, 336)
+def _inputs(size, side=24, dimension=1, seed=0, dtype=torch.float32, input_changes=None):
+    """Named views, example signals and the geometry, on the input a method's official code
+    makes (`input_changes`: its merge type, its pinpoints) or else LLaVA-NeXT's."""
+    changes = input_changes or {}
+    grid = get_anyres_image_grid_shape(size, changes.get("image_grid_pinpoints", V16_PINPOINTS), 336)
     views = 1 + grid[0] * grid[1]
     cells = torch.arange(side * side, dtype=torch.float32)
     named = torch.stack([1000 * view + cells for view in range(views)])[..., None].expand(-1, -1, dimension)
@@ -32,27 +35,33 @@ def _inputs(size, side=24, dimension=1, seed=0, dtype=torch.float32):
     # The tower's features are the named cells themselves (a [CLS] row named -2 first), and the
     # projector below is the identity, so merged and extra tokens stay readable too.
     signals["tower_features"] = torch.cat([torch.full((views, 1, dimension), -2.0), named], dim=1).to(dtype)
-    return named.to(dtype).contiguous(), signals, crop_geometry(size, grid, side)
+    unpad = "unpad" in changes.get("mm_patch_merge_type", "spatial_unpad")
+    return named.to(dtype).contiguous(), signals, crop_geometry(size, grid, side, unpad)
 
 
 def _run(name, size, ratio=None, visual_tokens=None, layout="official", dtype=torch.float32, args=None):
     method = get_method(name)
-    views, signals, geometry = _inputs(size, dtype=dtype)
+    args = args or method.args()
+    views, signals, geometry = _inputs(size, dtype=dtype, input_changes=method.input_changes(args))
     budget = Budget.resolve(geometry, ratio, visual_tokens)
     declared = {key: value for key, value in signals.items() if key in method.needs}
-    selection = project_merge(method.select(views, declared, geometry, budget, args or method.args()), lambda x: x)
-    return selection, arrange_tokens(views, selection, torch.tensor([NEWLINE], dtype=dtype), layout)
+    selection = project_merge(method.select(views, declared, geometry, budget, args), lambda x: x)
+    newline = torch.tensor([NEWLINE], dtype=dtype) if geometry.unpad else None
+    return selection, arrange_tokens(views, selection, newline, layout)
 
 
 @pytest.mark.parametrize("name", method_names())
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("layout", ["official", "spatial"])
 def test_full_budget_is_vanilla(name, size, layout):
+    """At a full budget a method sends its input whole: LLaVA-NeXT's sequence, or where its
+    official code changes the input (FasterVLM's: no unpadding), that input's."""
     method = get_method(name)
     if not getattr(method.args(), "keeps_everything", lambda: True)():
         pytest.skip(f"{name}'s default (its official code) is not vanilla at a full budget: its args say so")
-    views, _, geometry = _inputs(size)
-    vanilla = arrange_tokens(views, keep_everything(geometry), torch.tensor([NEWLINE]), layout)
+    views, _, geometry = _inputs(size, input_changes=method.input_changes(method.args()))
+    newline = torch.tensor([NEWLINE]) if geometry.unpad else None
+    vanilla = arrange_tokens(views, keep_everything(geometry), newline, layout)
     _, sequence = _run(name, size, 1.0, layout=layout)
     assert torch.equal(sequence, vanilla)
 
