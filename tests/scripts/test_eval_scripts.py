@@ -90,13 +90,18 @@ def test_missing_data_names_the_file_to_download(tmp_path, tiny_checkpoint):
     assert f"missing {tmp_path}/pope/llava_pope_test.jsonl" in result.stderr and "eval.zip" in result.stderr
 
 
-@pytest.mark.parametrize("env, name, method, method_args", [
-    (dict(METHOD="random", RETENTION_RATIO="0.25"), "tiny-random-R0.25", "random", {}),
+@pytest.mark.parametrize("env, name, method, method_args, recorded_args", [
+    (dict(METHOD="random", RETENTION_RATIO="0.25"), "tiny-random-R0.25", "random", {}, {}),
     (dict(METHOD="globalcom2", METHOD_ARGS="alpha=0 allocation=uniform", RETENTION_RATIO="0.25"),
-     "tiny-globalcom2-{digest}-R0.25", "globalcom2", {"alpha": 0.0, "allocation": "uniform"}),
-    (dict(METHOD="pooling", VISUAL_TOKENS="300"), "tiny-pooling-N300", "pooling", {}),
+     "tiny-globalcom2-{digest}-R0.25", "globalcom2", {"alpha": 0.0, "allocation": "uniform"},
+     {"alpha": "0", "allocation": "uniform"}),
+    (dict(METHOD="globalcom2", METHOD_ARGS="alpha=0.5", RETENTION_RATIO="0.25"), "tiny-R0.25", "globalcom2", {}, {}),
+    (dict(METHOD="pooling", VISUAL_TOKENS="300"), "tiny-pooling-N300", "pooling", {}, {}),
+    # A method with an input mode records it even at its default: the table must show it.
+    (dict(METHOD="fastervlm", RETENTION_RATIO="0.25"), "tiny-fastervlm-R0.25", "fastervlm", {}, {"mode": "faithful"}),
 ])
-def test_method_and_arguments_name_the_answers(eval_dir, tiny_checkpoint, env, name, method, method_args):
+def test_method_and_arguments_name_the_answers(eval_dir, tiny_checkpoint, env, name, method, method_args,
+                                               recorded_args):
     from llava.model.compression.__main__ import run_name
 
     name = name.format(digest=run_name("globalcom2", ["alpha=0", "allocation=uniform"]).split("-")[-1])
@@ -106,6 +111,8 @@ def test_method_and_arguments_name_the_answers(eval_dir, tiny_checkpoint, env, n
     metadata = rows[0]["metadata"]
     assert metadata["method"] == method and metadata["settings"]["method_args"] == method_args
     assert metadata["budget_visual_tokens"] == (int(env["VISUAL_TOKENS"]) if "VISUAL_TOKENS" in env else None)
+    with open(os.path.join(eval_dir, "results", "pope", f"{name}.json")) as file:
+        assert json.load(file)["method_args"] == recorded_args
 
 
 def test_a_bad_method_argument_is_one_line_before_the_model_loads(eval_dir, tiny_checkpoint):

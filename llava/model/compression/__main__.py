@@ -1,7 +1,8 @@
 """`python -m llava.model.compression --list`: every method, its signals and its arguments.
 
 `--run-name METHOD [key=value ...]` prints the part of an answers file's name that identifies the
-method and its arguments (empty for GlobalCom2 with default arguments, so older names stay).
+method and its arguments (empty for GlobalCom2 with default arguments, so older names stay); with
+`--record-args`, a second line: the arguments a results record names the run by (`row_args`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 
 from llava.model.compression import describe, method_names, parse_method_args
-from llava.model.compression.registry import non_default_args
+from llava.model.compression.registry import non_default_args, row_args
 
 
 def run_name(method: str, pairs: list[str]) -> str:
@@ -31,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print every method with its arguments and defaults")
     parser.add_argument("--run-name", nargs="+", metavar=("METHOD", "KEY=VALUE"),
                         help="print the answers-file name part of a method and its arguments")
+    parser.add_argument("--record-args", action="store_true",
+                        help="with --run-name: also print, on a second line, the arguments that name a results row")
     args = parser.parse_args(argv)
     try:
         if args.run_name:
-            print(run_name(args.run_name[0], args.run_name[1:]))
+            method, pairs = args.run_name[0], args.run_name[1:]
+            print(run_name(method, pairs))
+            if args.record_args:
+                print(" ".join(f"{key}={value}" for key, value in row_args(parse_method_args(method, pairs)).items()))
         else:
             print("\n\n".join(describe(name) for name in method_names()))
     except ValueError as error:

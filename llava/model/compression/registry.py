@@ -167,6 +167,15 @@ def non_default_args(args) -> dict:
             if getattr(args, field.name) != field.default}
 
 
+def row_args(args) -> dict:
+    """The arguments that name a results row: the non-default ones, and `mode` always for a
+    method that has one (whether a row ran the official input or the model's must show)."""
+    shown = non_default_args(args)
+    if "mode" in {field.name for field in dataclasses.fields(args)}:
+        shown = {"mode": args.mode, **shown}
+    return dict(sorted(shown.items()))
+
+
 def describe(name: str) -> str:
     """Several lines: the method's name, stage, summary, signals and arguments with defaults."""
     method = get_method(name)

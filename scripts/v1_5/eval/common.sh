@@ -42,8 +42,10 @@ METHOD=${METHOD:-$DEFAULT_METHOD}
 METHOD_ARGS=${METHOD_ARGS:-}
 VISUAL_TOKENS=${VISUAL_TOKENS:-}
 RETENTION_RATIO=${RETENTION_RATIO:-$DEFAULT_RATIO}
+# The answers-file name part, and the arguments results are recorded under (a method's mode always).
 # shellcheck disable=SC2086  # METHOD_ARGS is a list of words
-METHOD_NAME=$("$PYTHON" -m llava.model.compression --run-name "$METHOD" $METHOD_ARGS)
+{ read -r METHOD_NAME; read -r RECORD_ARGS; } < <("$PYTHON" -m llava.model.compression --record-args \
+    --run-name "$METHOD" $METHOD_ARGS)
 COMPRESSION=(--method "$METHOD" --token-layout "$TOKEN_LAYOUT")
 for pair in $METHOD_ARGS; do
     COMPRESSION+=(--method-arg "$pair")
@@ -123,6 +125,6 @@ score() {
     "$@" | tee "$dir/.$NAME.txt.partial"
     mv -f "$dir/.$NAME.txt.partial" "$dir/$NAME.txt"  # a failed or killed scorer leaves the last score whole
     "$PYTHON" -m llava.eval.summarize record --benchmark "$benchmark" --log "$dir/$NAME.txt" --model "$CKPT" \
-        --method "$METHOD" --method-args "$METHOD_ARGS" "${budget[@]}" --token-layout "$TOKEN_LAYOUT" \
+        --method "$METHOD" --method-args "$RECORD_ARGS" "${budget[@]}" --token-layout "$TOKEN_LAYOUT" \
         --out "$dir/$NAME.json"
 }

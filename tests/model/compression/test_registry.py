@@ -8,6 +8,7 @@ import pytest
 from llava.model.compression import describe, get_method, method_names, parse_method_args
 from llava.model.compression.__main__ import run_name
 from llava.model.compression.globalcom2 import GlobalCom2Args
+from llava.model.compression.registry import row_args
 
 
 def test_every_method_module_is_registered_under_its_own_name():
@@ -47,3 +48,11 @@ def test_run_names_keep_default_globalcom2_names_and_tell_arguments_apart():
     assert run_name("globalcom2", ["alpha=0"]) == run_name("globalcom2", ["alpha=0.0"])
     assert run_name("globalcom2", ["alpha=0"]) != run_name("globalcom2", ["alpha=1"])
     assert run_name("globalcom2", ["alpha=0"]).startswith("globalcom2-") and len(run_name("globalcom2", ["alpha=0"])) == 19
+
+
+def test_row_args_name_the_non_default_arguments_and_always_the_mode():
+    assert row_args(parse_method_args("globalcom2", ["alpha=0.5", "allocation=uniform"])) == {"allocation": "uniform"}
+    assert row_args(parse_method_args("fastervlm", [])) == {"mode": "faithful"}
+    assert row_args(parse_method_args("fastervlm", ["budget=matched", "mode=anyres"])) == {
+        "budget": "matched", "mode": "anyres"}
+    assert run_name("fastervlm", []) == "fastervlm"  # the file name still omits defaults
