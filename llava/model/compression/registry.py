@@ -25,11 +25,18 @@ from typing import Callable
 
 import torch
 
-# Tower signals a method can ask for; the tower computes only the ones the chosen method needs.
+# Signals a method can ask for; only the ones the chosen method needs are computed. `source` says
+# from what: `tower` (the vision tower, from the views), `text_tower` (the views' features through
+# the CLIP checkpoint's image side, loaded with its text tower: `--text-tower`), `instruction`
+# (the image's instruction text through the CLIP text tower; one value per image, not per view).
+SOURCES = ("tower", "text_tower", "instruction")
+
+
 @dataclasses.dataclass(frozen=True)
 class Signal:
-    shape: tuple[str, ...]  # dimension names: V views, H heads, P patches, C tower width, d = C / H
-    help: str
+    shape: tuple[str, ...]  # dimension names: V views, H heads, P patches, C tower width, d = C / H,
+    help: str               # E CLIP embedding width, M 77-token text segments
+    source: str = "tower"
 
 
 SIGNALS = {
@@ -45,14 +52,20 @@ SIGNALS = {
     "keys_last": Signal(("V", "P", "C"), "last layer's patch keys (PruMerge)"),
     "tower_features": Signal(("V", "1+P", "C"), "the selected hidden state with its [CLS] row, before the projector "
                                                 "(methods that merge in CLIP space)"),
+    "patch_embeds": Signal(("V", "P", "E"), "the selected layer's patches through the tower's post_layernorm, then in "
+                                            "float32 through CLIP's visual projection (CDPruner)", source="text_tower"),
+    "instruction_embeds": Signal(("M", "E"), "CLIP text embeddings of the image's instruction, one per 77-token "
+                                             "segment, float32 (CDPruner)", source="instruction"),
 }
 
 
 def example_signals(names, num_views: int, num_patches: int, width: int = 64, heads: int = 4,
-                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict:
+                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                    segments: int = 2) -> dict:
     """Random positive tensors of the declared shapes for the signals `names` (tests and
-    benchmarks: no tower needed)."""
-    sizes = {"V": num_views, "H": heads, "P": num_patches, "1+P": 1 + num_patches, "C": width, "d": width // heads}
+    benchmarks: no tower needed); the CLIP embedding width E is `width`."""
+    sizes = {"V": num_views, "H": heads, "P": num_patches, "1+P": 1 + num_patches, "C": width, "d": width // heads,
+             "E": width, "M": segments}
     return {name: torch.rand([sizes[dim] for dim in SIGNALS[name].shape], generator=generator).to(dtype)
             for name in names}
 
