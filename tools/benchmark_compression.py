@@ -140,14 +140,16 @@ def bench_ratio(inputs: dict, ratio: float, args: argparse.Namespace, device: to
 def bench_methods(inputs: dict, ratio: float, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Every registered method's selection and arrangement (default arguments, on the input the
     method's official code sends: FasterVLM's without unpadding), each fed every signal it may read
-    (CLIP-L shapes), merges in CLIP space projected by an `mlp2x_gelu` projector."""
+    (CLIP-L shapes); merges in CLIP space widened to D without the projector's cost."""
     views = inputs["image_feature"]
     generator = torch.Generator().manual_seed(1)
     signals = {name: (inputs["cls_attn_scores"] if SIGNALS[name].shape == ("V", "P") else example.to(views))
                for name, example in example_signals(SIGNALS, views.shape[0], NUM_PATCHES, TOWER_WIDTH, TOWER_HEADS,
                                                     generator).items()}
-    projector = torch.nn.Sequential(torch.nn.Linear(TOWER_WIDTH, HIDDEN_SIZE), torch.nn.GELU(),
-                                    torch.nn.Linear(HIDDEN_SIZE, HIDDEN_SIZE)).to(views)
+    # Merges in CLIP space go through the model's projector, whose cost (the same per token as the
+    # views' own projection) is the model's, not the selection's: here a copy to the LLM's width.
+    def projector(features: torch.Tensor) -> torch.Tensor:
+        return features.repeat(1, HIDDEN_SIZE // TOWER_WIDTH)
     rows = []
     for name in method_names():
         method = get_method(name)

@@ -189,9 +189,9 @@ def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
     assert sequence.shape[0] == record["tokens_after"] and record["method"] == name
     assert record["vanilla_image_tokens"] == 576 + 4 * 408
     if budget.get("retention_ratio") == 1.0:
-        # Opt-out: FasterVLM's official input (its quirk F1) sends the letterbox padding too, all
-        # 5 x 576 cells; its own test file checks that mode.
-        full = 5 * 576 if name == "fastervlm" else record["vanilla_image_tokens"]
-        assert record["image_tokens"] == full
+        # A full budget sends the method's input whole: LLaVA-NeXT's image tokens, or where its
+        # official code changes the input (no unpadding: FasterVLM, VisionZip), every cell of it.
+        _, _, input_geometry = _inputs(image.size, input_changes=get_method(name).input_changes(get_method(name).args()))
+        assert record["image_tokens"] == input_geometry.vanilla_image_tokens
     else:
         assert 0 < record["image_tokens"] < record["vanilla_image_tokens"]
