@@ -5,6 +5,9 @@ tower, projector, splice, generation, conversion to transformers) on this checkp
 the real geometry -- CLIP at 336 px with 14 px patches (24x24 tokens per view), the v1.6
 pinpoints, `spatial_unpad`, `mlp2x_gelu`, features from layer -2 -- with tiny widths and
 depths, seeded random weights and a Llama-style byte-fallback BPE tokenizer trained here.
+The CLIP directory it names (`mm_vision_tower`) is a whole tiny CLIP checkpoint, as
+`openai/clip-vit-large-patch14-336` is: both towers with their projections and a CLIP-style
+byte-level BPE tokenizer trained here, so text-conditioned methods (CDPruner) run end to end.
 Same seed, same files.
 
     python -m llava.tiny --out checkpoints/llava-next-tiny
@@ -13,13 +16,14 @@ Same seed, same files.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPVisionConfig, LlamaTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizerFast, CLIPVisionConfig, LlamaTokenizer
 
 from llava import conversation
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM, LlavaMistralConfig, LlavaMistralForCausalLM
@@ -30,6 +34,8 @@ TOWER_DIR = "clip-vit-tiny-patch14-336"
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{value:02X}>" for value in range(256)]
+CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]  # the last ids, as in CLIP's vocabulary
+END_OF_WORD = "</w>"
 
 _CORPUS_TEXT = """
 The image shows a red square on a blue background next to a small green circle.
@@ -92,6 +98,77 @@ def build_tokenizer(vocab_size: int = 1024) -> LlamaTokenizer:
     )
 
 
+def build_clip_tokenizer(vocab_size: int = 768) -> CLIPTokenizerFast:
+    """A CLIP-style tokenizer: lower-cased byte-level BPE with `</w>` word ends, its merges learned
+    here from the same corpus. Vocabulary laid out as CLIP's: the 256 byte symbols, the same with
+    `</w>`, the merges, then `<|startoftext|>` and `<|endoftext|>` last, so the EOS has the
+    largest id (CLIP's legacy pooling takes the position of the largest id)."""
+    pipeline = CLIPTokenizerFast().backend_tokenizer  # CLIP's normaliser and pre-tokeniser
+    words = collections.Counter()
+    for line in _corpus():
+        for piece, _ in pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(line)):
+            words[(*piece[:-1], piece[-1] + END_OF_WORD)] += 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(alphabet + [symbol + END_OF_WORD for symbol in alphabet])}
+    merges = _learn_merges(words, vocab_size - len(vocab) - len(CLIP_SPECIAL_TOKENS))
+    for pair in merges:
+        vocab.setdefault("".join(pair), len(vocab))
+    for token in CLIP_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    return CLIPTokenizerFast(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _learn_merges(words: collections.Counter, count: int) -> list[tuple[str, str]]:
+    """Up to `count` BPE merges of the symbol sequences `words` (with their frequencies): each time
+    the most frequent adjacent pair, ties to the smallest pair, so the result never depends on
+    hash order (the `tokenizers` trainer's ties do)."""
+    merges = []
+    while len(merges) < count:
+        pairs = collections.Counter()
+        for symbols, frequency in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += frequency
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = collections.Counter()
+        for symbols, frequency in words.items():
+            out, index = [], 0
+            while index < len(symbols):
+                if symbols[index:index + 2] == best:
+                    out.append(symbols[index] + symbols[index + 1])
+                    index += 2
+                else:
+                    out.append(symbols[index])
+                    index += 1
+            merged[tuple(out)] += frequency
+        words = merged
+    return merges
+
+
+def tiny_clip_config(vision: CLIPVisionConfig, vocab_size: int) -> CLIPConfig:
+    """The tiny CLIP checkpoint's config: the tiny vision tower and a text tower in CLIP
+    ViT-L/14-336's proportions (text width 3/4 of the vision width and the projection's width,
+    head width equal to the vision tower's, 4x MLP, 77 positions), with the openai configs' token
+    ids (`eos_token_id` 2: the legacy pooling the released CDPruner runs with)."""
+    text = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=vision.hidden_size * 3 // 4,
+        intermediate_size=4 * vision.hidden_size * 3 // 4,
+        num_attention_heads=vision.num_attention_heads * 3 // 4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=vision.projection_dim,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
+
+
 def tiny_configs(vocab_size: int, llm: str = "vicuna") -> tuple[dict, CLIPVisionConfig]:
     """`config.json` contents (original v1.6 keys) and the tiny CLIP tower's config."""
     vision = CLIPVisionConfig(
@@ -101,7 +178,7 @@ def tiny_configs(vocab_size: int, llm: str = "vicuna") -> tuple[dict, CLIPVision
         num_hidden_layers=3,
         image_size=336,
         patch_size=14,
-        projection_dim=32,
+        projection_dim=24,  # CLIP-L: 768 = 3/4 of the width, the text tower's width
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
@@ -151,11 +228,12 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
     """Fill every tensor from one seeded generator, in name order, independent of torch's init.
 
     Matrices get N(0, 1/fan_in) so activations stay O(1) through the tiny stack (the [CLS]
-    scores then vary between patches instead of being nearly tied); norms get 1, biases 0.
+    scores then vary between patches instead of being nearly tied); norms get 1, biases 0;
+    scalars (CLIP's logit scale) keep their configured value.
     """
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in sorted(model.state_dict().items()):
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.ndim == 0:
             continue
         if "norm" in name and name.endswith("weight"):
             tensor.fill_(1.0)
@@ -167,15 +245,13 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_tiny_checkpoint(out: str = DEFAULT_OUT, seed: int = 0, llm: str = "vicuna", max_shard_size: str = "500KB") -> str:
-    """Write the checkpoint to `out` (sharded safetensors, config, tokenizer, tower config); return `out`."""
+    """Write the checkpoint to `out` (sharded safetensors, config, tokenizer, and the CLIP
+    checkpoint its tower names); return `out`."""
     if llm not in ("vicuna", "mistral"):
         raise ValueError(f"llm must be 'vicuna' or 'mistral', got {llm!r}")
-    os.makedirs(os.path.join(out, TOWER_DIR), exist_ok=True)
     tokenizer = build_tokenizer()
     config_dict, vision_config = tiny_configs(len(tokenizer), llm)
-    vision_config.save_pretrained(os.path.join(out, TOWER_DIR))
-    with open(os.path.join(out, TOWER_DIR, "preprocessor_config.json"), "w") as handle:
-        json.dump(CLIPImagePreprocessor().to_dict(), handle, indent=2, sort_keys=True)
+    build_tiny_clip(os.path.join(out, TOWER_DIR), vision_config, seed)
 
     config_class, model_class = (LlavaConfig, LlavaLlamaForCausalLM) if llm == "vicuna" else (LlavaMistralConfig, LlavaMistralForCausalLM)
     config = config_class(**{key: value for key, value in config_dict.items() if key not in ("architectures", "model_type")})
@@ -188,6 +264,23 @@ def build_tiny_checkpoint(out: str = DEFAULT_OUT, seed: int = 0, llm: str = "vic
     # The original checkpoints' config.json: model_type 'llava', LLaVA keys at top level.
     with open(os.path.join(out, "config.json"), "w") as handle:
         json.dump(config_dict, handle, indent=2, sort_keys=True)
+    return out
+
+
+def build_tiny_clip(out: str, vision_config: CLIPVisionConfig, seed: int = 0) -> str:
+    """Write a whole tiny CLIP checkpoint to `out` (the layout of `openai/clip-vit-large-patch14-336`:
+    config with both towers, `model.safetensors` of a `CLIPModel`, tokenizer, preprocessor
+    config); return `out`. The vision weights here play the role of OpenAI's, which the LLaVA
+    checkpoint's own (fine-tuned) tower weights replace; the text side and `visual_projection`
+    are what a text-conditioned method loads from it."""
+    os.makedirs(out, exist_ok=True)
+    tokenizer = build_clip_tokenizer()
+    model = CLIPModel(tiny_clip_config(vision_config, len(tokenizer)))
+    _seeded_init(model, seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as handle:
+        json.dump(CLIPImagePreprocessor().to_dict(), handle, indent=2, sort_keys=True)
     return out
 
 

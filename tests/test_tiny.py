@@ -34,7 +34,7 @@ def test_original_layout_and_geometry(tiny_checkpoint):
     assert config["unfreeze_mm_vision_tower"] is True
     with open(os.path.join(tiny_checkpoint, config["mm_vision_tower"], "config.json")) as handle:
         tower = json.load(handle)
-    assert (tower["image_size"], tower["patch_size"]) == (336, 14)
+    assert (tower["vision_config"]["image_size"], tower["vision_config"]["patch_size"]) == (336, 14)
     assert os.path.isfile(os.path.join(tiny_checkpoint, "model.safetensors.index.json"))
 
 
