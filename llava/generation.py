@@ -113,8 +113,10 @@ def image_prompt(query: str, num_images: int) -> str:
 
 @torch.inference_mode()
 def answer(model, tokenizer, image_processor, prompt: str, images: list, temperature: float = 0.0,
-           top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512) -> Answer:
-    """Generate the reply to a rendered `prompt` (with one `<image>` per PIL image in `images`)."""
+           top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512,
+           instructions: list[str] | None = None) -> Answer:
+    """Generate the reply to a rendered `prompt` (with one `<image>` per PIL image in `images`).
+    `instructions`: one text per image for methods conditioned on it (`llava.eval.instructions`)."""
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
     image_sizes = [image.size for image in images]
     start = time.perf_counter()
@@ -126,7 +128,7 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
         else:
             pixel_values = pixel_values.to(model.device, model.dtype)
         _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
-            input_ids, None, None, None, None, pixel_values, image_sizes, padding_side="left"
+            input_ids, None, None, None, None, pixel_values, image_sizes, padding_side="left", instructions=instructions
         )
     else:
         attention_mask, inputs_embeds = None, model.get_model().embed_tokens(input_ids)
@@ -194,6 +196,10 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
                         help="order of the kept tokens: 'official' = the method's official sequence (GlobalCom2: the "
                              "released code's), 'spatial' = raster order with one newline per image row "
                              f"(default: {llava_arch.token_layout})")
+    parser.add_argument("--text-tower", default=None, metavar="PATH",
+                        help="CLIP checkpoint (directory, or a hub id in the local cache) whose text tower and visual "
+                             "projection text-conditioned methods (cdpruner) use; loaded only for them (default: the "
+                             "CLIP the vision tower came from, mm_vision_tower)")
 
 
 def compression_arguments(args) -> dict:
@@ -229,6 +235,12 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_model(model, args) -> None:
-    """Apply the command line's compression and input settings to a loaded model."""
+    """Apply the command line's compression and input settings to a loaded model; a method that
+    needs the CLIP text tower gets it loaded now, so a missing one stops the run before any answer."""
     model.set_compression(**compression_arguments(args))
     model.allow_truncation = getattr(args, "allow_truncation", False)
+    if getattr(args, "text_tower", None) is not None:
+        model.set_text_tower(args.text_tower)
+    settings = model.compression_settings()
+    if settings.needs_text_tower:
+        model.get_text_tower(settings.method)

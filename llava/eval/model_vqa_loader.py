@@ -20,6 +20,7 @@ import os
 import sys
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.eval.instructions import vqa_instruction
 from llava.eval.jsonl import numbered_lines
 from llava.eval.runner import Question, build_parser, build_questions, run
 from llava.mm_utils import load_image
@@ -27,11 +28,16 @@ from llava.mm_utils import load_image
 OCR_LINE_PREFIX = "Reference OCR token:"
 
 
-def image_query(text: str, drop_ocr_tokens: bool = False) -> str:
-    """The user turn for a question `text`: the image first, then the text."""
+def shown_text(text: str, drop_ocr_tokens: bool = False) -> str:
+    """The question `text` as the model sees it (without the OCR line if `drop_ocr_tokens`)."""
     if drop_ocr_tokens:
         text = "\n".join(line for line in text.split("\n") if not line.startswith(OCR_LINE_PREFIX))
-    return DEFAULT_IMAGE_TOKEN + "\n" + text
+    return text
+
+
+def image_query(text: str, drop_ocr_tokens: bool = False) -> str:
+    """The user turn for a question `text`: the image first, then the text."""
+    return DEFAULT_IMAGE_TOKEN + "\n" + shown_text(text, drop_ocr_tokens)
 
 
 def questions_from_jsonl(question_file: str, image_folder: str, drop_ocr_tokens: bool = False,
@@ -58,6 +64,7 @@ def questions_from_jsonl(question_file: str, image_folder: str, drop_ocr_tokens:
             query=image_query(text, drop_ocr_tokens),
             load_images=lambda: [load_image(image_path, question=question_id)],
             metadata=recorded,
+            instruction=vqa_instruction(shown_text(text, drop_ocr_tokens)),
         )]
 
     return build_questions(numbered_lines(path), make, path, skip_bad)

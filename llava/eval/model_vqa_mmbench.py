@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.eval.instructions import mmbench_instruction
 from llava.eval.runner import Question, build_parser, build_questions, run
 from llava.mm_utils import ImageLoadError
 
@@ -80,6 +81,7 @@ def mmbench_questions(row, all_rounds: bool, single_pred_prompt: bool, lang: str
             question_id=question_id, prompt=text, query=query,
             load_images=lambda encoded=row["image"]: [decode_image(encoded, question_id)],
             extra=dict(round_id=round_id, options=rotated, option_char=letters[round_id:] + letters[:round_id]),
+            instruction=mmbench_instruction(text),
         ))
     return questions
 

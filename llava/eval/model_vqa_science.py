@@ -19,6 +19,7 @@ import sys
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval.answers import UserError
+from llava.eval.instructions import science_instruction
 from llava.eval.runner import Question, build_parser, build_questions, run
 from llava.mm_utils import load_image
 
@@ -28,7 +29,8 @@ LETTER_PROMPT = "Answer with the option's letter from the given choices directly
 def science_question(item: dict, image_folder: str, single_pred_prompt: bool) -> Question:
     if not isinstance(item, dict):
         raise TypeError("not a JSON object")
-    text = item["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    question = item["conversations"][0]["value"]
+    text = question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
     question_id = item["id"]
     load_images = list
     if "image" in item:
@@ -37,7 +39,8 @@ def science_question(item: dict, image_folder: str, single_pred_prompt: bool) ->
         load_images = lambda: [load_image(path, question=question_id, rgb=False)]  # noqa: E731
     if single_pred_prompt:
         text += "\n" + LETTER_PROMPT
-    return Question(question_id=question_id, prompt=text, query=text, load_images=load_images)
+    return Question(question_id=question_id, prompt=text, query=text, load_images=load_images,
+                    instruction=science_instruction(question))
 
 
 def science_questions(question_file: str, image_folder: str, single_pred_prompt: bool,

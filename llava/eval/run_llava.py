@@ -11,6 +11,7 @@ import os
 import sys
 
 from llava.conversation import get_conv_template
+from llava.eval.instructions import query_instruction
 from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
                               configure_model, image_prompt, infer_conv_mode)
 from llava.mm_utils import load_image, set_max_image_pixels
@@ -60,7 +61,8 @@ def eval_model(args) -> str:
     conv.append_message(conv.roles[0], image_prompt(args.query, len(images)))
     conv.append_message(conv.roles[1], None)
     result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
-                    top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+                    top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                    instructions=[query_instruction(args.query)] * len(images))
     print(result.text)
     for line in result.compression_lines():
         print(line)

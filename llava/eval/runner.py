@@ -67,6 +67,7 @@ class Question:
     load_images: Callable[[], list] = list  # PIL images; raises ImageLoadError naming the file
     extra: dict = dataclasses.field(default_factory=dict)     # more answer fields (MMBench)
     metadata: dict = dataclasses.field(default_factory=dict)  # recorded in the answer's metadata
+    instruction: str | None = None          # the text a text-conditioned method reads (llava.eval.instructions)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -374,8 +375,10 @@ def _answer_row(args, question: Question, tokenizer, model, image_processor, mod
     row = dict(question_id=question.question_id, prompt=question.prompt)
     try:
         images = question.load_images()
+        instructions = None if question.instruction is None else [question.instruction] * len(images)
         result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
-                        top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+                        top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                        instructions=instructions)
     except (ImageLoadError, PromptTooLongError) as error:
         message = str(error) if isinstance(error, ImageLoadError) else f"question {question.question_id}: {error}"
         if args.on_image_error == "stop":

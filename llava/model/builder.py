@@ -159,13 +159,15 @@ def load_pretrained_model(
     device: str | None = None,
     use_flash_attn: bool = False,
     torch_dtype: torch.dtype | str | None = None,
+    text_tower: str | None = None,
     **kwargs,
 ):
     """Load a LLaVA checkpoint; returns `(tokenizer, model, image_processor, context_len)`.
 
     Upstream's signature; `model_name` is accepted for compatibility but not needed. Defaults:
     the GPU in fp16 when there is one, else the CPU in fp32. `device_map` (e.g. "auto") is
-    passed to transformers as is.
+    passed to transformers as is. `text_tower`: the CLIP checkpoint text-conditioned methods
+    read (default: the CLIP the vision tower came from); loaded only when a method needs it.
     """
     if model_base is not None:
         raise NotImplementedError("LoRA / projector-only checkpoints (model_base) are not supported; pass a full checkpoint")
@@ -193,6 +195,7 @@ def load_pretrained_model(
     if any(key.startswith("model.vision_tower.") for key in loading_info["missing_keys"]):
         vision_tower.load_model()  # LLaVA-1.5 style: the tower's weights come from the CLIP checkpoint
     vision_tower.to(device=model.device, dtype=torch_dtype)
+    model.set_text_tower(text_tower)
 
     tokenizer = load_tokenizer(model_path)
     new_tokens = []

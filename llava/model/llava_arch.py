@@ -23,8 +23,9 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression import common, get_method, globalcom2, parse_method_args
 from llava.model.compression.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
-from llava.model.compression.registry import INPUT_CHANGES, method_args_dict
+from llava.model.compression.registry import INPUT_CHANGES, SIGNALS, method_args_dict
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
+from llava.model.multimodal_encoder.clip_text import load_text_tower, resolve_text_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.utils import LlavaWarning
 
@@ -61,8 +62,18 @@ class CompressionSettings:
 
     @property
     def signals(self) -> frozenset:
-        """The tower signals these settings need (none when everything is kept unlooked)."""
+        """The signals these settings need (none when everything is kept unlooked)."""
         return get_method(self.method).signals_for(self.method_args, self.keeps_all)
+
+    @property
+    def needs_text_tower(self) -> bool:
+        """Whether a needed signal comes from the CLIP text tower (`registry.SIGNALS` sources)."""
+        return any(SIGNALS[name].source != "tower" for name in self.signals)
+
+    @property
+    def instruction_signals(self) -> frozenset:
+        """The needed signals computed from each image's instruction text."""
+        return frozenset(name for name in self.signals if SIGNALS[name].source == "instruction")
 
     def record(self) -> dict:
         """JSON-ready, for accounting and answer metadata."""
@@ -108,6 +119,11 @@ class LlavaMetaForCausalLM:
     """
 
     _compression_override: dict = {}
+    # The CLIP checkpoint whose text tower text-conditioned methods read (`--text-tower`); None:
+    # the CLIP the vision tower came from. Loaded on first use, kept outside the module tree (its
+    # weights are no part of the LLaVA checkpoint).
+    text_tower_path: str | None = None
+    _text_tower = None
     last_accounting: list[dict] = []
     last_selections: list = []  # per image of the last call, its `common.Selection` (None for merge type `flat`)
     # Upstream cuts over-long prompts silently (losing the question); here they are refused unless
@@ -153,11 +169,55 @@ class LlavaMetaForCausalLM:
         return CompressionSettings(method, method_args, common.check_retention_ratio(ratio),
                                    common.check_layout(layout), visual_tokens)
 
+    def set_text_tower(self, path: str | None) -> None:
+        """Use the CLIP checkpoint `path` (a directory, or a hub id in the local cache) for the text
+        tower; None: the CLIP the vision tower came from (`mm_vision_tower`). Loads nothing."""
+        if path != self.text_tower_path:
+            self.text_tower_path, self._text_tower = path, None
+
+    def get_text_tower(self, needed_by: str = "this method"):
+        """The CLIP text tower (`clip_text.CLIPTextTower`), loaded on first use in float32 on the
+        vision tower's device; `needed_by` names the method in the error when there is none."""
+        vision_tower = self.get_vision_tower()
+        if self._text_tower is None:
+            name = self.text_tower_path or getattr(self.config, "mm_vision_tower", None)
+            directory = resolve_text_tower(name, getattr(self.config, "_name_or_path", None), needed_by)
+            self._text_tower = load_text_tower(directory, vision_tower.device, vision_width=vision_tower.hidden_size)
+        if self._text_tower.device != vision_tower.device:
+            self._text_tower.to(vision_tower.device)
+        return self._text_tower
+
     def encode_images(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
-        """`[V, 3, S, S]` -> projected features `[V, P, D]` and the named tower signals (shapes in
-        `registry.SIGNALS`, each with the views first)."""
-        features, computed = self.get_vision_tower()(images, signals)
+        """`[V, 3, S, S]` -> projected features `[V, P, D]` and the named signals of the views
+        (shapes in `registry.SIGNALS`, each with the views first): the vision tower's, and those
+        the text tower computes from the tower's features. Signals of the instruction text are
+        per image: `encode_image_sequences` computes them."""
+        sources = {name: SIGNALS[name].source for name in signals}
+        if "instruction" in sources.values():
+            raise ValueError(f"signals {sorted(name for name, source in sources.items() if source == 'instruction')} "
+                             "come from each image's instruction: use encode_image_sequences(..., instructions=...)")
+        features, computed = self.get_vision_tower()(images, {name for name in signals if sources[name] == "tower"})
+        text_tower_signals = {name for name in signals if sources[name] == "text_tower"}
+        if text_tower_signals:
+            computed.update(self.get_text_tower().image_signals(text_tower_signals, features, self.get_vision_tower()))
         return VisionTowerOutput(self.get_model().mm_projector(features), computed)
+
+    def signals_from_instructions(self, settings: CompressionSettings, instructions, num_images: int) -> list[dict]:
+        """Per image, the signals its instruction text gives (`instructions`: one text per image),
+        for the signals `settings` need; empty dicts when none is needed. A method that needs them
+        without a text for every image is an error in one line naming it and what is missing."""
+        names = settings.instruction_signals
+        if not names:
+            return [{} for _ in range(num_images)]
+        if instructions is None or any(text is None for text in instructions):
+            raise ValueError(f"{settings.method} conditions on the instruction text ({', '.join(sorted(names))}) "
+                             "but no instruction was given for "
+                             f"{'the images' if instructions is None else 'every image'}: pass instructions=[one text "
+                             "per image] (run_llava, the runners and the chat CLI do)")
+        if len(instructions) != num_images:
+            raise ValueError(f"got {num_images} images but {len(instructions)} instructions (one per image)")
+        text_tower = self.get_text_tower(settings.method)
+        return [text_tower.instruction_signals(names, text) for text in instructions]
 
     def input_config(self, settings: CompressionSettings | None = None):
         """The config the model's input follows: its own, with the input changes the method's
@@ -237,12 +297,15 @@ class LlavaMetaForCausalLM:
                                            self.get_vision_tower().config.image_size)
         return common.crop_geometry(geometry.image_size, grid, geometry.side, unpad)
 
-    def encode_image_sequences(self, images, image_sizes, settings: CompressionSettings | None = None) -> list[torch.Tensor]:
+    def encode_image_sequences(self, images, image_sizes, settings: CompressionSettings | None = None,
+                               instructions=None) -> list[torch.Tensor]:
         """One `[M_i, D]` visual sequence per image, each compressed with its own signals.
 
         `images`: a 5-D tensor `[N, V, 3, S, S]` or a list of `[V_i, 3, S, S]` (AnyRes), or a
         4-D tensor `[N, 3, S, S]` (one view per image, LLaVA-1.5 style). `settings`: default
-        the model's (`compression_settings`). Sets `last_accounting` and `last_selections`.
+        the model's (`compression_settings`). `instructions`: one text per image, for methods
+        conditioned on it (the question, not the chat prompt: `llava.eval.instructions`).
+        Sets `last_accounting` and `last_selections`.
         """
         settings = settings or self.compression_settings()
         # A 4-D batch is one view per image (LLaVA-1.5 style): upstream sends its features as they
@@ -253,13 +316,15 @@ class LlavaMetaForCausalLM:
         else:
             views_per_image = [image.unsqueeze(0) if image.ndim == 3 else image for image in images]
         counts = [views.shape[0] for views in views_per_image]
-        features, computed = self.encode_images(torch.cat(views_per_image), settings.signals)
         sizes = image_sizes if image_sizes is not None else [None] * len(counts)
         if len(sizes) != len(counts):
             raise ValueError(f"got {len(counts)} images but {len(sizes)} image_sizes")
+        from_instructions = self.signals_from_instructions(settings, instructions, len(counts))
+        features, computed = self.encode_images(torch.cat(views_per_image), settings.signals - settings.instruction_signals)
         per_signal = {name: values.split(counts) for name, values in computed.items()}
-        per_image = [self.image_sequence(views, {name: parts[index] for name, parts in per_signal.items()}, size, settings,
-                                         "spatial" if one_view_each else None)
+        per_image = [self.image_sequence(views, {**{name: parts[index] for name, parts in per_signal.items()},
+                                                 **from_instructions[index]},
+                                         size, settings, "spatial" if one_view_each else None)
                      for index, (views, size) in enumerate(zip(features.split(counts), sizes))]
         ratio = settings.retention_ratio
         if settings.method == "globalcom2" and ratio < 1.0 and int(features.shape[-2] * ratio) == 0:
@@ -277,20 +342,22 @@ class LlavaMetaForCausalLM:
         return [tokens for tokens, _ in per_image]
 
     def prepare_inputs_labels_for_multimodal(
-        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None, padding_side=None
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None, padding_side=None,
+        instructions=None,
     ):
         """Replace every `IMAGE_TOKEN_INDEX` in `input_ids` `[B, L]` by that image's visual tokens.
 
         Images are taken in order of their placeholders (row by row, left to right). Padding
         given by `attention_mask` is removed, the rows are spliced, truncated to
         `tokenizer_model_max_length` and padded again on `padding_side` (default: the config's
-        `tokenizer_padding_side`, upstream's 'right'; generation uses 'left').
+        `tokenizer_padding_side`, upstream's 'right'; generation uses 'left'). `instructions`: one
+        text per image, for methods conditioned on it (`encode_image_sequences`).
         Returns `(None, position_ids, attention_mask, past_key_values, inputs_embeds [B, L', D], labels)`.
         """
         if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         settings = self.compression_settings()  # refuses a bad setting before any model work
-        image_features = self.encode_image_sequences(images, image_sizes, settings)
+        image_features = self.encode_image_sequences(images, image_sizes, settings, instructions)
         return (None, *self.splice_image_features(input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side))
 
     def splice_image_features(self, input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side=None):
@@ -385,16 +452,18 @@ class LlavaMetaForCausalLM:
                                inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, instructions=None, **kwargs):
         """Generate from `inputs` `[B, L]` and images, or from ready `inputs_embeds`.
 
         The prompt always goes in as `inputs_embeds` (so the output holds only new tokens),
         left-padded; transformers derives positions from the mask and keeps the KV cache.
+        `instructions`: one text per image, for methods conditioned on it.
         """
         kwargs.pop("position_ids", None)
         if images is not None:
             _, _, kwargs["attention_mask"], _, kwargs["inputs_embeds"], _ = self.prepare_inputs_labels_for_multimodal(
-                inputs, None, kwargs.get("attention_mask"), None, None, images, image_sizes, padding_side="left"
+                inputs, None, kwargs.get("attention_mask"), None, None, images, image_sizes, padding_side="left",
+                instructions=instructions,
             )
         elif kwargs.get("inputs_embeds") is None:
             kwargs["inputs_embeds"] = self.get_model().embed_tokens(inputs)

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from llava.conversation import get_conv_template
+from llava.eval.instructions import query_instruction
 from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
                               configure_model, image_prompt, infer_conv_mode)
 from llava.mm_utils import load_image, set_max_image_pixels
@@ -38,7 +39,8 @@ def chat(args, read=input) -> None:
         conv.append_message(user, image_prompt(message, len(images)) if first_turn else message)
         conv.append_message(assistant, None)
         result = answer(model, tokenizer, image_processor, conv.get_prompt(), images,
-                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                        instructions=[query_instruction(message)] * len(images))
         conv.messages[-1][-1] = result.text
         print(f"{assistant.strip()}: {result.text}")
         for line in result.compression_lines():

@@ -6,21 +6,28 @@ Features are named where the sequence matters: value `100 * view + cell` in the 
 channel, newline -1, so a sequence reads as the list of cells the language model receives.
 """
 
+import json
 import math
+import os
 from fractions import Fraction
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from PIL import Image
+from transformers import CLIPModel
 
-from llava.mm_utils import get_anyres_image_grid_shape
+from llava.eval import model_vqa_loader, run_llava
+from llava.eval.jsonl import read_jsonl
+from llava.mm_utils import get_anyres_image_grid_shape, process_images
+from llava.model.builder import load_pretrained_model
 from llava.model.compression import get_method
 from llava.model.compression.cdpruner import (
     OFFICIAL_PINPOINTS, CDPrunerArgs, conditional_kernel, greedy_map, instruction_relevance, official_input, select,
     token_similarity, view_token_counts,
 )
 from llava.model.compression.common import Budget, arrange_tokens, crop_geometry, keep_mask, view_image_areas
-from llava.tiny import V16_PINPOINTS
+from llava.tiny import TOWER_DIR, V16_PINPOINTS
 
 NEWLINE = -1.0
 FAITHFUL, ANYRES = CDPrunerArgs(), CDPrunerArgs(mode="anyres")
@@ -419,3 +426,166 @@ def test_bad_signal_shapes_are_clear_errors():
         select(views, {"patch_embeds": torch.zeros(3, 15, 8), "instruction_embeds": torch.zeros(1, 8)}, geometry, budget)
     with pytest.raises(ValueError, match=r"instruction_embeds must have shape \[M, 8\]"):
         select(views, {"patch_embeds": torch.zeros(3, 16, 8), "instruction_embeds": torch.zeros(1, 7)}, geometry, budget)
+
+
+# --- through the model -------------------------------------------------------------------------------
+
+def _image(size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture
+def model(tiny):
+    model = tiny[1]
+    yield model
+    model.set_compression()
+
+
+def _encode(model, processor, images, instructions, **settings):
+    model.set_compression(**settings)
+    pixel_values = process_images(images, processor, model.input_config())
+    with torch.no_grad():
+        sequences = model.encode_image_sequences(pixel_values, [image.size for image in images], instructions=instructions)
+    return pixel_values, sequences, list(model.last_accounting)
+
+
+def _released_text_embeds(clip_model, text_tower, text):
+    """The released text side, restated: the tokens right-padded with 0 to a multiple of 77, each
+    row through CLIP's text model, pooled at its largest id (legacy pooling), projected."""
+    ids = text_tower.tokenizer(text=text, return_tensors="pt").input_ids
+    padding = -ids.shape[1] % 77
+    ids = torch.cat([ids, ids.new_zeros(1, padding)], dim=1).view(-1, 77)
+    mask = (torch.arange(ids.numel()) < ids.numel() - padding).long().view(-1, 77)
+    hidden = clip_model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return clip_model.text_projection(hidden[torch.arange(ids.shape[0]), ids.argmax(dim=-1)])
+
+
+def test_faithful_mode_is_the_released_code_on_the_real_towers(tiny, tiny_checkpoint, model):
+    """A tall image (the model's own grid is 1x3) goes onto the forced 2x2 grid (Q1): 5 views of
+    T = round(576 x 0.05) = 29 tokens, no newlines (Q2); the picks are the released code's on the
+    real tower's features, CLIP image embeddings and text embeddings, restated here."""
+    _, _, processor = tiny
+    image, text = _image((300, 1000), 4), "Is there a red square next to the small green circle?"
+    pixel_values, (sequence,), (record,) = _encode(model, processor, [image], [text], method="cdpruner",
+                                                   retention_ratio=0.05)
+    assert pixel_values.shape[1] == 5  # preprocessing followed the forced grid
+    assert sequence.shape[0] == 5 * 29 == record["tokens_after"] == record["image_tokens"]
+    assert record["newline_tokens"] == 0 and record["view_tokens"] == [29] * 5
+    own = crop_geometry((300, 1000), get_anyres_image_grid_shape((300, 1000), V16_PINPOINTS, 336), 24)
+    assert own.grid == (1, 3) and record["vanilla_image_tokens"] == own.vanilla_image_tokens  # the model's own
+    assert record["tokens_before"] == own.vanilla_image_tokens + own.newline_count("raster")
+    # Restated from the released code, on the tiny model's towers and the CLIP checkpoint's weights.
+    tower = model.get_vision_tower()
+    clip_model = CLIPModel.from_pretrained(os.path.join(tiny_checkpoint, TOWER_DIR)).eval()
+    with torch.no_grad():
+        features = tower.vision_tower.vision_model(pixel_values[0], output_hidden_states=True).hidden_states[-2][:, 1:]
+        projected = model.get_model().mm_projector(features)
+        image_embeds = clip_model.visual_projection(tower.vision_tower.vision_model.post_layernorm(features).float())
+        text_embeds = _released_text_embeds(clip_model, model.get_text_tower(), text)
+    picks = released_picks(released_kernel(projected, image_embeds, text_embeds), 29)
+    kept = torch.zeros(5, 576, dtype=torch.bool)
+    for view, view_picks in enumerate(picks):
+        kept[view, view_picks] = True
+    canvas = projected[1:].view(2, 2, 24, 24, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
+    expected = torch.cat([projected[0][kept[0]], canvas[kept[1:].view(2, 2, 24, 24).permute(0, 2, 1, 3).flatten()]])
+    assert torch.allclose(sequence, expected, atol=1e-6)
+
+
+def test_anyres_mode_keeps_the_models_views_with_newlines(tiny, model):
+    _, _, processor = tiny
+    pixel_values, (sequence,), (record,) = _encode(model, processor, [_image((1000, 700), 5)], ["What is it?"],
+                                                   method="cdpruner", method_args=["mode=anyres"], retention_ratio=0.25)
+    # 2x2 grid, 34 image rows, N_van = 2208: T = int(0.25 x 2208 / 5) = 110 per view (crops hold 408).
+    assert record["view_tokens"] == [110] * 5 and record["image_tokens"] == 550
+    assert record["newline_tokens"] == 34 and sequence.shape[0] == 584
+    newline = model.get_model().image_newline
+    assert int((sequence == newline).all(dim=1).sum()) == 34
+
+
+def test_the_instruction_conditions_the_selection_and_batched_equals_per_sample(tiny, model):
+    _, _, processor = tiny
+    images = [_image((800, 500), 1), _image((500, 900), 2)]
+    texts = ["Where is the red square?", "How many people are standing in the room near the tall building?"]
+    pixel_values, batched, accounting = _encode(model, processor, images, texts, method="cdpruner", retention_ratio=0.1)
+    for index in range(2):
+        with torch.no_grad():
+            single, = model.encode_image_sequences(pixel_values[index:index + 1], [images[index].size],
+                                                   instructions=texts[index:index + 1])
+        assert torch.equal(single, batched[index]) and model.last_accounting == accounting[index:index + 1]
+    with torch.no_grad():
+        other, = model.encode_image_sequences(pixel_values[:1], [images[0].size], instructions=[texts[1]])
+    assert other.shape == batched[0].shape and not torch.equal(other, batched[0])  # another text, other tokens
+
+
+@pytest.mark.parametrize("budget", [dict(retention_ratio=0.5), dict(retention_ratio=0.25), dict(visual_tokens=300)])
+def test_runs_on_the_tiny_checkpoint_at_every_budget(tiny, model, budget):
+    """The contract's model check with an instruction (the contract gives none): at R = 0.5 the
+    tiny model's kernel (rank at most its width, 64) is used up long before T = 288 (Q6 guard)."""
+    _, _, processor = tiny
+    _, (sequence,), (record,) = _encode(model, processor, [_image((1000, 700), 3)], ["What?"], method="cdpruner",
+                                        **budget)
+    assert sequence.shape[0] == record["tokens_after"] == record["image_tokens"] and not sequence.isnan().any()
+    assert 0 < record["image_tokens"] < record["vanilla_image_tokens"] == 576 + 4 * 408
+    assert sum(keep_mask(model.last_selections[0]).sum(dim=1).tolist()) == record["image_tokens"]
+
+
+def test_without_an_instruction_it_is_one_clear_error(tiny, model):
+    _, _, processor = tiny
+    image = _image((800, 500), 1)
+    model.set_compression(0.25, method="cdpruner")
+    pixel_values = process_images([image], processor, model.input_config())
+    with pytest.raises(ValueError, match=r"^cdpruner conditions on the instruction text \(instruction_embeds\) but no "
+                                         r"instruction was given for the images: pass instructions="):
+        model.encode_image_sequences(pixel_values, [image.size])
+    with pytest.raises(ValueError, match="got 1 images but 2 instructions"):
+        model.encode_image_sequences(pixel_values, [image.size], instructions=["a", "b"])
+    model.set_compression(1.0, method="cdpruner")  # everything kept unlooked: no text needed
+    assert model.encode_image_sequences(pixel_values, [image.size])[0].shape[0] == 5 * 576
+
+
+def test_signals_and_the_text_tower_are_asked_for_only_when_needed(tiny_checkpoint, model):
+    model.set_compression(0.25, method="cdpruner")
+    settings = model.compression_settings()
+    assert settings.signals == {"patch_embeds", "instruction_embeds"} and settings.needs_text_tower
+    assert settings.instruction_signals == {"instruction_embeds"}
+    model.get_text_tower()  # loaded, but no part of the model's modules or checkpoint
+    assert not any("text_model" in key or "visual_projection" in key for key in model.state_dict())
+    model.set_compression(1.0, method="cdpruner")
+    assert model.compression_settings().signals == frozenset() and not model.compression_settings().needs_text_tower
+    # A fresh model running another method never loads a text tower.
+    _, fresh, processor, _ = load_pretrained_model(tiny_checkpoint, device="cpu")
+    fresh.set_compression(0.25, method="globalcom2")
+    image = _image((800, 500), 1)
+    with torch.no_grad():
+        fresh.encode_image_sequences(process_images([image], processor, fresh.config), [image.size])
+    assert fresh._text_tower is None and "text_tower" not in "".join(fresh.state_dict())
+
+
+def test_a_missing_text_tower_stops_the_run_before_any_answer(tiny_checkpoint, tmp_path, capsys):
+    Image.new("RGB", (80, 50)).save(tmp_path / "a.png")
+    base = ["--model-path", tiny_checkpoint, "--image-file", str(tmp_path / "a.png"), "--query", "What?",
+            "--max-new-tokens", "1", "--method", "cdpruner"]
+    with pytest.raises(SystemExit) as stop:
+        run_llava.main(base + ["--text-tower", str(tmp_path / "no-clip")])
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and captured.out == ""
+    assert captured.err.startswith("error: cdpruner needs a CLIP text tower") and "--text-tower PATH" in captured.err
+    # Given explicitly, the tiny checkpoint's own CLIP works as the default does.
+    assert run_llava.main(base + ["--text-tower", os.path.join(tiny_checkpoint, TOWER_DIR)]) == 0
+    assert "| cdpruner R 0.25 official |" in capsys.readouterr().out
+
+
+def test_end_to_end_through_the_vqa_runner(tiny_checkpoint, tmp_path):
+    Image.new("RGB", (300, 1000), (200, 30, 30)).save(tmp_path / "tall.jpg")
+    question = "Is the picture red?\nAnswer the question using a single word or phrase."
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 7, "image": "tall.jpg", "text": question}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "q.jsonl"),
+                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
+                                  "--max_new_tokens", "1", "--method", "cdpruner", "--retention-ratio", "0.1"]) == 0
+    row, = read_jsonl(answers)
+    assert row["prompt"] == question and row["metadata"]["method"] == "cdpruner"
+    record, = row["metadata"]["images"]
+    assert record["view_tokens"] == [58] * 5 and record["tokens_after"] == row["metadata"]["visual_tokens"] == 290
+    assert record["newline_tokens"] == 0 and record["grid"] == [2, 2]
