@@ -320,7 +320,8 @@ class LlavaMetaForCausalLM:
         if len(sizes) != len(counts):
             raise ValueError(f"got {len(counts)} images but {len(sizes)} image_sizes")
         from_instructions = self.signals_from_instructions(settings, instructions, len(counts))
-        features, computed = self.encode_images(torch.cat(views_per_image), settings.signals - settings.instruction_signals)
+        view_signals = settings.signals - settings.instruction_signals
+        features, computed = self.encode_images(torch.cat(views_per_image), view_signals)
         per_signal = {name: values.split(counts) for name, values in computed.items()}
         per_image = [self.image_sequence(views, {**{name: parts[index] for name, parts in per_signal.items()},
                                                  **from_instructions[index]},
@@ -342,8 +343,8 @@ class LlavaMetaForCausalLM:
         return [tokens for tokens, _ in per_image]
 
     def prepare_inputs_labels_for_multimodal(
-        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None, padding_side=None,
-        instructions=None,
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None,
+        padding_side=None, instructions=None,
     ):
         """Replace every `IMAGE_TOKEN_INDEX` in `input_ids` `[B, L]` by that image's visual tokens.
 

@@ -127,7 +127,8 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: CDPrunerArgs
         per_view = (round(Fraction(budget.tokens, num_views)) if budget.tokens is not None
                     else round(Fraction(budget.ratio) * geometry.side**2))
     else:
-        kept = Fraction(budget.tokens) if budget.tokens is not None else Fraction(budget.ratio) * budget.vanilla_image_tokens
+        kept = (Fraction(budget.tokens) if budget.tokens is not None
+                else Fraction(budget.ratio) * budget.vanilla_image_tokens)
         per_view = int(kept / num_views)
     return [min(count, per_view) for count in cells]
 
@@ -223,8 +224,9 @@ def _check_signals(views: torch.Tensor, signals: dict) -> tuple[torch.Tensor, to
     if patch_embeds.ndim != 3 or tuple(patch_embeds.shape[:2]) != tuple(views.shape[:2]):
         raise ValueError(f"{PATCH_EMBEDS} must have shape [{views.shape[0]}, {views.shape[1]}, E] ([V, P, E], as the "
                          f"views), got {list(patch_embeds.shape)}")
-    if instruction_embeds.ndim != 2 or instruction_embeds.shape[0] < 1 or instruction_embeds.shape[1] != patch_embeds.shape[2]:
-        raise ValueError(f"{INSTRUCTION_EMBEDS} must have shape [M, {patch_embeds.shape[2]}] (M >= 1 text segments, "
+    width = patch_embeds.shape[2]
+    if instruction_embeds.ndim != 2 or instruction_embeds.shape[0] < 1 or instruction_embeds.shape[1] != width:
+        raise ValueError(f"{INSTRUCTION_EMBEDS} must have shape [M, {width}] (M >= 1 text segments, "
                          f"the width of {PATCH_EMBEDS}), got {list(instruction_embeds.shape)}")
     return patch_embeds.to(views.device), instruction_embeds.to(views.device)
 

@@ -156,7 +156,8 @@ def visual_projection_weight(directory: str) -> torch.Tensor:
             if PROJECTION_KEY in weights.keys():
                 return weights.get_tensor(PROJECTION_KEY)
     else:
-        weights = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+        weights = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True,
+                             mmap=True)
         if PROJECTION_KEY in weights:
             return weights[PROJECTION_KEY]
     raise ValueError(f"{directory} has no {PROJECTION_KEY}: the text tower needs a CLIP checkpoint with both towers "

@@ -65,7 +65,8 @@ def test_relevance_min_max_spans_the_offered_cells_of_all_views():
 
 def test_relevance_without_spread_is_uniform_not_nan():
     # Every cell equally far from the text: the released division by zero (Q6 guard).
-    relevance = instruction_relevance(torch.ones(2, 3, 2), torch.tensor([[1.0, 0.0]]), torch.ones(2, 3, dtype=torch.bool))
+    offered = torch.ones(2, 3, dtype=torch.bool)
+    relevance = instruction_relevance(torch.ones(2, 3, 2), torch.tensor([[1.0, 0.0]]), offered)
     assert torch.equal(relevance, torch.ones(2, 3))
 
 
@@ -369,7 +370,8 @@ def test_count_rules_on_random_sizes(width, height, ratio):
     assert sum(anyres) <= ratio * vanilla
     matched = _counts(size, ratio, ANYRES_MATCHED)
     assert sum(matched) == round(exact_ratio * vanilla)
-    assert all(0 <= kept <= count and abs(kept - sum(matched) * count / vanilla) < 1 for kept, count in zip(matched, cells))
+    assert all(0 <= kept <= count and abs(kept - sum(matched) * count / vanilla) < 1
+               for kept, count in zip(matched, cells))
     forced = crop_geometry(size, (2, 2), 24).vanilla_image_tokens  # unpadded on the forced 2x2 grid
     faithful_matched = _counts(size, ratio, MATCHED)
     assert sum(faithful_matched) == round(exact_ratio * forced) and max(faithful_matched) - min(faithful_matched) <= 1
@@ -400,7 +402,8 @@ def test_selection_keeps_exactly_the_counts_among_offered_cells(width, height, r
     pinpoints = official_input(args).get("image_grid_pinpoints", V16_PINPOINTS)
     grid = get_anyres_image_grid_shape(size, pinpoints, 336)
     geometry = crop_geometry(size, grid, side, unpad=mode == "anyres")
-    projected, image_embeds, text_embeds = _random_inputs(seed, 1 + grid[0] * grid[1], side, 2, duplicates=seed % 2 == 0)
+    projected, image_embeds, text_embeds = _random_inputs(seed, 1 + grid[0] * grid[1], side, 2,
+                                                          duplicates=seed % 2 == 0)
     budget_ = Budget.resolve(geometry, ratio)
     selection = select(projected, {"patch_embeds": image_embeds, "instruction_embeds": text_embeds}, geometry,
                        budget_, args)
@@ -423,9 +426,11 @@ def test_bad_signal_shapes_are_clear_errors():
     budget = Budget.resolve(geometry, 0.5)
     views = torch.zeros(3, 16, 2)
     with pytest.raises(ValueError, match=r"patch_embeds must have shape \[3, 16, E\]"):
-        select(views, {"patch_embeds": torch.zeros(3, 15, 8), "instruction_embeds": torch.zeros(1, 8)}, geometry, budget)
+        select(views, {"patch_embeds": torch.zeros(3, 15, 8), "instruction_embeds": torch.zeros(1, 8)}, geometry,
+               budget)
     with pytest.raises(ValueError, match=r"instruction_embeds must have shape \[M, 8\]"):
-        select(views, {"patch_embeds": torch.zeros(3, 16, 8), "instruction_embeds": torch.zeros(1, 7)}, geometry, budget)
+        select(views, {"patch_embeds": torch.zeros(3, 16, 8), "instruction_embeds": torch.zeros(1, 7)}, geometry,
+               budget)
 
 
 # --- through the model -------------------------------------------------------------------------------
@@ -446,7 +451,8 @@ def _encode(model, processor, images, instructions, **settings):
     model.set_compression(**settings)
     pixel_values = process_images(images, processor, model.input_config())
     with torch.no_grad():
-        sequences = model.encode_image_sequences(pixel_values, [image.size for image in images], instructions=instructions)
+        sequences = model.encode_image_sequences(pixel_values, [image.size for image in images],
+                                                 instructions=instructions)
     return pixel_values, sequences, list(model.last_accounting)
 
 
