@@ -285,8 +285,10 @@ def build_tiny_clip(out: str, vision_config: CLIPVisionConfig, seed: int = 0) ->
 
 
 def ensure_tiny_checkpoint(out: str = DEFAULT_OUT) -> str:
-    """Build the default tiny checkpoint unless `out` already holds one."""
-    if not os.path.isfile(os.path.join(out, "config.json")):
+    """Build the default tiny checkpoint unless `out` already holds a whole one (one built before
+    its CLIP directory held the text tower too, which text-conditioned methods read, is rebuilt)."""
+    whole = all(os.path.isfile(os.path.join(out, *parts)) for parts in [("config.json",), (TOWER_DIR, "tokenizer.json")])
+    if not whole:
         build_tiny_checkpoint(out)
     return out
 

@@ -93,12 +93,13 @@ class CompressionView:
 
 @torch.inference_mode()
 def inspect_compression(model, image_processor, image: Image.Image, retention_ratio: float | None = None,
-                        layout: str | None = None) -> CompressionView:
+                        layout: str | None = None, instruction: str | None = None) -> CompressionView:
     """One AnyRes image through the model's preprocessing, tower and compression method, as a run
     sends it: the selection `encode_image_sequences` made (`model.last_selections[0]`).
 
     `retention_ratio`/`layout` replace the model's settings (`model.compression_settings()`) for
-    this image. For GlobalCom2 the tower also gives its [CLS] scores, for the heatmaps.
+    this image. `instruction`: the question, for methods conditioned on it (CDPruner). For
+    GlobalCom2 the tower also gives its [CLS] scores, for the heatmaps.
     """
     settings = model.compression_settings()
     if retention_ratio is not None:
@@ -110,7 +111,7 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
         raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres')")
     image = image.convert("RGB")
     views = process_images([image], image_processor, model.input_config(settings))[0].to(model.device, model.dtype)
-    model.encode_image_sequences([views], [image.size], settings)
+    model.encode_image_sequences([views], [image.size], settings, None if instruction is None else [instruction])
     scores = (model.encode_images(views, {SCORES}).signals[SCORES].float().cpu()
               if settings.method == "globalcom2" else None)
     canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.input_config(settings).image_grid_pinpoints))
@@ -444,6 +445,8 @@ def build_parser(description: str):
     parser.add_argument("--selection-file", default=None, metavar="FILE",
                         help="draw the masks from this file (written by --save-selection of run_llava or a runner) "
                              "instead of running a model; the model and compression arguments are then unused")
+    parser.add_argument("--instruction", default=None, metavar="TEXT",
+                        help="the question asked of the image, for methods conditioned on it (cdpruner)")
     parser.add_argument("--out-dir", default="visualizations")
     parser.add_argument("--device", default=None)
     add_compression_arguments(parser)
@@ -471,7 +474,8 @@ def main(argv: list[str] | None, kinds: tuple[str, ...], description: str) -> in
             model_path = args.model_path or ensure_tiny_checkpoint(DEFAULT_OUT)
             _, model, image_processor, _ = load_pretrained_model(model_path, device=args.device)
             configure_model(model, args)
-            views = (inspect_compression(model, image_processor, image) for image in images)
+            views = (inspect_compression(model, image_processor, image, instruction=args.instruction)
+                     for image in images)
         for view, stem in zip(views, figure_stems(args.image_file)):
             for written in save_visualizations(view, args.out_dir, stem, kinds):
                 print(written)

@@ -296,3 +296,12 @@ def test_selection_file_lines_pair_with_images_in_order_or_refuse(tmp_path, caps
     assert stop.value.code == 2 and "of size 800x500, but the image given is 500x800" in capsys.readouterr().err
     kept = np.asarray(thumbnail_mask(selection_view(line, Image.open(images[0]))))
     assert (kept[0, 0] == WHITE).all() and (kept[499, 799] == np.round(GREY * DIM)).all()
+
+
+def test_a_text_conditioned_method_is_drawn_with_the_question(method_model):
+    model, processor = method_model("cdpruner")
+    image = _image_with_bright_corner((800, 500))
+    view = inspect_compression(model, processor, image, instruction="Where is the bright corner?")
+    assert view.accounting["method"] == "cdpruner" and np.asarray(crops_mask(view)).shape[:2] == view.canvas.size[::-1]
+    with pytest.raises(ValueError, match="cdpruner conditions on the instruction text"):
+        inspect_compression(model, processor, image)

@@ -48,8 +48,9 @@ from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
 from llava.tiny import TOWER_DIR, V16_PINPOINTS, build_tokenizer, ensure_tiny_checkpoint  # noqa: E402
 
+QUESTION = "Describe this image in detail."  # the instruction text-conditioned methods (CDPruner) read
 PROMPT = ("A chat between a curious user and an artificial intelligence assistant. USER: <image>\n"
-          "Describe this image in detail. ASSISTANT:")
+          f"{QUESTION} ASSISTANT:")
 LANGUAGE_MODELS = {
     "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12),
     "llava-next-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -145,14 +146,15 @@ def measure_ratio(model, tokenizer, pixel_values, image_size, ratio: float, args
     views = pixel_values[0]
     samples = {name: [] for name in ("tower_ms", "compression_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")}
     for repeat in range(args.warmup + args.repeats):
-        with Clock(device) as tower:
-            features, signals = model.encode_images(views, settings.signals)
+        with Clock(device) as tower:  # the vision tower, and the text tower where the method reads the question
+            features, signals = model.encode_images(views, settings.signals - settings.instruction_signals)
+            signals.update(model.signals_from_instructions(settings, [QUESTION], 1)[0])
         with Clock(device) as compression:
             model.image_sequence(features, signals, image_size, settings)
         with PeakMemory(device) as memory:
             with Clock(device) as ttft:
                 embeds = model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
-                                                                    [image_size])[4]
+                                                                    [image_size], instructions=[QUESTION])[4]
                 with Clock(device) as prefill:
                     output = model(inputs_embeds=embeds, use_cache=True)
                 next_token = output.logits[:, -1].argmax(-1, keepdim=True)

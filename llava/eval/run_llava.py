@@ -73,7 +73,7 @@ def eval_model(args) -> str:
             write_lines(out, [dict(image=path, **line) for path, line in zip(image_files, lines)])
     if args.visualize:
         for number, (path, image) in enumerate(zip(image_files, images), 1):
-            view = inspect_compression(model, image_processor, image)
+            view = inspect_compression(model, image_processor, image, instruction=query_instruction(args.query))
             stem = f"{number}_{os.path.splitext(os.path.basename(path))[0]}"
             print(*(f"[visualize] {written}" for written in save_visualizations(view, args.visualize, stem)), sep="\n")
     return result.text

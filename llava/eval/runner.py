@@ -213,12 +213,15 @@ def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
         visual_tokens=visual_tokens,
         token_layout=layout if ratio != 1 else None,
         allow_truncation=args.allow_truncation,
+        # The CLIP text tower text-conditioned methods read (None: the vision tower's own CLIP).
+        text_tower=getattr(args, "text_tower", None),
         **prompt_settings,
     )
 
 
 # What a setting was before answers recorded it: files from then resume under these values.
-SETTINGS_BEFORE_THEY_WERE_RECORDED = {"method": "globalcom2", "method_args": {}, "visual_tokens": None}
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"method": "globalcom2", "method_args": {}, "visual_tokens": None,
+                                      "text_tower": None}
 
 
 def check_settings(rows: list[dict], settings: dict, answers_file: str) -> None:

@@ -157,14 +157,17 @@ def test_batched_equals_per_sample_in_the_model(tiny, name):
     model.set_compression(0.25, method=name)
     try:
         with torch.no_grad():
-            batched = model.encode_image_sequences(pixel_values, sizes)
+            # Each image's instruction text, for methods conditioned on it (CDPruner); others ignore it.
+            instructions = ["What is shown?", "Which colour is the sky?"]
+            batched = model.encode_image_sequences(pixel_values, sizes, instructions=instructions)
             batched_accounting = list(model.last_accounting)
             for index in range(2):
-                single, = model.encode_image_sequences(pixel_values[index:index + 1], sizes[index:index + 1])
+                single, = model.encode_image_sequences(pixel_values[index:index + 1], sizes[index:index + 1],
+                                                       instructions=instructions[index:index + 1])
                 assert torch.equal(single, batched[index])
                 assert model.last_accounting == batched_accounting[index:index + 1]
             embeds = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixel_values[:1],
-                                                                sizes[:1])[4]
+                                                                sizes[:1], instructions=instructions[:1])[4]
     finally:
         model.set_compression()
     record = batched_accounting[0]
@@ -182,7 +185,7 @@ def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
     model.set_compression(method=name, **budget)
     try:
         with torch.no_grad():
-            sequence, = model.encode_image_sequences(pixel_values, [image.size])
+            sequence, = model.encode_image_sequences(pixel_values, [image.size], instructions=["What is shown?"])
     finally:
         model.set_compression()
     record = model.last_accounting[0]
