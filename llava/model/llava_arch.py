@@ -126,6 +126,9 @@ class LlavaMetaForCausalLM:
     _text_tower = None
     last_accounting: list[dict] = []
     last_selections: list = []  # per image of the last call, its `common.Selection` (None for merge type `flat`)
+    last_schedules: list = []  # per image of the last call, an in-LLM method's `(layer, kept)` stages (else ())
+    last_image_spans: tuple = ([], [], [])  # rows, starts, lengths of the last splice's images (padded sequence)
+    last_row_lengths: list = []  # the last splice's unpadded row lengths
     # Upstream cuts over-long prompts silently (losing the question); here they are refused unless
     # this is set (`--allow-truncation`), and then cut with a warning.
     allow_truncation: bool = False
@@ -283,7 +286,11 @@ class LlavaMetaForCausalLM:
         geometry = self.image_geometry(views.shape[0], image_size, merge_type, self.input_config(settings))
         newline = self.get_model().image_newline.to(views.dtype) if geometry.unpad else None
         budget = common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens)
-        selection = get_method(settings.method).select(views, signals or {}, geometry, budget, settings.method_args)
+        method = get_method(settings.method)
+        if method.stage == "in-llm":  # the image goes in whole; the decoder prunes (language_model.pruning)
+            selection = common.keep_everything(geometry, views.device)
+        else:
+            selection = method.select(views, signals or {}, geometry, budget, settings.method_args)
         selection = common.project_merge(selection, self.get_model().mm_projector)
         return common.arrange_tokens(views, selection, newline, settings.token_layout), selection
 
@@ -340,7 +347,29 @@ class LlavaMetaForCausalLM:
                                      if selection is not None else common.uncompressed_accounting(tokens.shape[0]),
                                      **settings.record())
                                 for tokens, selection in per_image]
+        self.last_schedules = [()] * len(per_image)
+        if get_method(settings.method).stage == "in-llm":
+            self.last_schedules = [self._in_llm_accounting(settings, tokens.shape[0], selection, record)
+                                   for (tokens, selection), record in zip(per_image, self.last_accounting)]
         return [tokens for tokens, _ in per_image]
+
+    def _in_llm_accounting(self, settings: CompressionSettings, span_tokens: int, selection, record: dict):
+        """An in-LLM method's schedule for one image (`(layer, kept)` stages over its span of
+        `span_tokens`, newlines included), and its counts added to `record`: the image tokens at
+        every layer, after the last prune ("post-pruning") and their layer average ("equivalent")."""
+        layers = self.config.num_hidden_layers
+        geometry = selection.geometry if selection is not None else None
+        budget = (common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens) if geometry
+                  else common.Budget(settings.retention_ratio, span_tokens, settings.visual_tokens))
+        schedule = tuple(settings.method_args.schedule(span_tokens, budget, layers))
+        per_layer = [span_tokens] * layers
+        for layer, kept in schedule:
+            per_layer[layer:] = [kept] * (layers - layer)
+        record.update(layer_image_tokens=per_layer, post_pruning_image_tokens=per_layer[-1],
+                      equivalent_image_tokens=sum(per_layer) / layers,
+                      in_llm=dict(stages=[list(stage) for stage in schedule], span_tokens=span_tokens,
+                                  counts_newlines=True))
+        return schedule
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None,
@@ -359,7 +388,28 @@ class LlavaMetaForCausalLM:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         settings = self.compression_settings()  # refuses a bad setting before any model work
         image_features = self.encode_image_sequences(images, image_sizes, settings, instructions)
-        return (None, *self.splice_image_features(input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side))
+        spliced = self.splice_image_features(input_ids, position_ids, attention_mask, past_key_values, labels,
+                                             image_features, padding_side)
+        self._request_in_llm_pruning(settings, padding_side)
+        return (None, *spliced)
+
+    def _request_in_llm_pruning(self, settings: CompressionSettings, padding_side) -> None:
+        """For an in-LLM method, hand the next prefill of the language model its images' spans and
+        schedules (`language_model.pruning.PruningRequest`); it serves that one prefill."""
+        from llava.model.language_model.pruning import PruningRequest
+        method = get_method(settings.method)
+        self.get_model().pruning_request = None
+        if method.stage != "in-llm" or not any(self.last_schedules):
+            return
+        rows, starts, counts = self.last_image_spans
+        side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
+        if side != "left" and len(set(self.last_row_lengths)) > 1:
+            raise ValueError(f"{settings.method} prunes inside the language model and needs left padding for a "
+                             f"batch of rows of different lengths, got padding_side={side!r}")
+        device = self.get_model().embed_tokens.weight.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        self.get_model().pruning_request = PruningRequest(as_tensor(rows), as_tensor(starts), as_tensor(counts),
+                                                          list(self.last_schedules), method, settings.method_args)
 
     def splice_image_features(self, input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side=None):
         """The text/image splice of `prepare_inputs_labels_for_multimodal`, given the visual sequences."""
@@ -372,14 +422,16 @@ class LlavaMetaForCausalLM:
 
         text_embeds = self.get_model().embed_tokens(input_ids.clamp(min=0))  # placeholder rows are replaced below
         images_left = iter(image_features)
-        rows_embeds, rows_labels, rows_images = [], [], []
+        rows_embeds, rows_labels, rows_images, rows_starts = [], [], [], []
         for ids, keep, embeds, row_labels in zip(input_ids, attention_mask, text_embeds, labels):
             ids, embeds, row_labels = ids[keep], embeds[keep], row_labels[keep]
             placeholders = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
             pieces, piece_labels, start = [], [], 0
             rows_images.append([])  # visual tokens of each image in this row
+            rows_starts.append([])  # where each image starts in the unpadded row
             for position in placeholders:
                 feature = next(images_left).to(embeds.dtype)
+                rows_starts[-1].append(sum(piece.shape[0] for piece in pieces) + position - start)
                 rows_images[-1].append(feature.shape[0])
                 pieces += [embeds[start:position], feature]
                 piece_labels += [row_labels[start:position], row_labels.new_full((feature.shape[0],), IGNORE_INDEX)]
@@ -399,6 +451,16 @@ class LlavaMetaForCausalLM:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         batch, longest = len(rows_embeds), max(row.shape[0] for row in rows_embeds)
+        # Each image's row, start and (truncation-clipped) length in the padded sequence: what an
+        # in-LLM method prunes (language_model.pruning).
+        self.last_row_lengths = [row.shape[0] for row in rows_embeds]
+        self.last_image_spans = ([], [], [])
+        for row, (starts, counts) in enumerate(zip(rows_starts, rows_images)):
+            pad = longest - self.last_row_lengths[row] if padding_side == "left" else 0
+            for start, count in zip(starts, counts):
+                for values, value in zip(self.last_image_spans,
+                                         (row, pad + start, max(0, min(count, self.last_row_lengths[row] - start)))):
+                    values.append(value)
         inputs_embeds = text_embeds.new_zeros(batch, longest, text_embeds.shape[-1])
         new_labels = labels.new_full((batch, longest), IGNORE_INDEX)
         new_attention_mask = torch.zeros(batch, longest, dtype=torch.bool, device=input_ids.device)

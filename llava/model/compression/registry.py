@@ -70,6 +70,14 @@ def example_signals(names, num_views: int, num_patches: int, width: int = 64, he
             for name in names}
 
 
+# Signals an in-LLM method (`stage="in-llm"`) can ask for: the decoder mechanism
+# (`llava.model.language_model.pruning.SCORERS`) computes them inside the language model, at the
+# layer the method's schedule names, under SDPA. I: images of the batch, N: the longest image span.
+DECODER_SIGNALS = {
+    "last_query_attn": Signal(("I", "N"), "the last prompt position's post-softmax attention to each image token at "
+                                          "the layer before the pruning layer, head mean, fp32 (FastV)", "decoder"),
+}
+
 # Input changes a method may declare (its official code alters the model's input): config keys
 # the glue overrides for that method's runs (`image_grid_pinpoints`: the preprocessing's too).
 INPUT_CHANGES = {"mm_patch_merge_type", "image_grid_pinpoints"}
@@ -92,7 +100,10 @@ class Method:
 
     def signals_for(self, args, budget_keeps_all: bool) -> frozenset:
         """What the tower must compute for one run: nothing when the method keeps everything at a
-        full budget without looking (its `keeps_everything` says so), else `needs`."""
+        full budget without looking (its `keeps_everything` says so), else `needs`; never anything
+        for an in-LLM method (its signals are the decoder's)."""
+        if self.stage == "in-llm":
+            return frozenset()
         if budget_keeps_all and getattr(args, "keeps_everything", lambda: True)():
             return frozenset()
         return self.needs
@@ -103,10 +114,19 @@ _METHODS: dict[str, Method] = {}
 
 def register(name: str, needs=(), args: type = NoArgs, stage: str = "pre-llm",
              input_changes: Callable[[object], dict] | None = None):
-    """Decorator registering a method's entry point under `name` (the module's name)."""
-    unknown = set(needs) - set(SIGNALS)
+    """Decorator registering a method's entry point under `name` (the module's name).
+
+    `stage="pre-llm"`: the entry point selects from the views (see the module docstring).
+    `stage="in-llm"`: it is a keep rule `(scores [I, N], image_tokens [I], targets [I], args) ->
+    [I, N] bool` over each image's span, called by the decoder mechanism
+    (`llava.model.language_model.pruning`) at the layers of `args.schedule(span_tokens, budget,
+    num_layers)`; its `needs` are `DECODER_SIGNALS`, and the image goes in whole before the LLM."""
+    if stage not in ("pre-llm", "in-llm"):
+        raise ValueError(f"method {name}: stage must be 'pre-llm' or 'in-llm', got {stage!r}")
+    known = SIGNALS if stage == "pre-llm" else DECODER_SIGNALS
+    unknown = set(needs) - set(known)
     if unknown:
-        raise ValueError(f"method {name}: unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
+        raise ValueError(f"method {name}: unknown signals {sorted(unknown)}; known: {sorted(known)}")
 
     def decorate(select: Callable) -> Callable:
         module_doc = (sys.modules[select.__module__].__doc__ or "").strip()
@@ -117,8 +137,9 @@ def register(name: str, needs=(), args: type = NoArgs, stage: str = "pre-llm",
     return decorate
 
 
-def method_names() -> list[str]:
-    return sorted(_METHODS)
+def method_names(stage: str | None = None) -> list[str]:
+    """Every registered name, or those of one stage (`pre-llm`, `in-llm`)."""
+    return sorted(name for name, method in _METHODS.items() if stage is None or method.stage == stage)
 
 
 def get_method(name: str) -> Method:

@@ -6,6 +6,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
+from llava.model.language_model import pruning
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 
 
@@ -15,6 +16,10 @@ class LlavaConfig(LlamaConfig):
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
     config_class = LlavaConfig
+
+    def forward(self, input_ids=None, **kwargs):
+        """The backbone's forward, pruning visual tokens inside it for an in-LLM method (`pruning`)."""
+        return pruning.decoder_forward(self, super().forward, input_ids=input_ids, **kwargs)
 
 
 class LlavaLlamaForCausalLM(LlavaMetaForCausalLM, LlamaForCausalLM):

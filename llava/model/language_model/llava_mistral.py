@@ -6,6 +6,7 @@ from torch import nn
 from transformers import MistralConfig, MistralForCausalLM, MistralModel
 from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
 
+from llava.model.language_model import pruning
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 
 
@@ -15,6 +16,10 @@ class LlavaMistralConfig(MistralConfig):
 
 class LlavaMistralModel(LlavaMetaModel, MistralModel):
     config_class = LlavaMistralConfig
+
+    def forward(self, input_ids=None, **kwargs):
+        """The backbone's forward, pruning visual tokens inside it for an in-LLM method (`pruning`)."""
+        return pruning.decoder_forward(self, super().forward, input_ids=input_ids, **kwargs)
 
 
 class LlavaMistralForCausalLM(LlavaMetaForCausalLM, MistralForCausalLM):

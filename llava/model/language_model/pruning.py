@@ -1,0 +1,263 @@
+"""Pruning visual tokens inside the language model: the decoder mechanism every in-LLM method shares.
+
+An in-LLM method (`llava.model.compression`, registered with `stage="in-llm"`) is a pure keep rule:
+given the scores it declared (`registry.DECODER_SIGNALS`) for each image's span, it says which
+image tokens survive. This module runs the decoder and does everything else
+(spec: `baselines/in-llm-pruning.md`):
+
+1. `PruningRequest`: what the glue (`llava_arch.splice_image_features`) hands the next prefill:
+   each image's row, span start and span length in the padded sequence, and its schedule
+   (the method's `args.schedule`: `(layer, image tokens kept from that layer on)` stages).
+2. `decoder_forward` replaces the backbone's forward (Llama, Mistral: the same layer API) with a
+   copy of its loop that stops before each pruning layer `l`. The layers before the first stage
+   get the model's own causal mask and RoPE tables, so nothing changes until a prune happens,
+   and a schedule with no stage (R = 1) is the vanilla model exactly.
+3. `query_attention` computes the declared scores for the chosen query rows only, from the
+   scoring layer's input with that layer's own `input_layernorm`, `q_proj`/`k_proj` and RoPE,
+   GQA heads repeated, padding masked, softmax in fp32, heads averaged. The model stays on SDPA:
+   no `output_attentions`, no eager fallback. (`last_query_attn`: the last position's row at
+   layer `l - 1`, FastV's "attention of layer K-1".)
+4. `keep_positions` turns the rule's per-image keep masks into a keep mask over the sequence
+   (text always kept, padding dropped); `shrink` gathers hidden states and position ids per row
+   and re-pads LEFT to the longest new row. Ragged rows: each row keeps its own count; shorter
+   rows get more left padding, masked as keys everywhere after; a padding query row sees only
+   itself (finite, never read). Kept tokens keep their original position ids (FastV, DART); a
+   method whose official code renumbers (PDrop) sets `renumber` on its args.
+5. Later layers get a fresh mask (causal AND key-valid) and RoPE tables from the kept ids.
+   Their KV caches only ever receive kept tokens; the layers already run keep the keys they
+   computed on the full sequence (as the official cached FastV does), so the `DynamicCache`'s
+   layers have different lengths. The per-stage key-valid masks ride on the cache object
+   (`PrunedCache` state), so decode builds, for each layer, a mask whose key length is that
+   layer's cache length, extended by the steps generated since.
+6. Decode never re-ranks (pruned once at prefill, spec section 4); its positions are the ones
+   `generate` derives from the original mask, i.e. continuing from the original prompt length.
+
+Multi-stage methods (PDrop) give several stages; methods whose scores are not a softmax row
+(DART's key norms) add a signal to `DECODER_SIGNALS` and its computation to `SCORERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+
+@dataclasses.dataclass
+class PruningRequest:
+    """Per image of a batch (index `I` over all images, in placeholder order).
+
+    `rows`, `starts`, `counts`: `[I]` long, the image's row, first position and span length in the
+    padded prefill sequence (newline tokens included: the language model cannot tell them apart);
+    `schedules`: per image, `((layer, kept), ...)` ascending in layer; `method`: the registered in-LLM
+    method (its `select` is the keep rule) and `args` its arguments."""
+
+    rows: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+    schedules: list
+    method: object
+    args: object
+
+    def stage_layers(self) -> list[int]:
+        return sorted({layer for schedule in self.schedules for layer, _ in schedule})
+
+    def targets(self, layer: int, current: torch.Tensor) -> torch.Tensor:
+        """`[I]` image tokens to keep at `layer` (an image without a stage there keeps `current`)."""
+        wanted = [dict(schedule).get(layer, -1) for schedule in self.schedules]
+        wanted = torch.tensor(wanted, dtype=torch.long, device=current.device)
+        return torch.where(wanted < 0, current, torch.minimum(wanted, current))
+
+
+@dataclasses.dataclass
+class PrunedCache:
+    """Held on the KV cache after a pruned prefill: per stage, from which layer on it holds and the
+    key-valid mask `[B, L_stage]` of its prefill keys; `prompt_length` is the unpruned prefill length."""
+
+    stages: list
+    prompt_length: int
+
+
+def _rope(attention_module):
+    """The RoPE function of the attention's own modelling module (Llama and Mistral share it)."""
+    return sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
+
+
+def query_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
+                    query_index: torch.Tensor) -> torch.Tensor:
+    """Head-mean post-softmax attention of the query positions `query_index` `[B, Q]` (long) over all
+    keys, as `layer`'s self-attention computes it, for its input `hidden_states` `[B, L, D]`
+    (`position_embeddings` `(cos, sin)` each `[B or 1, L, d]`, `key_valid` `[B, L]` bool).
+    Causal: a query sees keys up to its own position. Returns `[B, Q, L]` float32, zero on hidden keys."""
+    attention = layer.self_attn
+    normed = layer.input_layernorm(hidden_states)
+    batch, length, _ = normed.shape
+    head_dim = attention.head_dim
+    gather = query_index[..., None].expand(-1, -1, normed.shape[-1])
+    queries = attention.q_proj(normed.gather(1, gather)).view(batch, query_index.shape[1], -1, head_dim).transpose(1, 2)
+    keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, Hkv, L, d]
+    cos, sin = position_embeddings
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    query_gather = query_index[..., None].expand(-1, -1, cos.shape[-1])
+    rope = _rope(attention)
+    queries, _ = rope(queries, queries, cos.gather(1, query_gather), sin.gather(1, query_gather))
+    _, keys = rope(keys, keys, cos, sin)
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # GQA: [B, H, L, d]
+    logits = (queries.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # [B, H, Q, L]
+    visible = key_valid[:, None, :] & (torch.arange(length, device=normed.device) <= query_index[..., None])
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    return logits.softmax(-1).mean(1)
+
+
+def last_query_attn(layer, hidden_states, position_embeddings, key_valid) -> torch.Tensor:
+    """`[B, L]`: the last position's attention row (left padding: every row's last real token)."""
+    last = torch.full((hidden_states.shape[0], 1), hidden_states.shape[1] - 1, device=hidden_states.device)
+    return query_attention(layer, hidden_states, position_embeddings, key_valid, last)[:, 0]
+
+
+# name -> (offset of the scoring layer from the pruning layer, function(layer, h, position_embeddings, key_valid))
+SCORERS = {"last_query_attn": (-1, last_query_attn)}
+
+
+def image_scores(row_scores: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor):
+    """Each image's span of its row's scores: `row_scores` `[B, L]` -> `[I, N]` (N the longest span,
+    columns past an image's count are 0) and the span's positions `[I, N]` (clamped into the row)."""
+    width = int(counts.max()) if counts.numel() else 0
+    offsets = torch.arange(width, device=row_scores.device)
+    positions = (starts[:, None] + offsets).clamp(max=row_scores.shape[1] - 1)
+    inside = offsets < counts[:, None]
+    return row_scores[rows[:, None], positions].masked_fill(~inside, 0.0), positions, inside
+
+
+def keep_positions(key_valid: torch.Tensor, rows, positions, inside, kept_images: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` bool: the positions to keep (valid and not a dropped image token), from the rule's
+    `kept_images` `[I, N]` over each image's span `positions` `[I, N]` (`inside`: within the span)."""
+    keep = key_valid.clone()
+    dropped = inside & ~kept_images
+    keep[rows[:, None].expand_as(positions)[dropped], positions[dropped]] = False
+    return keep
+
+
+def shrink(keep: torch.Tensor, *tensors: torch.Tensor):
+    """Gather the kept positions of each row and re-pad on the left: `keep` `[B, L]` bool; each
+    tensor `[B, L, ...]`. Returns the new key-valid mask `[B, L']`, the index map `[B, L]` (new
+    position of each old one, -1 where dropped) and the tensors `[B, L', ...]` (zero padding)."""
+    lengths = keep.sum(1)
+    new_length = int(lengths.max())
+    destination = (new_length - lengths)[:, None] + keep.long().cumsum(1) - 1
+    destination = torch.where(keep, destination, torch.full_like(destination, -1))
+    rows, old = keep.nonzero(as_tuple=True)
+    new = destination[rows, old]
+    shrunk = []
+    for tensor in tensors:
+        out = tensor.new_zeros((tensor.shape[0], new_length, *tensor.shape[2:]))
+        out[rows, new] = tensor[rows, old]
+        shrunk.append(out)
+    valid = torch.arange(new_length, device=keep.device) >= (new_length - lengths)[:, None]
+    return valid, destination, shrunk
+
+
+def pruned_mask(key_valid: torch.Tensor, queries: int) -> torch.Tensor | None:
+    """4-D bool mask `[B, 1, Q, K]` for the last `queries` positions over `K` keys: causal AND
+    key-valid, a padding query row seeing itself so no row is all masked; None (SDPA's causal
+    path) when no key is padding."""
+    if bool(key_valid.all()):
+        return None
+    keys = key_valid.shape[1]
+    query_positions = torch.arange(keys - queries, keys, device=key_valid.device)[:, None]
+    key_positions = torch.arange(keys, device=key_valid.device)
+    causal = key_positions <= query_positions  # [Q, K]
+    mask = causal & key_valid[:, None, :]
+    mask = mask | (key_positions == query_positions)
+    return mask[:, None]
+
+
+def _prune(request: PruningRequest, layer_index, hidden_states, position_ids, key_valid, spans, scores):
+    """One stage: the rule's keep masks from `scores` `[B, L]`, then the shrunk state.
+    `spans`: current `(starts, counts)` per image. Returns the new state and spans."""
+    starts, counts = spans
+    span_scores, positions, inside = image_scores(scores, request.rows, starts, counts)
+    targets = request.targets(layer_index, counts)
+    kept_images = request.method.select(span_scores, counts, targets, request.args) & inside
+    keep = keep_positions(key_valid, request.rows, positions, inside, kept_images)
+    new_valid, destination, (hidden_states, position_ids) = shrink(keep, hidden_states, position_ids)
+    if getattr(request.args, "renumber", False):  # renumber 0.. after the padding (PDrop)
+        position_ids = (new_valid.long().cumsum(1) - 1).clamp(min=0)
+    # The kept tokens of an image are contiguous again: its new start is its first kept token's.
+    first_kept = torch.where(kept_images, positions, torch.full_like(positions, scores.shape[1])).min(1).values
+    new_starts = destination[request.rows, first_kept.clamp(max=scores.shape[1] - 1)]
+    new_counts = kept_images.sum(1)
+    return hidden_states, position_ids, new_valid, (torch.where(new_counts > 0, new_starts, 0), new_counts)
+
+
+def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                    inputs_embeds=None, use_cache=None, **kwargs):
+    """The backbone's forward (the transformers 5 Llama/Mistral loop) with in-LLM pruning, at a
+    prefill with a pending `model.pruning_request` and at the decode steps after a pruned prefill
+    (the cache carries `PrunedCache`); otherwise `vanilla_forward`, the model's own."""
+    request = getattr(model, "pruning_request", None)
+    state = getattr(cache, "pruned", None)
+    length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+    pruning_now = request is not None and length > 1 and bool(request.stage_layers())
+    if length > 1:
+        model.pruning_request = None  # a request serves one prefill
+    if not pruning_now and (state is None or length > 1):
+        return vanilla_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    use_cache = model.config.use_cache if use_cache is None else use_cache
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_tokens(input_ids)
+    if use_cache and cache is None:
+        cache = DynamicCache(config=model.config)
+    past = cache.get_seq_length() if cache is not None else 0
+    if position_ids is None:
+        position_ids = (torch.arange(length, device=inputs_embeds.device) + past)[None]
+    causal_mask = create_causal_mask(config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                     cache=cache, position_ids=position_ids)
+    hidden_states = inputs_embeds
+    position_embeddings = model.rotary_emb(hidden_states, position_ids=position_ids)
+    layers = model.layers[: model.config.num_hidden_layers]
+    batch = hidden_states.shape[0]
+    full_valid = (attention_mask.bool() if attention_mask is not None
+                  else torch.ones(batch, past + length, dtype=torch.bool, device=hidden_states.device))
+    run = dict(cache=cache, use_cache=use_cache, **kwargs)
+
+    if pruning_now:
+        stage_layers = request.stage_layers()
+        scorers = [SCORERS[name] for name in sorted(request.method.needs)]
+        key_valid = full_valid[:, -length:]
+        positions = position_ids.expand(batch, -1)
+        spans, scores, stages = (request.starts, request.counts), None, []
+
+        def score(index, offsets):
+            for offset, scorer in scorers:
+                if offset in offsets and index - offset in stage_layers:
+                    return scorer(layers[index], hidden_states, position_embeddings, key_valid)
+            return scores
+
+        for index, decoder_layer in enumerate(layers):
+            scores = score(index, (0,))  # scored on the pruning layer's own input (PDrop)
+            if index in stage_layers:
+                hidden_states, positions, key_valid, spans = _prune(request, index, hidden_states, positions,
+                                                                    key_valid, spans, scores)
+                causal_mask = pruned_mask(key_valid, key_valid.shape[1])
+                position_embeddings = model.rotary_emb(hidden_states, position_ids=positions)
+                stages.append((index, key_valid))
+            scores = score(index, (-1,))  # scored on the layer before the pruning layer (FastV: K - 1)
+            hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
+                                          position_embeddings=position_embeddings, position_ids=positions, **run)
+        if cache is not None:
+            cache.pruned = PrunedCache(stages, length)
+    else:  # a decode step after a pruned prefill: each stage's layers see their own cache length
+        stage_at = dict(state.stages)
+        for index, decoder_layer in enumerate(layers):
+            if index in stage_at:
+                grown = full_valid[:, state.prompt_length:]  # the steps since the prefill, this one included
+                causal_mask = pruned_mask(torch.cat([stage_at[index], grown], dim=1), length)
+            hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
+                                          position_embeddings=position_embeddings, position_ids=position_ids, **run)
+    return BaseModelOutputWithPast(last_hidden_state=model.norm(hidden_states), cache=cache)
