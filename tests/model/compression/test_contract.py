@@ -15,8 +15,13 @@ from PIL import Image
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.compression import get_method, method_names, parse_method_args
 from llava.model.compression.common import Budget, Merge, arrange_tokens, crop_geometry, keep_everything, project_merge
-from llava.model.compression.registry import SIGNALS, argument_fields, example_signals
+from llava.model.compression.registry import DECODER_SIGNALS, SIGNALS, argument_fields, example_signals
 from llava.tiny import V16_PINPOINTS
+
+# Methods that select before the language model get the checks below on views; those that prune
+# inside it (stage in-llm: keep rules the decoder mechanism calls) get the in-LLM checks at the end.
+PRE_LLM = method_names("pre-llm")
+IN_LLM = method_names("in-llm")
 
 NEWLINE = -1.0
 SIZES = [(1000, 700), (700, 1000), (800, 500), (336, 336), (20, 2000), (5000, 2)]
@@ -50,7 +55,7 @@ def _run(name, size, ratio=None, visual_tokens=None, layout="official", dtype=to
     return selection, arrange_tokens(views, selection, newline, layout)
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("layout", ["official", "spatial"])
 def test_full_budget_is_vanilla(name, size, layout):
@@ -66,7 +71,7 @@ def test_full_budget_is_vanilla(name, size, layout):
     assert torch.equal(sequence, vanilla)
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1, 0.01])
 @pytest.mark.parametrize("layout", ["official", "spatial"])
@@ -86,7 +91,7 @@ def test_sequence_matches_accounting_and_holds_distinct_image_cells(name, size, 
         assert set(names) <= image_cells
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 @pytest.mark.parametrize("tokens", [1, 100, 700, 10**6])
 def test_visual_tokens_budget_is_accepted_and_bounded(name, tokens):
     selection, sequence = _run(name, (1000, 700), visual_tokens=tokens)
@@ -96,14 +101,14 @@ def test_visual_tokens_budget_is_accepted_and_bounded(name, tokens):
         assert record["image_tokens"] == record["vanilla_image_tokens"]
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtype_is_kept(name, dtype):
     _, sequence = _run(name, (800, 500), 0.25, dtype=dtype)
     assert sequence.dtype == dtype
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_repeated_runs_are_identical(name):
     first, first_sequence = _run(name, (1000, 700), 0.25)
     second, second_sequence = _run(name, (1000, 700), 0.25)
@@ -111,7 +116,7 @@ def test_repeated_runs_are_identical(name):
     assert first.accounting("official") == second.accounting("official")
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_arguments_round_trip_through_the_command_line_form(name):
     method = get_method(name)
     defaults = method.args()
@@ -123,7 +128,7 @@ def test_arguments_round_trip_through_the_command_line_form(name):
         parse_method_args(name, ["no_such_knob=1"])
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_reads_only_declared_signals(name):
     """`_run` hands each method only what it declared; here nothing at all for an undeclaring one."""
     method = get_method(name)
@@ -132,7 +137,7 @@ def test_reads_only_declared_signals(name):
     assert selection.image_tokens > 0
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_module_documents_the_method_and_its_budget(name):
     method = get_method(name)
     module = __import__(method.select.__module__, fromlist=["_"])
@@ -147,7 +152,7 @@ def _image(size, seed):
     return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_batched_equals_per_sample_in_the_model(tiny, name):
     tokenizer, model, processor = tiny
     images = [_image((800, 500), 1), _image((500, 900), 2)]
@@ -175,7 +180,7 @@ def test_batched_equals_per_sample_in_the_model(tiny, name):
     assert math.isclose(record["realised_ratio"], record["image_tokens"] / record["vanilla_image_tokens"])
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE_LLM)
 @pytest.mark.parametrize("budget", [dict(retention_ratio=1.0), dict(retention_ratio=0.5), dict(retention_ratio=0.25),
                                     dict(retention_ratio=0.1), dict(visual_tokens=300)])
 def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
@@ -198,3 +203,47 @@ def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
         assert record["image_tokens"] == input_geometry.vanilla_image_tokens
     else:
         assert 0 < record["image_tokens"] < record["vanilla_image_tokens"]
+
+
+# --- in-LLM methods: keep rules called inside the decoder (llava.model.language_model.pruning) ---
+
+@pytest.mark.parametrize("name", IN_LLM)
+def test_in_llm_arguments_and_documentation(name):
+    method = get_method(name)
+    module = __import__(method.select.__module__, fromlist=["_"])
+    assert method.summary and "Budget" in module.__doc__
+    assert dataclasses.is_dataclass(method.args) and method.args.__dataclass_params__.frozen
+    assert method.needs <= set(DECODER_SIGNALS) and method.signals_for(method.args(), False) == frozenset()
+    pairs = [f"{field}={default}" for field, _, default, _ in argument_fields(method)]
+    assert parse_method_args(name, pairs) == method.args()
+    assert all(help_text for _, _, _, help_text in argument_fields(method))
+
+
+@pytest.mark.parametrize("name", IN_LLM)
+@pytest.mark.parametrize("budget", [dict(retention_ratio=1.0), dict(retention_ratio=0.5), dict(retention_ratio=0.1),
+                                    dict(visual_tokens=300)])
+def test_in_llm_runs_on_the_tiny_checkpoint(tiny, name, budget):
+    """The image goes in whole; the schedule prunes at a layer of the model (its first layers
+    whatever the default, the tiny model having 2), and a full budget is the vanilla model."""
+    tokenizer, model, processor = tiny
+    image = _image((1000, 700), 3)
+    pixel_values = process_images([image], processor, model.config)
+    ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")[None]
+    args = [f"{field}=1" for field, kind, _, _ in argument_fields(get_method(name)) if field == "k"]
+    logits = {}
+    for key, settings in (("vanilla", dict(method="globalcom2", retention_ratio=1.0)),
+                          ("method", dict(method=name, method_args=args, **budget))):
+        model.set_compression(**settings)
+        try:
+            with torch.no_grad():
+                logits[key] = model(ids, images=pixel_values, image_sizes=[image.size]).logits[0, -1]
+        finally:
+            model.set_compression()
+    record = model.last_accounting[0]
+    assert record["method"] == name and record["image_tokens"] == record["vanilla_image_tokens"] == 576 + 4 * 408
+    assert len(record["layer_image_tokens"]) == model.config.num_hidden_layers
+    assert record["post_pruning_image_tokens"] == record["layer_image_tokens"][-1] <= record["in_llm"]["span_tokens"]
+    if budget.get("retention_ratio") == 1.0:
+        assert torch.equal(logits["method"], logits["vanilla"]) and record["in_llm"]["stages"] == []
+    else:
+        assert record["post_pruning_image_tokens"] < record["in_llm"]["span_tokens"]
