@@ -80,6 +80,13 @@ class Answer:
         """One line per compressed AnyRes image: what the thumbnail kept and each crop's share."""
         lines = []
         for number, record in enumerate(self.accounting, 1):
+            if "in_llm" in record:  # pruned inside the language model: both counts (fastv.md 3, in-llm-pruning.md 6)
+                stages = ", ".join(f"layer {layer}: {kept}" for layer, kept in record["in_llm"]["stages"]) or "none"
+                lines.append(f"[in-llm] image {number}: {record['in_llm']['span_tokens']} tokens in (newlines "
+                             f"included) | kept from {stages} | post-pruning {record['post_pruning_image_tokens']} | "
+                             f"equivalent {record['equivalent_image_tokens']:.1f} (average over "
+                             f"{len(record['layer_image_tokens'])} layers)")
+                continue
             if record["retained"] == 1 or not record["crop_valid"]:
                 continue
             ratios = record.get("crop_ratios")

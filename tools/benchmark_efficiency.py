@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -43,7 +44,8 @@ from llava.files import atomic_write, write_text  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
-from llava.model.compression import method_names  # noqa: E402
+from llava.model.compression import get_method, method_names  # noqa: E402
+from llava.model.language_model import pruning  # noqa: E402
 from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
 from llava.tiny import TOWER_DIR, V16_PINPOINTS, build_tokenizer, ensure_tiny_checkpoint  # noqa: E402
@@ -171,12 +173,43 @@ def measure_ratio(model, tokenizer, pixel_values, image_size, ratio: float, args
         samples["prefill_ms"].append(prefill.ms)
         samples["ttft_ms"].append(ttft.ms)
         samples["decode_tokens_per_s"].append(args.new_tokens / (decode.ms / 1e3))
-    visual_tokens = model.last_accounting[0]["tokens_after"]
+    record = model.last_accounting[0]
+    visual_tokens = record["tokens_after"]
     language_model = LanguageModel.from_config(model.config.to_dict())
-    return dict(ratio=ratio, visual_tokens=visual_tokens, prompt_tokens=int(embeds.shape[1]),
-                **{name: statistics.median(values) for name, values in samples.items()},
-                peak_memory_mb=memory.bytes / 2**20, kv_cache_mb=kv_bytes / 2**20,
-                prefill_tflops=prefill_flops(language_model, int(embeds.shape[1])) / 1e12)
+    prompt_tokens = int(embeds.shape[1])
+    row = dict(ratio=ratio, visual_tokens=visual_tokens, prompt_tokens=prompt_tokens,
+               **{name: statistics.median(values) for name, values in samples.items()},
+               peak_memory_mb=memory.bytes / 2**20, kv_cache_mb=kv_bytes / 2**20,
+               prefill_tflops=prefill_flops(language_model, prompt_tokens) / 1e12)
+    if "layer_image_tokens" in record:  # an in-LLM method: FLOPs from its per-layer token schedule
+        text_tokens = prompt_tokens - record["in_llm"]["span_tokens"]
+        one_layer = dataclasses.replace(language_model, num_layers=1)
+        row.update(visual_tokens=record["post_pruning_image_tokens"],
+                   equivalent_tokens=record["equivalent_image_tokens"],
+                   prefill_tflops=sum(prefill_flops(one_layer, text_tokens + tokens)
+                                      for tokens in record["layer_image_tokens"]) / 1e12,
+                   scoring_ms=scoring_ms(model, embeds, settings, args.warmup + args.repeats))
+        row["scoring_share"] = row["scoring_ms"] / row["prefill_ms"]
+    return row
+
+
+def scoring_ms(model, embeds, settings, repeats: int) -> float:
+    """Median time of an in-LLM method's scores (the query rows' q.k recomputed at its scoring
+    layer, `pruning.SCORERS`) on a prompt of the prefill's length; 0 when nothing is scored."""
+    stages = [layer for schedule in model.last_schedules for layer, _ in schedule]
+    if not stages:
+        return 0.0
+    backbone = model.get_model()
+    times = []
+    for _ in range(repeats):
+        with Clock(embeds.device) as clock, torch.no_grad():
+            for name in sorted(get_method(settings.method).needs):
+                offset, scorer = pruning.SCORERS[name]
+                positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+                scorer(backbone.layers[min(stages) + offset], embeds, backbone.rotary_emb(embeds, positions), valid)
+        times.append(clock.ms)
+    return statistics.median(times)
 
 
 def add_relative(rows: list[dict]) -> None:
@@ -202,7 +235,8 @@ def prefill_check(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     columns = ["ratio", "visual_tokens", "tower_ms", "compression_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s",
-               "peak_memory_mb", "kv_cache_mb", "prefill_tflops", "prefill_ms_vs_r1", "prefill_tflops_vs_r1"]
+               "peak_memory_mb", "kv_cache_mb", "prefill_tflops", "prefill_ms_vs_r1", "prefill_tflops_vs_r1",
+               "equivalent_tokens", "scoring_ms", "scoring_share"]  # the last three: in-LLM methods
     columns = [name for name in columns if name in rows[0]]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
