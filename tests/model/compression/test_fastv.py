@@ -138,7 +138,8 @@ def test_pruning_changes_the_model_and_is_accounted(tiny):
     record = model.last_accounting[0]
     span = record["in_llm"]["span_tokens"]
     assert record["tokens_after"] == record["tokens_before"] == span  # the image goes in whole
-    assert record["post_pruning_image_tokens"] == round(0.1 * span) and record["in_llm"]["stages"] == [[1, round(0.1 * span)]]
+    assert record["post_pruning_image_tokens"] == round(0.1 * span)
+    assert record["in_llm"]["stages"] == [[1, round(0.1 * span)]]
     assert record["layer_image_tokens"] == [span, round(0.1 * span)]
     assert record["equivalent_image_tokens"] == (span + round(0.1 * span)) / 2
     assert not torch.equal(pruned.logits[0], vanilla.logits[0])
@@ -180,4 +181,5 @@ def test_loader_runner_end_to_end(tiny_checkpoint, tmp_path):
     rows = read_jsonl(answers)
     assert len(rows) == 2
     image = rows[0]["metadata"]["images"][0]
-    assert image["method"] == "fastv" and image["post_pruning_image_tokens"] == round(0.25 * image["in_llm"]["span_tokens"])
+    assert image["method"] == "fastv"
+    assert image["post_pruning_image_tokens"] == round(0.25 * image["in_llm"]["span_tokens"])
