@@ -151,7 +151,7 @@ def bench_methods(inputs: dict, ratio: float, args: argparse.Namespace, device: 
     def projector(features: torch.Tensor) -> torch.Tensor:
         return features.repeat(1, HIDDEN_SIZE // TOWER_WIDTH)
     rows = []
-    for name in method_names():
+    for name in method_names("pre-llm"):
         method = get_method(name)
         merge_type = method.input_changes(method.args()).get("mm_patch_merge_type", "spatial_unpad")
         geometry = crop_geometry(IMAGE_SIZE, GRID, int(NUM_PATCHES**0.5), unpad="unpad" in merge_type)

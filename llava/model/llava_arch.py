@@ -285,7 +285,8 @@ class LlavaMetaForCausalLM:
             return views.flatten(0, 1), None
         geometry = self.image_geometry(views.shape[0], image_size, merge_type, self.input_config(settings))
         newline = self.get_model().image_newline.to(views.dtype) if geometry.unpad else None
-        budget = common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens)
+        budget = common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens,
+                                       self.vanilla_geometry(geometry).vanilla_image_tokens)
         method = get_method(settings.method)
         if method.stage == "in-llm":  # the image goes in whole; the decoder prunes (language_model.pruning)
             selection = common.keep_everything(geometry, views.device)

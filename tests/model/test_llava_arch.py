@@ -296,3 +296,21 @@ def test_an_input_change_the_glue_cannot_apply_is_refused(tiny, square_grid_meth
     finally:
         object.__setattr__(method, "input_changes", original)
         model.set_compression()
+
+
+def test_matched_budgets_count_the_models_own_vanilla_tokens_under_a_forced_grid(tiny):
+    """VisPruner's official input forces the 2x2 grid; `budget=matched` still spends R of what the
+    model itself sends for the image (its 3x1 grid: 2160 image tokens), not of the forced grid's."""
+    from llava.generation import answer
+
+    tokenizer, model, processor = tiny
+    image = _image((1000, 300), 4)
+    model.set_compression(0.25, method="vispruner", method_args=["budget=matched"])
+    try:
+        reply = answer(model, tokenizer, processor, "USER: <image>\nWhat? ASSISTANT:", [image], max_new_tokens=1)
+    finally:
+        model.set_compression()
+    record = reply.accounting[0]
+    assert model.last_selections[0].geometry.grid == (2, 2) and record["vanilla_image_tokens"] == 2160
+    # R' = 0.25 * 2160 / 2880 of each view's 576 cells: 108 per view, 540 = round(0.25 * 2160).
+    assert record["view_tokens"] == [108] * 5 and record["image_tokens"] == 540 == round(0.25 * 2160)

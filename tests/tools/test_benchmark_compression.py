@@ -20,12 +20,12 @@ def test_progress_lines_on_stderr_and_the_json(tmp_path):
     assert result.stderr.splitlines() == ["[benchmark] R 0.5: ours official (1 repeats)...",
                                           "[benchmark] R 0.5: ours spatial (1 repeats)...",
                                           "[benchmark] R 0.5: released code (1 repeats)...",
-                                          *(f"[benchmark] R 0.5: method {name} (1 repeats)..." for name in method_names())]
+                                          *(f"[benchmark] R 0.5: method {name} (1 repeats)..." for name in method_names("pre-llm"))]
     assert "[benchmark]" not in result.stdout  # the tables stay clean
     rows = json.loads((tmp_path / "out.json").read_text())["compression"]
     assert [row["ratio"] for row in rows] == [0.5] and rows[0]["official_equals_released"] is True
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.json"]  # no temporary left
     methods = json.loads((tmp_path / "out.json").read_text())["methods"]
-    assert [row["method"] for row in methods] == method_names() and all(row["ms"] > 0 for row in methods)
+    assert [row["method"] for row in methods] == method_names("pre-llm") and all(row["ms"] > 0 for row in methods)
     official = next(row for row in methods if row["method"] == "globalcom2")
     assert official["tokens"] == rows[0]["official_tokens"]  # the registry path equals the direct call

@@ -45,9 +45,8 @@ Budget. `R` in (0, 1] or `--visual-tokens N`; `V` views; `c_v` the cells view v 
   `T = int(N / V)`.
 - `budget=matched` (ours, not the paper's): exactly `round(R N_van)` tokens (N with
   `--visual-tokens`), shared over the views in proportion to the cells they offer
-  (`common.apportion`: equal shares in `faithful` mode). In `faithful` mode `N_van` is the
-  unpadded image tokens on the 2x2 grid the input is forced onto; it is the model's own vanilla
-  count wherever the model's grid is 2x2 too (the method does not see the model's pinpoints).
+  (`common.apportion`: equal shares in `faithful` mode). `N_van` is the model's own vanilla
+  count (`Budget.model_vanilla_image_tokens`, on the model's grid, not the forced 2x2 one).
 
 The counts depend on the image size and the budget only. A full budget (R = 1, or N at least the
 input's image tokens) keeps everything unlooked: in `anyres` mode vanilla LLaVA-NeXT, in
@@ -120,8 +119,8 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: CDPrunerArgs
     cells = view_image_tokens(geometry)  # c_v: P each without unpadding
     num_views = len(cells)
     if args.budget == "matched":
-        vanilla = geometry.with_unpad(True).vanilla_image_tokens
-        total = budget.tokens if budget.tokens is not None else round(Fraction(budget.ratio) * vanilla)
+        total = (budget.tokens if budget.tokens is not None
+                 else round(Fraction(budget.ratio) * budget.model_vanilla_image_tokens))
         return apportion(total, [float(count) for count in cells], cells)
     if args.mode == "faithful":
         per_view = (round(Fraction(budget.tokens, num_views)) if budget.tokens is not None

@@ -159,21 +159,30 @@ class Budget:
 
     `ratio`: the fraction R of vanilla LLaVA-NeXT's image tokens (newlines excluded) to keep,
     in (0, 1]. Given as `--visual-tokens N`, it is `min(N / vanilla, 1)` and `tokens` keeps N.
-    Each method's docstring says how it maps the budget onto its own counts.
+    `vanilla_image_tokens`: the image tokens of the geometry the method runs on (its official
+    input's, where it changes the input). `model_vanilla_image_tokens` (`N_van`): those the model
+    itself sends uncompressed, the base of the methods' `budget=matched` modes; they differ where
+    a method's official input drops unpadding or forces a grid. Each method's docstring says how
+    it maps the budget onto its own counts.
     """
 
     ratio: float
     vanilla_image_tokens: int
     tokens: int | None = None  # the absolute budget N, when stated so
+    model_vanilla_image_tokens: int | None = None  # N_van; None: LLaVA-NeXT's on the method's grid
 
     @classmethod
     def resolve(cls, geometry: CropGeometry, retention_ratio: float | None = None,
-                visual_tokens: int | None = None) -> Budget:
+                visual_tokens: int | None = None, model_vanilla_image_tokens: int | None = None) -> Budget:
+        """`model_vanilla_image_tokens`: given by the glue (the model's own geometry); default
+        LLaVA-NeXT's image tokens on `geometry`'s grid (unpadded)."""
         vanilla = geometry.vanilla_image_tokens
+        model_vanilla = model_vanilla_image_tokens or geometry.with_unpad(True).vanilla_image_tokens
         if visual_tokens is not None:
             tokens = check_visual_tokens(visual_tokens)
-            return cls(min(tokens / vanilla, 1.0), vanilla, tokens)
-        return cls(check_retention_ratio(1.0 if retention_ratio is None else retention_ratio), vanilla)
+            return cls(min(tokens / vanilla, 1.0), vanilla, tokens, model_vanilla)
+        return cls(check_retention_ratio(1.0 if retention_ratio is None else retention_ratio), vanilla,
+                   model_vanilla_image_tokens=model_vanilla)
 
     @property
     def keeps_all(self) -> bool:

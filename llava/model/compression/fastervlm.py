@@ -94,7 +94,7 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: FasterVLMArg
     elif args.budget == "paper":
         kept_per_cell = Fraction(budget.ratio)
     else:
-        kept_per_cell = Fraction(budget.ratio) * geometry.with_unpad(True).vanilla_image_tokens / offered
+        kept_per_cell = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
     at_least = 1 if args.budget == "matched" else 0
     return [min(view_cells, max(at_least, round(kept_per_cell * view_cells))) for view_cells in cells]
 

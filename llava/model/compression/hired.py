@@ -145,7 +145,7 @@ def total_budget(geometry: CropGeometry, budget: Budget, args: HiREDArgs) -> int
     if budget.tokens is not None:
         return budget.tokens
     if args.budget == "matched":
-        return round(budget.ratio * geometry.with_unpad(True).vanilla_image_tokens)
+        return round(budget.ratio * budget.model_vanilla_image_tokens)
     num_views, num_patches = 1 + geometry.num_crops, geometry.side**2
     return int(num_views * num_patches * budget.ratio)  # the official product order, then truncation
 

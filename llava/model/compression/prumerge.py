@@ -136,7 +136,7 @@ def reduction_ratio(geometry: CropGeometry, budget: Budget, args, spread: int = 
         return Fraction(max(budget.tokens - extra_tokens, 0), spread * offered)
     if args.budget == "paper":
         return budget.ratio
-    return budget.ratio * geometry.with_unpad(True).vanilla_image_tokens / offered / spread
+    return budget.ratio * budget.model_vanilla_image_tokens / offered / spread
 
 
 def top_counts(geometry: CropGeometry, ratio: float | Fraction) -> list[int]:

@@ -125,7 +125,7 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: VisionZipArg
     elif args.budget == "paper":
         share = Fraction(budget.ratio)
     else:
-        share = Fraction(budget.ratio) * geometry.with_unpad(True).vanilla_image_tokens / offered
+        share = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
     at_least = 2 if args.mode == "faithful" else int(args.budget == "matched")
     return [min(view_cells, max(at_least, round(share * view_cells))) for view_cells in cells]
 

@@ -44,10 +44,10 @@ Budget. View v keeps `T_v = min(c_v, round(R' c_v))` of the `c_v` cells it offer
   against the model's own vanilla sequence (which the glue's accounting uses) that is more
   than R wherever the image does not fill the 2x2 canvas. In `anyres` mode each view keeps R of
   its own image cells, R of the vanilla image tokens to within rounding.
-- `budget=matched` (ours, not the paper's): R of the image's tokens once unpadded on the grid
-  the method sees, `N_img` (in `anyres` mode the vanilla count; in `faithful` mode the image's
-  cells of the 2x2 canvas), spread over the cells offered, `R' = R N_img / sum c_v`, at least
-  one token per view: `T = max(1, round(R N_img / V))` in `faithful` mode.
+- `budget=matched` (ours, not the paper's): R of the model's own vanilla image tokens
+  (`Budget.model_vanilla_image_tokens`, `N_van`: on the model's grid, not the forced one),
+  spread over the cells offered, `R' = R N_van / sum c_v`, at least one token per view:
+  `T = max(1, round(R N_van / V))` in `faithful` mode.
 - `--visual-tokens N`: `R' = N / sum c_v` under both budgets, so about N tokens are sent
   (`faithful`: `T = round(N / V)` per view, the release's `--visual_token_num` being `N / 5`).
 
@@ -143,7 +143,7 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: VisPrunerArg
     elif args.budget == "paper":
         kept_per_cell = Fraction(budget.ratio)
     else:
-        kept_per_cell = Fraction(budget.ratio) * geometry.with_unpad(True).vanilla_image_tokens / offered
+        kept_per_cell = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
     at_least = 1 if args.budget == "matched" else 0
     return [min(view_cells, max(at_least, round(kept_per_cell * view_cells))) for view_cells in cells]
 

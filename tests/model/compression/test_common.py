@@ -19,9 +19,14 @@ def test_apportion_caps_and_redistributes():
 def test_budget_from_a_ratio_or_a_token_count():
     # 1000x700 on 2x2 at side 24: 576 + 4 * 408 = 2208 vanilla image tokens.
     geometry = crop_geometry((1000, 700), (2, 2), 24)
-    assert Budget.resolve(geometry, 0.25) == Budget(0.25, 2208)
+    assert Budget.resolve(geometry, 0.25) == Budget(0.25, 2208, model_vanilla_image_tokens=2208)
     assert Budget.resolve(geometry, 0.25).image_tokens == 552
-    assert Budget.resolve(geometry, visual_tokens=320) == Budget(320 / 2208, 2208, 320)
+    assert Budget.resolve(geometry, visual_tokens=320) == Budget(320 / 2208, 2208, 320, 2208)
+    # A method's official input without unpadding (2880 cells) keeps LLaVA-NeXT's 2208 as N_van,
+    # unless the glue names the model's own count (a forced grid: another image size's).
+    padded = crop_geometry((1000, 700), (2, 2), 24, unpad=False)
+    assert (Budget.resolve(padded, 0.25).vanilla_image_tokens, Budget.resolve(padded, 0.25).model_vanilla_image_tokens) == (2880, 2208)
+    assert Budget.resolve(padded, 0.25, model_vanilla_image_tokens=2160).model_vanilla_image_tokens == 2160
     assert Budget.resolve(geometry, visual_tokens=5000).keeps_all  # more than vanilla: everything
     for bad in (0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):

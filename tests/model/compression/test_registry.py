@@ -39,7 +39,8 @@ def test_describe_and_the_list_command():
     listed = subprocess.run([sys.executable, "-m", "llava.model.compression", "--list"], capture_output=True,
                             text=True, check=True).stdout
     for name in method_names():
-        assert f"{name} (pre-llm):" in listed
+        assert f"{name} ({get_method(name).stage}):" in listed
+    assert "fastv (in-llm):" in listed
 
 
 def test_run_names_keep_default_globalcom2_names_and_tell_arguments_apart():
