@@ -97,6 +97,25 @@ class Answer:
         return lines
 
 
+def reverse_crop_order(pixel_values):
+    """Each image's AnyRes views with the crops in reversed order, thumbnail still first: `[N, V, 3, S, S]`
+    or a list of `[V_i, 3, S, S]`, as `process_images` gives them. The model then places the last crop
+    in the first crop's slot of the canvas, and so on: every method selects, and the language model
+    reads, the views in this order (the positional-bias study, `tools/positional_bias.py`). A view
+    count of 1 or 2 (no crop, one crop) is unchanged. One view per image (`[N, 3, S, S]`: no AnyRes)
+    has no crops to reverse: a ValueError."""
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+        raise ValueError("reverse_crops needs AnyRes views (image_aspect_ratio 'anyres'): these images have one "
+                         "view each, no crops to reverse")
+
+    def reversed_views(views: torch.Tensor) -> torch.Tensor:
+        return torch.cat([views[:1], views[1:].flip(0)])
+
+    if isinstance(pixel_values, torch.Tensor):
+        return torch.stack([reversed_views(views) for views in pixel_values])
+    return [reversed_views(views) for views in pixel_values]
+
+
 def compression_label(compression: dict) -> str:
     """`globalcom2 R 0.25 official` (method, budget, layout; `R 1 (off)` when nothing is compressed)."""
     if compression["visual_tokens"] is not None:
@@ -121,9 +140,11 @@ def image_prompt(query: str, num_images: int) -> str:
 @torch.inference_mode()
 def answer(model, tokenizer, image_processor, prompt: str, images: list, temperature: float = 0.0,
            top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512,
-           instructions: list[str] | None = None) -> Answer:
+           instructions: list[str] | None = None, reverse_crops: bool = False) -> Answer:
     """Generate the reply to a rendered `prompt` (with one `<image>` per PIL image in `images`).
-    `instructions`: one text per image for methods conditioned on it (`llava.eval.instructions`)."""
+    `instructions`: one text per image for methods conditioned on it (`llava.eval.instructions`).
+    `reverse_crops`: feed each image's crops in reversed order (`reverse_crop_order`); each image's
+    accounting then records `crops_reversed` (False where it has fewer than two crops)."""
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
     image_sizes = [image.size for image in images]
     start = time.perf_counter()
@@ -134,6 +155,8 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
             pixel_values = [views.to(model.device, model.dtype) for views in pixel_values]
         else:
             pixel_values = pixel_values.to(model.device, model.dtype)
+        if reverse_crops:
+            pixel_values = reverse_crop_order(pixel_values)
         _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
             input_ids, None, None, None, None, pixel_values, image_sizes, padding_side="left", instructions=instructions
         )
@@ -163,7 +186,8 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
         image_sizes=image_sizes,
         grids=[get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None for size in image_sizes],
         visual_tokens=int(inputs_embeds.shape[1]) - text_tokens,
-        accounting=list(model.last_accounting) if images else [],
+        accounting=([dict(record, crops_reversed=len(record["crop_valid"]) > 1) for record in model.last_accounting]
+                    if reverse_crops else list(model.last_accounting)) if images else [],
         compression=settings.record(),
         prompt_tokens=int(inputs_embeds.shape[1]),
         new_tokens=new_tokens,

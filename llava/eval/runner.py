@@ -112,6 +112,10 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
                              "settings, the kept patches in the order the language model receives them, and the token "
                              "counts (see llava.visualize). A resumed run appends only the new questions' records, and "
                              "--overwrite does not clear FILE; under torchrun each rank appends to FILE.rank<N>")
+    parser.add_argument("--reverse-crops", action="store_true",
+                        help="feed each image's AnyRes crops in reversed order, thumbnail still first (the "
+                             "positional-bias study: tools/positional_bias.py); recorded per image as crops_reversed "
+                             "(false with fewer than two crops); refused for a model without AnyRes crops")
     add_compression_arguments(parser)
     add_input_arguments(parser)
     return parser
@@ -215,13 +219,14 @@ def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
         allow_truncation=args.allow_truncation,
         # The CLIP text tower text-conditioned methods read (None: the vision tower's own CLIP).
         text_tower=getattr(args, "text_tower", None),
+        reverse_crops=getattr(args, "reverse_crops", False),
         **prompt_settings,
     )
 
 
 # What a setting was before answers recorded it: files from then resume under these values.
 SETTINGS_BEFORE_THEY_WERE_RECORDED = {"method": "globalcom2", "method_args": {}, "visual_tokens": None,
-                                      "text_tower": None}
+                                      "text_tower": None, "reverse_crops": False}
 
 
 def check_settings(rows: list[dict], settings: dict, answers_file: str) -> None:
@@ -365,6 +370,10 @@ def _load_model(args, local_rank: int):
     tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=device,
                                                                  torch_dtype=args.dtype)
     configure_model(model, args)
+    if getattr(args, "reverse_crops", False) and getattr(model.config, "image_aspect_ratio", None) != "anyres":
+        raise UserError(f"--reverse-crops: {args.model_path} sends one view per image (image_aspect_ratio "
+                        f"{getattr(model.config, 'image_aspect_ratio', None)!r}, not 'anyres'): there are no crops "
+                        "to reverse")
     return tokenizer, model, image_processor
 
 
@@ -381,7 +390,7 @@ def _answer_row(args, question: Question, tokenizer, model, image_processor, mod
         instructions = None if question.instruction is None else [question.instruction] * len(images)
         result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
                         top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                        instructions=instructions)
+                        instructions=instructions, reverse_crops=getattr(args, "reverse_crops", False))
     except (ImageLoadError, PromptTooLongError) as error:
         message = str(error) if isinstance(error, ImageLoadError) else f"question {question.question_id}: {error}"
         if args.on_image_error == "stop":

@@ -410,7 +410,38 @@ class LlavaMetaForCausalLM:
         device = self.get_model().embed_tokens.weight.device
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.get_model().pruning_request = PruningRequest(as_tensor(rows), as_tensor(starts), as_tensor(counts),
-                                                          list(self.last_schedules), method, settings.method_args)
+                                                          list(self.last_schedules), method, settings.method_args,
+                                                          self._in_llm_view_recorder(settings.token_layout, counts))
+
+    def _in_llm_view_recorder(self, layout: str, counts: list[int]):
+        """The `PruningRequest.on_prune` callback for the last splice's images (`counts`: each one's span
+        length): each image's record gets, in `in_llm`, its span's tokens per view (`view_tokens` `[V]`,
+        thumbnail then the crops in the order sent, and `view_newlines`) and, after every stage,
+        `views_kept`: `{"layer", "kept" [V], "newlines"}`, what survives from that layer on (the
+        positional-bias tool reads them, `tools/positional_bias.py`). Host work once per stage."""
+        span_views = [None if selection is None else _span_views(selection, layout)[:count]
+                      for selection, count in zip(self.last_selections, counts)]
+        surviving = [torch.arange(count) for count in counts]  # each image's original span offsets still present
+
+        def per_view(views: torch.Tensor, num_views: int) -> tuple[list[int], int]:
+            counted = torch.bincount(views + 1, minlength=num_views + 1).tolist()
+            return counted[1:], counted[0]
+
+        for record, views, selection in zip(self.last_accounting, span_views, self.last_selections):
+            if views is not None:
+                record["in_llm"]["view_tokens"], record["in_llm"]["view_newlines"] = per_view(
+                    views, 1 + selection.geometry.num_crops)
+                record["in_llm"]["views_kept"] = []
+
+        def on_prune(layer: int, kept: torch.Tensor) -> None:
+            kept = kept.cpu()
+            for image, (record, views, selection) in enumerate(zip(self.last_accounting, span_views,
+                                                                    self.last_selections)):
+                surviving[image] = surviving[image][kept[image, :surviving[image].shape[0]]]
+                if views is not None:
+                    kept_per_view, newlines = per_view(views[surviving[image]], 1 + selection.geometry.num_crops)
+                    record["in_llm"]["views_kept"].append(dict(layer=layer, kept=kept_per_view, newlines=newlines))
+        return on_prune
 
     def splice_image_features(self, input_ids, position_ids, attention_mask, past_key_values, labels, image_features, padding_side=None):
         """The text/image splice of `prepare_inputs_labels_for_multimodal`, given the visual sequences."""
@@ -533,6 +564,19 @@ class LlavaMetaForCausalLM:
             kwargs["inputs_embeds"] = self.get_model().embed_tokens(inputs)
         return super().generate(**kwargs)
 
+
+
+def _span_views(selection: common.Selection, layout: str) -> torch.Tensor:
+    """`[M]` long on the CPU: the view (0 the thumbnail, c the c-th crop sent) of each token of the
+    image's sequence as `image_sequence` arranges it, -1 for a newline (or a token that is no patch)."""
+    geometry = selection.geometry
+    num_patches, device = geometry.side**2, selection.thumbnail_indices.device
+    plain = common.Selection(**{field.name: getattr(selection, field.name)
+                                for field in dataclasses.fields(common.Selection)})
+    cells = torch.arange((1 + geometry.num_crops) * num_patches, device=device).view(-1, num_patches, 1)
+    newline = torch.tensor([-1], device=device) if geometry.unpad else None
+    sequence = common.arrange_tokens(cells, plain, newline, layout)[:, 0].cpu()
+    return torch.where((sequence >= 0) & (sequence < cells.shape[0] * num_patches), sequence // num_patches, -1)
 
 
 def _method_args(method: str, given):

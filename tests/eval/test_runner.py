@@ -328,3 +328,85 @@ def test_save_selection_appends_with_each_answer_and_a_resume_adds_only_the_new_
     # Another selection file does not change the settings: nothing is left to answer, nothing written.
     assert model_vqa_loader.main([*arguments[:-1], str(tmp_path / "other.jsonl")]) == 0
     assert not (tmp_path / "other.jsonl").exists()
+
+
+# --- --reverse-crops -------------------------------------------------------------------------
+
+def test_reverse_crop_order_reverses_the_crops_and_keeps_the_thumbnail_first():
+    import torch
+
+    from llava.generation import reverse_crop_order
+
+    views = torch.arange(2 * 5).float().view(2, 5, 1, 1, 1).expand(2, 5, 3, 2, 2)  # view v of image i holds 5 i + v
+    assert reverse_crop_order(views)[:, :, 0, 0, 0].tolist() == [[0, 4, 3, 2, 1], [5, 9, 8, 7, 6]]
+    ragged = [views[0, :3], views[1, :2], views[1, :1]]  # two crops, one crop, no crop
+    assert [image[:, 0, 0, 0].tolist() for image in reverse_crop_order(ragged)] == [[0, 2, 1], [5, 6], [5]]
+    with pytest.raises(ValueError, match="no crops to reverse"):
+        reverse_crop_order(views[:, 0])  # one view per image: [N, 3, S, S]
+
+
+def test_reversed_crops_reach_the_language_model_in_reversed_order(tiny):
+    """A 672x672 image fills the 2x2 grid exactly (no unpadding loss): the canvas is 48 rows of 48
+    tokens and a newline after the 576 thumbnail tokens. Reversed, crop slot (0, 0) holds the last
+    crop (vanilla's block (1, 1)), slot (0, 1) the third (vanilla's (1, 0)), and so on."""
+    import torch
+    from PIL import Image
+
+    from llava.generation import reverse_crop_order
+    from llava.mm_utils import process_images
+
+    _, model, processor = tiny
+    image = Image.effect_noise((672, 672), 80).convert("RGB")
+    pixel_values = process_images([image], processor, model.config)
+    model.set_compression(retention_ratio=1.0)
+    try:
+        with torch.no_grad():
+            vanilla = model.encode_image_sequences(pixel_values, [image.size])[0]
+            reversed_sequence = model.encode_image_sequences(reverse_crop_order(pixel_values), [image.size])[0]
+    finally:
+        model.set_compression()
+    assert vanilla.shape == reversed_sequence.shape == (576 + 48 * 49, vanilla.shape[-1])
+    assert torch.allclose(reversed_sequence[:576], vanilla[:576], atol=1e-5)  # the thumbnail stays first
+
+    def block(sequence, crop):  # the crop's 24x24 tokens in the canvas (row-major crops, newline dropped)
+        canvas = sequence[576:].view(48, 49, -1)[:, :48]
+        row, column = divmod(crop, 2)
+        return canvas[24 * row:24 * (row + 1), 24 * column:24 * (column + 1)]
+
+    for slot in range(4):
+        assert torch.allclose(block(reversed_sequence, slot), block(vanilla, 3 - slot), atol=1e-5)
+    assert not torch.allclose(block(vanilla, 0), block(vanilla, 3), atol=1e-3)  # the crops differ: the test can fail
+
+
+def test_reverse_crops_is_recorded_per_image_and_in_the_fingerprint(tiny_checkpoint, data, tmp_path, capsys):
+    root, lines = data
+    answers = tmp_path / "a.jsonl"
+    assert model_vqa_loader.main(_arguments(tiny_checkpoint, root, answers, "--retention-ratio", "0.25",
+                                            "--reverse-crops")) == 0
+    rows = read_jsonl(answers)
+    assert all(row["metadata"]["settings"]["reverse_crops"] is True for row in rows)
+    for row in rows:
+        (image,) = row["metadata"]["images"]
+        assert image["crops_reversed"] is (len(image["crop_valid"]) > 1)
+    assert any(row["metadata"]["images"][0]["crops_reversed"] for row in rows)
+    answers.write_text(answers.read_text().splitlines(keepends=True)[0])
+    status, err = _exit_status(lambda: model_vqa_loader.main(
+        _arguments(tiny_checkpoint, root, answers, "--retention-ratio", "0.25")), capsys)
+    assert status == 2 and "holds answers made with reverse_crops True" in err
+
+    # Without the option nothing is recorded per image (answers as before), and old files resume.
+    plain = tmp_path / "plain.jsonl"
+    assert model_vqa_loader.main(_arguments(tiny_checkpoint, root, plain, "--retention-ratio", "0.25")) == 0
+    assert all("crops_reversed" not in row["metadata"]["images"][0] for row in read_jsonl(plain))
+
+
+def test_reverse_crops_is_refused_for_a_model_without_crops(tiny_checkpoint, data, tmp_path, capsys):
+    root, lines = data
+    single_view = tmp_path / "llava-tiny-pad"
+    shutil.copytree(tiny_checkpoint, single_view)
+    config = json.loads((single_view / "config.json").read_text())
+    (single_view / "config.json").write_text(json.dumps(dict(config, image_aspect_ratio="pad")))
+    status, err = _exit_status(lambda: model_vqa_loader.main(
+        _arguments(str(single_view), root, tmp_path / "a.jsonl", "--reverse-crops")), capsys)
+    assert status == 2 and "--reverse-crops" in err and "no crops to reverse" in err
+    assert not (tmp_path / "a.jsonl").exists()  # refused before any answer

@@ -62,6 +62,9 @@ class PruningRequest:
     schedules: list
     method: object
     args: object
+    # Called after each stage with `(layer, kept)`, `kept` `[I, N]` bool over the images' current spans
+    # (the glue's per-view accounting, llava_arch._in_llm_view_recorder); None: nothing is told.
+    on_prune: object = None
 
     def stage_layers(self) -> list[int]:
         return sorted({layer for schedule in self.schedules for layer, _ in schedule})
@@ -183,6 +186,8 @@ def _prune(request: PruningRequest, layer_index, hidden_states, position_ids, ke
     span_scores, positions, inside = image_scores(scores, request.rows, starts, counts)
     targets = request.targets(layer_index, counts)
     kept_images = request.method.select(span_scores, counts, targets, request.args) & inside
+    if request.on_prune is not None:
+        request.on_prune(layer_index, kept_images)
     keep = keep_positions(key_valid, request.rows, positions, inside, kept_images)
     new_valid, destination, (hidden_states, position_ids) = shrink(keep, hidden_states, position_ids)
     if getattr(request.args, "renumber", False):  # renumber 0.. after the padding (PDrop)
