@@ -13,7 +13,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, get_model_name_from_path, process_images, tokenizer_image_token
 from llava.model import llava_arch
-from llava.model.compression import method_names, parse_method_args
+from llava.model.compression import parse_method_args
+from llava.model.compression.registry import method_choices
 from llava.model.compression.common import LAYOUTS, check_retention_ratio, check_visual_tokens
 
 
@@ -212,8 +213,8 @@ def _visual_tokens_argument(text: str) -> int:
 
 def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
     """The method, its arguments, the budget and the layout; left out, `llava_arch`'s constants apply."""
-    parser.add_argument("--method", choices=method_names(), default=None,
-                        help="compression method (python -m llava.model.compression --list; "
+    parser.add_argument("--method", choices=method_choices(), default=None,
+                        help="compression method, or <pre-LLM>+<in-LLM> (python -m llava.model.compression --list; "
                              f"default: llava_arch.compression_method, now {llava_arch.compression_method})")
     parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an argument of the method (repeatable), e.g. --method-arg alpha=0")

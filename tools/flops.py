@@ -18,6 +18,18 @@ the element-wise ops (without them 79.9 / 58.6 / 38.2 / 18.7 / 7.4, not the prin
     python tools/flops.py --model llava-next-13b --ratios 1 0.1 --json
     python tools/flops.py --config path/to/config.json --text-tokens 60 --ratios 0.25
     python tools/flops.py --model llava-next-7b --answers answers.jsonl                 # per recorded sample
+    python tools/flops.py --model llava-next-7b --layer-tokens 2880x2 288x30           # FastV K=2, 10% after
+
+A method that prunes inside the language model (FastV, PDrop, compositions such as
+`globalcom2+fastv`) runs each layer on its own number of tokens: `--layer-tokens` takes that
+schedule as `COUNTxLAYERS` groups (summing to the model's layers), and prefill FLOPs are then the
+sum over layers of one layer's cost at that layer's count (`schedule_prefill_flops`; attention
+is `s_l^2` at layer l, since every later query and key is a kept token). The row also gives the
+"equivalent tokens", the layer average `sum_l s_l / L` (spec `baselines/in-llm-pruning.md` 6,
+the convention of the SparseVLM and PDrop papers), and the tokens left after the last prune
+("post-pruning"). The scores the method recomputes at its scoring layers (a few query rows'
+q.k) are not counted. `--answers` reads each sample's recorded per-layer counts
+(`layer_image_tokens` of each image; images without them count their tokens at every layer).
 
 Decode FLOPs are per generated token at the end of the prompt (the cache holds the `s` prompt
 tokens, plus the lm_head, which every decode step needs); the KV cache is `2 * layers * s *
@@ -87,6 +99,36 @@ def prefill_flops(model: LanguageModel, tokens: int, elementwise: bool = False) 
     return model.num_layers * per_layer
 
 
+def schedule_prefill_flops(model: LanguageModel, layer_tokens: list[int], elementwise: bool = False) -> int:
+    """Prefill FLOPs when layer l runs on `layer_tokens[l]` tokens (one count per layer): the sum
+    of one layer's `prefill_flops` at each count; a constant schedule is `prefill_flops`."""
+    if len(layer_tokens) != model.num_layers:
+        raise ValueError(f"a schedule of {len(layer_tokens)} layers for a model of {model.num_layers}: give one "
+                         "count per layer (--config of the model the schedule was recorded on)")
+    one_layer = dataclasses.replace(model, num_layers=1)
+    return sum(prefill_flops(one_layer, tokens, elementwise) for tokens in layer_tokens)
+
+
+def schedule_row(model: LanguageModel, layer_tokens: list[int], elementwise: bool = False) -> dict:
+    """Post-pruning and equivalent tokens of a per-layer schedule, its prefill TFLOPs and their
+    ratio to the unpruned prefill (the first layer's count at every layer)."""
+    flops = schedule_prefill_flops(model, layer_tokens, elementwise)
+    return dict(layer_0_tokens=layer_tokens[0], post_pruning_tokens=layer_tokens[-1],
+                equivalent_tokens=sum(layer_tokens) / len(layer_tokens), prefill_tflops=flops / 1e12,
+                prefill_vs_unpruned=flops / prefill_flops(model, layer_tokens[0], elementwise))
+
+
+def parse_layer_tokens(groups: list[str]) -> list[int]:
+    """`["2880x2", "288x30"]` -> 2 x [2880] + 30 x [288] (a bare count is one layer)."""
+    counts = []
+    for group in groups:
+        count, _, layers = group.partition("x")
+        if not count.isdigit() or not (layers or "1").isdigit():
+            raise ValueError(f"--layer-tokens takes COUNTxLAYERS groups (e.g. 2880x2 288x30), got {group!r}")
+        counts += [int(count)] * int(layers or 1)
+    return counts
+
+
 def decode_flops_per_token(model: LanguageModel, context: int, elementwise: bool = False) -> int:
     """One new token attending to `context` cached tokens, plus the lm_head."""
     attention = 2 * 2 * (context + 1) * model.head_dim * model.num_heads
@@ -130,9 +172,28 @@ def answers_rows(model: LanguageModel, answers_file: str, elementwise: bool = Fa
         if "visual_tokens" not in meta:
             continue
         row = dict(question_id=answer["question_id"], **cost(model, meta["visual_tokens"], 0, elementwise, bytes_per_value))
+        layer_tokens = recorded_layer_tokens(meta, model.num_layers)
+        if layer_tokens is not None:  # pruned inside the language model: its per-layer schedule
+            pruned = schedule_row(model, layer_tokens, elementwise)
+            row.update(visual_tokens=pruned["post_pruning_tokens"], equivalent_tokens=pruned["equivalent_tokens"],
+                       prefill_tflops=pruned["prefill_tflops"])
         row["vanilla_prefill_tflops"] = prefill_flops(model, meta["visual_tokens_before"], elementwise) / 1e12
         rows.append(row)
     return rows
+
+
+def recorded_layer_tokens(meta: dict, num_layers: int) -> list[int] | None:
+    """A sample's visual tokens per layer, from its images' records: an in-LLM image's
+    `layer_image_tokens`, any other image's `tokens_after` at every layer; None when no image
+    was pruned inside the language model."""
+    images = meta.get("images") or []
+    if not any("layer_image_tokens" in image for image in images):
+        return None
+    per_image = [image.get("layer_image_tokens") or [image["tokens_after"]] * num_layers for image in images]
+    if any(len(counts) != num_layers for counts in per_image):
+        raise ValueError(f"the answers were recorded on a model with {len(per_image[0])} layers, this one has "
+                         f"{num_layers}: pass --config of that model")
+    return [sum(counts) for counts in zip(*per_image)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -154,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--elementwise", action="store_true", help="also count softmax, norms, SiLU, residuals")
     parser.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (fp16: 2)")
     parser.add_argument("--answers", help="an answers file: FLOPs per sample from its recorded token counts")
+    parser.add_argument("--layer-tokens", nargs="+", metavar="COUNTxLAYERS",
+                        help="a per-layer token schedule (in-LLM pruning), e.g. 2880x2 288x30")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     return parser
 
@@ -165,10 +228,16 @@ def main(argv: list[str] | None = None) -> int:
             model = LanguageModel.from_config(json.load(file))
     else:
         model = PRESETS[args.model]
-    if args.answers:
-        rows = answers_rows(model, args.answers, args.elementwise, args.kv_bytes)
-    else:
-        rows = ratio_rows(model, args.ratios, args.text_tokens, args.elementwise, args.kv_bytes)
+    try:
+        if args.layer_tokens:
+            rows = [schedule_row(model, parse_layer_tokens(args.layer_tokens), args.elementwise)]
+        elif args.answers:
+            rows = answers_rows(model, args.answers, args.elementwise, args.kv_bytes)
+        else:
+            rows = ratio_rows(model, args.ratios, args.text_tokens, args.elementwise, args.kv_bytes)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not rows:
         print("error: nothing to count (no ratios, or no answers with recorded visual tokens)", file=sys.stderr)
         return 2

@@ -17,6 +17,14 @@ with scores that have no R = 1 counterpart is named in a warning.
 ("Upper bound": R = 1, whatever the method) first, then one group per budget, largest first
 (ratios, then token counts), with one row per method and its arguments. Its Average is against
 the vanilla row, and each row that lacks some of the vanilla row's benchmarks is named in a warning.
+Where records hold token counts (`record --answers`, which the benchmark scripts pass), an
+"Eq. tokens" column follows the method: the visual tokens per question averaged over the
+language model's layers ("equivalent tokens", spec `baselines/in-llm-pruning.md` 6, the
+convention of the SparseVLM and PDrop papers; image newlines included), which for a method
+that prunes before the LLM is simply the tokens it sends, and for one that prunes inside it
+(FastV, compositions such as `globalcom2+fastv`) more than the tokens left after its last
+prune. The cell is the mean over the row's benchmarks (each record also keeps the post-pruning
+count).
 
 Without `--results-dir`, the table reads `$EVAL_DIR/results` when EVAL_DIR is set, else
 `./playground/data/eval/results`, or the sample suite's `./playground/sample/eval/results`
@@ -27,8 +35,9 @@ benchmarks (VQAv2, VizWiz, MMBench, MM-Vet) are recorded by hand:
         --method-args alpha=0 --retention-ratio 0.25 --token-layout official --score 80.1 \
         --out <results-dir>/vqav2/<name>.json
 
-(`--visual-tokens N` instead of `--retention-ratio` for a run with a token budget.) Records made
-before methods were recorded read as GlobalCom2 with default arguments.
+(`--visual-tokens N` instead of `--retention-ratio` for a run with a token budget; `--answers
+FILE` also records the run's mean equivalent and post-pruning tokens from the answers' accounting.)
+Records made before methods were recorded read as GlobalCom2 with default arguments.
 """
 
 from __future__ import annotations
@@ -154,6 +163,25 @@ def method_title(entry: dict) -> str:
     return " ".join([entry["method"], *(f"{key}={value}" for key, value in entry["method_args"].items())])
 
 
+def answers_tokens(answers_file: str) -> dict:
+    """`{"equivalent_tokens", "post_pruning_tokens"}`: per question, its images' layer-averaged and
+    post-pruning visual tokens from the runner's accounting (`metadata.images`; an image that was
+    not pruned inside the language model counts `tokens_after` for both), averaged over the
+    questions answered without error; {} when none records images."""
+    from llava.eval.jsonl import read_jsonl
+
+    per_question = []
+    for answer in read_jsonl(answers_file):
+        images = answer.get("metadata", {}).get("images")
+        if images and "error" not in answer["metadata"]:
+            per_question.append([sum(image.get(name, image["tokens_after"]) for image in images)
+                                 for name in ("equivalent_image_tokens", "post_pruning_image_tokens")])
+    if not per_question:
+        return {}
+    equivalent, post = zip(*per_question)
+    return dict(equivalent_tokens=sum(equivalent) / len(equivalent), post_pruning_tokens=sum(post) / len(post))
+
+
 def record(args) -> int:
     if args.score is None and args.log is None:
         raise ValueError("give --log (a scorer's output) or --score")
@@ -162,7 +190,8 @@ def record(args) -> int:
     budget = ({"visual_tokens": args.visual_tokens} if args.visual_tokens is not None
               else {"retention_ratio": float(args.retention_ratio)})
     entry = dict(benchmark=args.benchmark, model=args.model, method=args.method, method_args=method_args,
-                 **budget, token_layout=args.token_layout, **values)
+                 **budget, token_layout=args.token_layout, **values,
+                 **(answers_tokens(args.answers) if args.answers else {}))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_text(args.out, json.dumps(entry, indent=2))
     print(f"recorded {args.benchmark} {entry['score']:g} for {args.model} ({method_title(entry)}, "
@@ -235,6 +264,12 @@ def build_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
 def paper_runs(entries: list[dict]) -> dict[tuple, dict]:
     """`{(budget, method title): {benchmark: score}}` of one model; every R = 1 run is the one
     vanilla row, whatever its method or layout."""
+    return {key: {benchmark: entry["score"] for benchmark, entry in row.items()}
+            for key, row in paper_row_entries(entries).items()}
+
+
+def paper_row_entries(entries: list[dict]) -> dict[tuple, dict]:
+    """`{(budget, method title): {benchmark: record}}` of one model (`paper_runs`' rows)."""
     runs: dict[tuple, dict] = {}
     for entry in entries:
         if budget_of(entry) == VANILLA:
@@ -242,18 +277,28 @@ def paper_runs(entries: list[dict]) -> dict[tuple, dict]:
         else:
             layout = entry["token_layout"]
             key = (budget_of(entry), method_title(entry) + ("" if layout == DEFAULT_LAYOUT else f" ({layout})"))
-        runs.setdefault(key, {})[entry["benchmark"]] = entry["score"]
+        runs.setdefault(key, {})[entry["benchmark"]] = entry
     return runs
+
+
+def equivalent_cell(records: list[dict]) -> str:
+    """The mean equivalent tokens of a row's records that hold them ("" if none)."""
+    values = [entry["equivalent_tokens"] for entry in records if entry.get("equivalent_tokens") is not None]
+    return f"{sum(values) / len(values):.0f}" if values else ""
 
 
 def build_paper_table(entries: list[dict]) -> tuple[list[str], list[tuple[str, list[list[str]]]]]:
     """Header (budget, method, one column per benchmark, Average) and one block of rows per
     model: its vanilla row, then its budgets largest first, methods by name within each."""
     benchmarks = benchmark_columns(entries)
-    header = ["budget", "method", *(COLUMN_TITLES.get(name, name) for name in benchmarks), "Average (n)"]
+    with_tokens = any(entry.get("equivalent_tokens") is not None for entry in entries)
+    header = ["budget", "method", *(["Eq. tokens"] if with_tokens else []),
+              *(COLUMN_TITLES.get(name, name) for name in benchmarks), "Average (n)"]
     blocks = []
     for model in sorted({entry["model"] for entry in entries}):
-        runs = paper_runs([entry for entry in entries if entry["model"] == model])
+        model_entries = [entry for entry in entries if entry["model"] == model]
+        runs = paper_runs(model_entries)
+        row_entries = paper_row_entries(model_entries)
         vanilla = runs.get((VANILLA, "vanilla"), {})
         if not vanilla:
             print(f"warning: {model} has no R = 1 (vanilla) run: its rows have no Average", file=sys.stderr)
@@ -265,7 +310,8 @@ def build_paper_table(entries: list[dict]) -> tuple[list[str], list[tuple[str, l
                 print(f"warning: {model} {budget_title(budget)} {method}: no {', '.join(lacking)} score, which the "
                       f"vanilla row has; its Average covers {len(shared)} of the vanilla row's {len(vanilla)} "
                       f"benchmarks", file=sys.stderr)
-            rows.append([budget_title(budget), method, *score_cells(scores, benchmarks), average])
+            tokens = [equivalent_cell(list(row_entries[(budget, method)].values()))] if with_tokens else []
+            rows.append([budget_title(budget), method, *tokens, *score_cells(scores, benchmarks), average])
         blocks.append((model, rows))
     return header, blocks
 
@@ -357,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     record_parser.add_argument("--token-layout", default=DEFAULT_LAYOUT)
     record_parser.add_argument("--log", default=None, help="the scorer's output to take the score from")
     record_parser.add_argument("--score", type=float, default=None, help="the score itself (server-scored benchmarks)")
+    record_parser.add_argument("--answers", default=None,
+                               help="the run's answers file: also record its mean equivalent and post-pruning tokens")
     record_parser.add_argument("--out", required=True)
     return parser
 

@@ -23,7 +23,7 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression import common, get_method, globalcom2, parse_method_args
 from llava.model.compression.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
-from llava.model.compression.registry import INPUT_CHANGES, SIGNALS, method_args_dict
+from llava.model.compression.registry import INPUT_CHANGES, SIGNALS, ComposedArgs, in_llm_part, method_args_dict
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_encoder.clip_text import load_text_tower, resolve_text_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
@@ -349,7 +349,7 @@ class LlavaMetaForCausalLM:
                                      **settings.record())
                                 for tokens, selection in per_image]
         self.last_schedules = [()] * len(per_image)
-        if get_method(settings.method).stage == "in-llm":
+        if in_llm_part(get_method(settings.method), settings.method_args) is not None:  # in-LLM, or composed
             self.last_schedules = [self._in_llm_accounting(settings, tokens.shape[0], selection, record)
                                    for (tokens, selection), record in zip(per_image, self.last_accounting)]
         return [tokens for tokens, _ in per_image]
@@ -363,6 +363,8 @@ class LlavaMetaForCausalLM:
         budget = (common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens) if geometry
                   else common.Budget(settings.retention_ratio, span_tokens, settings.visual_tokens))
         schedule = tuple(settings.method_args.schedule(span_tokens, budget, layers))
+        if isinstance(settings.method_args, ComposedArgs):  # the budget's split between the two stages
+            record["composition"] = settings.method_args.accounting(budget)
         per_layer = [span_tokens] * layers
         for layer, kept in schedule:
             per_layer[layer:] = [kept] * (layers - layer)
@@ -398,10 +400,11 @@ class LlavaMetaForCausalLM:
         """For an in-LLM method, hand the next prefill of the language model its images' spans and
         schedules (`language_model.pruning.PruningRequest`); it serves that one prefill."""
         from llava.model.language_model.pruning import PruningRequest
-        method = get_method(settings.method)
+        part = in_llm_part(get_method(settings.method), settings.method_args)  # a composition's in-LLM part
         self.get_model().pruning_request = None
-        if method.stage != "in-llm" or not any(self.last_schedules):
+        if part is None or not any(self.last_schedules):
             return
+        method, method_args = part
         rows, starts, counts = self.last_image_spans
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
         if side != "left" and len(set(self.last_row_lengths)) > 1:
@@ -410,7 +413,7 @@ class LlavaMetaForCausalLM:
         device = self.get_model().embed_tokens.weight.device
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.get_model().pruning_request = PruningRequest(as_tensor(rows), as_tensor(starts), as_tensor(counts),
-                                                          list(self.last_schedules), method, settings.method_args,
+                                                          list(self.last_schedules), method, method_args,
                                                           self._in_llm_view_recorder(settings.token_layout, counts))
 
     def _in_llm_view_recorder(self, layout: str, counts: list[int]):

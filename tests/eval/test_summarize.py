@@ -207,3 +207,60 @@ def test_record_refuses_method_args_that_are_not_pairs(tmp_path, capsys):
     assert summarize.main(["record", "--benchmark", "gqa", "--model", "m", "--retention-ratio", "1", "--score", "1",
                            "--method-args", "alpha", "--out", str(tmp_path / "r.json")]) == 2
     assert "key=value pairs, got 'alpha'" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def _answers(path, per_question):
+    """An answers file whose rows carry the runner's per-image accounting (`metadata.images`)."""
+    path.write_text("".join(json.dumps({"question_id": index, "text": "yes", "metadata": {"images": images}}) + "\n"
+                            for index, images in enumerate(per_question)))
+    return path
+
+
+def test_paper_table_shows_equivalent_tokens_from_the_answers(tmp_path, capsys):
+    results = tmp_path / "results"
+    # vanilla: 2 questions of one image each sending 100 and 60 tokens -> 80 per question
+    vanilla = _answers(tmp_path / "vanilla.jsonl", [[{"tokens_after": 100}], [{"tokens_after": 60}]])
+    # FastV-like in 2 layers: 100 tokens at layer 0, 20 after -> equivalent 60, post-pruning 20; the second
+    # question 60 then 12 -> 36 and 12; means 48 and 16
+    fastv = _answers(tmp_path / "fastv.jsonl", [
+        [{"tokens_after": 100, "layer_image_tokens": [100, 20], "equivalent_image_tokens": 60.0,
+          "post_pruning_image_tokens": 20}],
+        [{"tokens_after": 60, "layer_image_tokens": [60, 12], "equivalent_image_tokens": 36.0,
+          "post_pruning_image_tokens": 12}]])
+    # a composition: two images in one question (30 sent before the LLM + 50 -> 10 inside) -> 30 + 30 = 60
+    composed = _answers(tmp_path / "composed.jsonl", [[
+        {"tokens_after": 30}, {"tokens_after": 50, "equivalent_image_tokens": 30.0, "post_pruning_image_tokens": 10}]])
+    quarter = ("--retention-ratio", "0.25")
+    for benchmark, score in [("gqa", 60), ("pope", 80)]:
+        _record_run(results, benchmark, score, method_args=[], budget=("--retention-ratio", "1"))
+        out = _record_run(results, benchmark, score - 10, method="fastv", budget=quarter)
+        _add_tokens(out, benchmark, fastv)
+    _add_tokens(results / "gqa" / "m-default---retention-ratio-1.json", "gqa", vanilla)
+    _record_run(results, "gqa", 55, method="globalcom2+fastv", method_args=["split=0.5 fastv.k=1"], budget=quarter)
+    _add_tokens(results / "gqa" / "m-globalcom2+fastv-split=0.5_fastv.k=1---retention-ratio-0.25.json", "gqa",
+                composed, method="globalcom2+fastv", method_args="split=0.5 fastv.k=1")
+    record = json.load(open(results / "gqa" / "m-fastv---retention-ratio-0.25.json"))
+    assert record["equivalent_tokens"] == 48.0 and record["post_pruning_tokens"] == 16.0
+    capsys.readouterr()
+    assert summarize.main(["--results-dir", str(results), "--table", "paper", "--csv", str(tmp_path / "t.csv")]) == 0
+    rows = list(csv.reader(open(tmp_path / "t.csv")))
+    assert rows == [["model", "budget", "method", "Eq. tokens", "GQA", "POPE", "Average (n)"],
+                    ["m", "Upper bound", "vanilla", "80", "60", "80", "100.0% (2)"],  # POPE's record has no tokens
+                    ["m", "25%", "fastv", "48", "50", "70", "85.4% (2)"],
+                    ["m", "25%", "globalcom2+fastv fastv.k=1 split=0.5", "60", "55", "", "91.7% (1)"]]
+
+
+def _add_tokens(out, benchmark, answers, method=None, method_args=None):
+    """Re-record `out` as the scripts' score() does, with the run's answers file."""
+    entry = json.load(open(out))
+    argv = ["record", "--benchmark", benchmark, "--model", entry["model"], "--retention-ratio",
+            str(entry["retention_ratio"]), "--score", str(entry["score"]), "--method", method or entry["method"],
+            "--answers", str(answers), "--out", str(out)]
+    argv += ["--method-args", method_args] if method_args else []
+    assert summarize.main(argv) == 0
+
+
+def test_answers_with_errors_or_without_images_record_no_tokens(tmp_path):
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"question_id": 0, "metadata": {"error": "image missing", "images": []}}) + "\n")
+    assert summarize.answers_tokens(str(answers)) == {}

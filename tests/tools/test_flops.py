@@ -66,3 +66,59 @@ def test_table_output(capsys):
     assert flops.main(["--ratios", "1", "0.1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| ratio | visual_tokens |") and lines[2].startswith("| 1 | 2880 |") and len(lines) == 4
+
+
+TINY = flops.LanguageModel(hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=2, vocab_size=10)
+
+
+def test_per_layer_schedule_by_hand():
+    # layer 0 on 3 tokens: linear 2 * 3 * 160 = 960, attention 2 * 2 * 3^2 * 2 * 2 = 144 -> 1104;
+    # layer 1 on 1 token (pruned after layer 0): linear 2 * 1 * 160 = 320, attention 2 * 2 * 1 * 2 * 2 = 16 -> 336
+    assert flops.schedule_prefill_flops(TINY, [3, 1]) == 1104 + 336
+    assert flops.schedule_prefill_flops(TINY, [3, 3]) == flops.prefill_flops(TINY, 3) == 2 * 1104  # nothing pruned
+    row = flops.schedule_row(TINY, [3, 1])
+    # equivalent tokens: the layer average (3 + 1) / 2 (in-llm-pruning.md 6); post-pruning: the last layer's 1
+    assert (row["layer_0_tokens"], row["post_pruning_tokens"], row["equivalent_tokens"]) == (3, 1, 2.0)
+    assert row["prefill_vs_unpruned"] == pytest.approx(1440 / 2208)
+    # the element-wise ops per layer too: layer 1 on 1 token adds 5*1*2 + 2*4*1*4 + 5*1*8 + 2*1*4 = 90
+    assert flops.schedule_prefill_flops(TINY, [3, 1], elementwise=True) == 1104 + 330 + 336 + 90
+    with pytest.raises(ValueError, match="a schedule of 3 layers for a model of 2"):
+        flops.schedule_prefill_flops(TINY, [3, 2, 1])
+
+
+def test_layer_tokens_argument(capsys):
+    assert flops.parse_layer_tokens(["2880x2", "288x30"]) == [2880] * 2 + [288] * 30
+    assert flops.parse_layer_tokens(["5", "4x2"]) == [5, 4, 4]
+    # FastV K = 2 at 10% post-pruning on the 7B preset: equivalent (2 * 2880 + 30 * 288) / 32 = 450
+    assert flops.main(["--layer-tokens", "2880x2", "288x30", "--json"]) == 0
+    row, = json.loads(capsys.readouterr().out)
+    seven_b = flops.PRESETS["llava-next-7b"]
+    one_layer = flops.LanguageModel(4096, 11008, 1, 32, 32, 32000)
+    assert row["equivalent_tokens"] == 450 and row["post_pruning_tokens"] == 288
+    assert row["prefill_tflops"] * 1e12 == pytest.approx(2 * flops.prefill_flops(one_layer, 2880)
+                                                         + 30 * flops.prefill_flops(one_layer, 288))
+    assert row["prefill_vs_unpruned"] < 450 / 2880 * 1.01 and seven_b.num_layers == 32
+    assert flops.main(["--layer-tokens", "2880y2"]) == 2 and "COUNTxLAYERS" in capsys.readouterr().err
+
+
+def test_answers_with_per_layer_counts(tmp_path, capsys):
+    config = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "vocab_size": 10}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # one image pruned in-LLM (3 then 1 tokens), one pre-LLM image of 2 tokens at both layers: [5, 3]
+    images = [{"tokens_after": 3, "layer_image_tokens": [3, 1]}, {"tokens_after": 2}]
+    answers = [{"question_id": 1, "metadata": {"visual_tokens": 5, "visual_tokens_before": 8, "images": images}},
+               {"question_id": 2, "metadata": {"visual_tokens": 3, "visual_tokens_before": 8,
+                                               "images": [{"tokens_after": 3}]}}]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
+    assert flops.main(["--config", str(tmp_path / "config.json"), "--answers", str(tmp_path / "answers.jsonl"),
+                       "--json"]) == 0
+    pruned, plain = json.loads(capsys.readouterr().out)
+    two_layers = flops.LanguageModel(4, 8, 2, 2, 2, 10)
+    assert pruned["prefill_tflops"] * 1e12 == pytest.approx(flops.schedule_prefill_flops(two_layers, [5, 3]))
+    assert pruned["visual_tokens"] == 3 and pruned["equivalent_tokens"] == 4.0
+    assert plain["prefill_tflops"] * 1e12 == pytest.approx(flops.prefill_flops(two_layers, 3))
+    assert "equivalent_tokens" not in plain
+    # recorded on the 2-layer model, read with the 32-layer preset: refused in one line
+    assert flops.main(["--answers", str(tmp_path / "answers.jsonl")]) == 2
+    assert "recorded on a model with 2 layers" in capsys.readouterr().err

@@ -14,6 +14,30 @@ sequence, newlines and accounting are shared code (`common.arrange_tokens`).
 A method whose official code changes the model's input declares it (`input_changes`: its
 arguments -> config overrides among `INPUT_CHANGES`); the glue applies them to the geometry and
 to preprocessing for that method's runs.
+
+Composition (`get_method("globalcom2+fastv")`, any `<pre-LLM>+<in-LLM>` pair): the pre-LLM method
+selects from the views, then the in-LLM method prunes the sequence it sent inside the language
+model. Arguments are addressed per part, `<part>.<key>=<value>` (`--method-arg fastv.k=3`,
+`--method-arg globalcom2.alpha=0`), and the composition's own `split` (`ComposedArgs`):
+
+- Budget split. The GlobalCom2 paper combines FastV and SparseVLM with GlobalCom2 at R = 10%
+  without saying how (spec `paper.md` 5.5); here the total budget R is split multiplicatively,
+  `split` in [0, 1] being the pre-LLM stage's share in log space: the pre-LLM method runs at
+  `R_pre = R ** split` of the vanilla image tokens and the in-LLM method at `R_in = R ** (1 - split)`
+  of the span it receives (newline tokens included, as every in-LLM method counts its span), so
+  the tokens left after the last prune are `R_pre R_in = R` of vanilla whatever the split
+  (newlines aside). `split=1` is the pre-LLM method alone (`R_in = 1`: no stage), `split=0` the
+  in-LLM method alone on the vanilla sequence. Default 0.5: each stage keeps sqrt(R) (R = 0.25:
+  50% then 50%; R = 0.1: 31.6% then 31.6%), neither stage favoured, since the paper gives no split.
+  The in-LLM part's own `convention` decides what its share counts (`fastv.convention=average`
+  makes the layer average, SparseVLM's "equivalent tokens", equal `R_in` of its span, so the
+  composition's equivalent tokens equal R of vanilla).
+- `--visual-tokens N` (the image's ratio `r = min(N / vanilla, 1)`): the pre-LLM method keeps
+  `max(N, round(vanilla r ** split))` image tokens (as its own `--visual-tokens`), the in-LLM
+  method the ratio `r ** (1 - split)` of its span.
+- The accounting (`llava_arch`) records both stages: the pre-LLM selection's counts, then the
+  in-LLM per-layer counts, post-pruning and equivalent tokens, and `composition` (split and
+  the two ratios).
 """
 
 from __future__ import annotations
@@ -24,6 +48,8 @@ import typing
 from typing import Callable
 
 import torch
+
+from llava.model.compression.common import Budget
 
 # Signals a method can ask for; only the ones the chosen method needs are computed. `source` says
 # from what: `tower` (the vision tower, from the views), `text_tower` (the views' features through
@@ -97,6 +123,7 @@ class Method:
     stage: str
     summary: str
     input_changes: Callable[[object], dict]  # args -> {config key: value}
+    parts: tuple = ()  # a composition's (pre-LLM, in-LLM) methods; () for a registered method
 
     def signals_for(self, args, budget_keeps_all: bool) -> frozenset:
         """What the tower must compute for one run: nothing when the method keeps everything at a
@@ -143,13 +170,21 @@ def method_names(stage: str | None = None) -> list[str]:
 
 
 def get_method(name: str) -> Method:
+    if COMPOSE in name:
+        return _composition(name)
     if name not in _METHODS:
         raise ValueError(f"unknown compression method {name!r}; choose one of: {', '.join(method_names())}")
     return _METHODS[name]
 
 
 def argument_fields(method: Method) -> list[tuple[str, type, object, str]]:
-    """`(name, type, default, help)` of each argument of `method`."""
+    """`(name, type, default, help)` of each argument of `method` (a composition's: each part's
+    as `<part>.<name>`, then `split`)."""
+    if method.parts:
+        fields = [(f"{part.name}.{field_name}", kind, default, help_text) for part in method.parts
+                  for field_name, kind, default, help_text in argument_fields(part)]
+        split = dataclasses.fields(ComposedArgs)[-1]
+        return fields + [(split.name, float, split.default, split.metadata["help"])]
     hints = typing.get_type_hints(method.args)
     return [(field.name, hints[field.name], field.default, field.metadata.get("help", ""))
             for field in dataclasses.fields(method.args)]
@@ -168,6 +203,8 @@ def parse_method_args(name: str, pairs: list[str] | None = None):
             raise ValueError(f"method {name} has no argument {key!r} (expected key=value; its arguments: {valid})")
         values[key] = _convert(name, key, text, fields[key][0])
     try:
+        if method.parts:
+            return _composed_args(method, values)
         return method.args(**values)
     except ValueError as error:
         raise ValueError(f"method {name}: {error} (its arguments: {valid})") from None
@@ -191,12 +228,21 @@ def _convert(method: str, key: str, text: str, kind):
 
 
 def method_args_dict(args) -> dict:
-    """The arguments as a JSON-ready dict (for answer metadata and selection records)."""
+    """The arguments as a JSON-ready dict (for answer metadata and selection records); a
+    composition's flat, `<part>.<name>` keys and `split`."""
+    if isinstance(args, ComposedArgs):
+        return {"split": args.split, **{f"{name}.{key}": value for name, part in args.named_parts()
+                                        for key, value in method_args_dict(part).items()}}
     return dataclasses.asdict(args)
 
 
 def non_default_args(args) -> dict:
     """Only the arguments that differ from their defaults (what names a run)."""
+    if isinstance(args, ComposedArgs):
+        changed = {f"{name}.{key}": value for name, part in args.named_parts()
+                   for key, value in non_default_args(part).items()}
+        default_split = dataclasses.fields(ComposedArgs)[-1].default
+        return {**changed, **({"split": args.split} if args.split != default_split else {})}
     return {field.name: getattr(args, field.name) for field in dataclasses.fields(args)
             if getattr(args, field.name) != field.default}
 
@@ -204,6 +250,9 @@ def non_default_args(args) -> dict:
 def row_args(args) -> dict:
     """The arguments that name a results row: the non-default ones, and `mode` always for a
     method that has one (whether a row ran the official input or the model's must show)."""
+    if isinstance(args, ComposedArgs):  # the split always: it is what a composed row is
+        return dict(sorted({"split": args.split, **{f"{name}.{key}": value for name, part in args.named_parts()
+                                                    for key, value in row_args(part).items()}}.items()))
     shown = non_default_args(args)
     if "mode" in {field.name for field in dataclasses.fields(args)}:
         shown = {"mode": args.mode, **shown}
@@ -225,3 +274,110 @@ def describe(name: str) -> str:
 def arg(default, help: str):  # noqa: A002  (the dataclass field's help text)
     """A method argument: its default (the official code's value) and one line of help."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+# --- composition: a pre-LLM method, then an in-LLM one (module docstring, "Composition") ---------
+
+COMPOSE = "+"
+COMPOSED = "pre-llm+in-llm"  # a composition's stage
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposedArgs:
+    """A composition's arguments: each part's own dataclass and the budget `split`."""
+
+    pre_name: str
+    pre: object     # the pre-LLM method's arguments
+    in_llm_name: str
+    in_llm: object  # the in-LLM method's arguments
+    split: float = arg(0.5, "the pre-LLM stage's share of the budget in log space: it keeps R ** split of vanilla, "
+                            "the in-LLM stage R ** (1 - split) of what it receives (1: pre-LLM alone, 0: in-LLM alone)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.split <= 1.0:
+            raise ValueError(f"split must be in [0, 1] (1: all of the budget to the pre-LLM stage), got {self.split}")
+
+    def named_parts(self) -> tuple[tuple[str, object], tuple[str, object]]:
+        return (self.pre_name, self.pre), (self.in_llm_name, self.in_llm)
+
+    def keeps_everything(self) -> bool:
+        return getattr(self.pre, "keeps_everything", lambda: True)()
+
+    def stage_ratios(self, ratio: float) -> tuple[float, float]:
+        """`(R_pre, R_in)` of a total ratio R: `R ** split`, `R ** (1 - split)` (exactly R and 1 at split = 1)."""
+        return ratio ** self.split, ratio ** (1.0 - self.split)
+
+    def pre_budget(self, budget: Budget) -> Budget:
+        """The pre-LLM method's budget for one image, from the image's total `budget`."""
+        pre_ratio, _ = self.stage_ratios(budget.ratio)
+        if budget.tokens is None:
+            return dataclasses.replace(budget, ratio=pre_ratio)
+        tokens = max(budget.tokens, round(budget.vanilla_image_tokens * pre_ratio))
+        return dataclasses.replace(budget, ratio=min(tokens / budget.vanilla_image_tokens, 1.0), tokens=tokens)
+
+    def in_llm_budget(self, budget: Budget, span_tokens: int) -> Budget:
+        """The in-LLM method's budget: the ratio `R_in` of the `span_tokens` the pre-LLM stage sent."""
+        return Budget(self.stage_ratios(budget.ratio)[1], span_tokens)
+
+    def schedule(self, span_tokens: int, budget: Budget, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """The in-LLM part's `(layer, kept)` stages over the span, at its share of `budget` (the image's total)."""
+        return tuple(self.in_llm.schedule(span_tokens, self.in_llm_budget(budget, span_tokens), num_layers))
+
+    def accounting(self, budget: Budget) -> dict:
+        """What the split gave this image (JSON-ready, for its record)."""
+        pre_ratio, in_llm_ratio = self.stage_ratios(budget.ratio)
+        return dict(split=self.split, pre=self.pre_name, in_llm=self.in_llm_name, pre_ratio=pre_ratio,
+                    in_llm_ratio=in_llm_ratio)
+
+
+def _composition(name: str) -> Method:
+    """The Method of `<pre-LLM>+<in-LLM>`: it selects with the pre-LLM part at its share of the
+    budget; the glue hands the in-LLM part (`in_llm_part`) to the decoder."""
+    parts = name.split(COMPOSE)
+    if len(parts) != 2:
+        raise ValueError(f"a composition is <pre-LLM method>+<in-LLM method>, got {name!r}")
+    pre, in_llm = (get_method(part) for part in parts)
+    if pre.stage != "pre-llm" or in_llm.stage != "in-llm":
+        raise ValueError(f"compose a pre-LLM method ({', '.join(method_names('pre-llm'))}) with an in-LLM one "
+                         f"({', '.join(method_names('in-llm'))}), in that order: got {name!r}")
+
+    def select(views, signals, geometry, budget, args):
+        return pre.select(views, signals, geometry, args.pre_budget(budget), args.pre)
+
+    return Method(name, select, pre.needs, ComposedArgs, COMPOSED,
+                  f"{pre.name}, then {in_llm.name} inside the language model, the budget split between them",
+                  lambda args: pre.input_changes(args.pre), parts=(pre, in_llm))
+
+
+def _composed_args(method: Method, values: dict) -> ComposedArgs:
+    """`ComposedArgs` from converted `{<part>.<key> or split: value}`."""
+    pre, in_llm = method.parts
+    per_part = {part.name: {key.partition(".")[2]: value for key, value in values.items()
+                            if key.startswith(part.name + ".")} for part in method.parts}
+    split = {"split": values["split"]} if "split" in values else {}
+    return ComposedArgs(pre.name, pre.args(**per_part[pre.name]), in_llm.name, in_llm.args(**per_part[in_llm.name]),
+                        **split)
+
+
+class MethodChoices(list):
+    """The registered names (listed by a command line's help), membership also true for any valid
+    composition (`argparse` `choices=method_choices()`)."""
+
+    def __contains__(self, name) -> bool:
+        try:
+            get_method(name)
+        except ValueError:
+            return False
+        return True
+
+
+def method_choices() -> MethodChoices:
+    return MethodChoices(method_names())
+
+
+def in_llm_part(method: Method, args) -> tuple[Method, object] | None:
+    """`(method, args)` of what prunes inside the language model in a run of `method` with `args`:
+    the method itself (in-LLM), a composition's in-LLM part, or None (pre-LLM)."""
+    if method.parts:
+        return method.parts[1], args.in_llm
+    return (method, args) if method.stage == "in-llm" else None

@@ -77,9 +77,11 @@ require() {
 
 # run_runner OUTPUT CHUNK_DIR MODULE ARGS...: answer with one process per GPU, each on its chunk
 # (files CHUNK_DIR/<CHUNKS>_<IDX>.jsonl), merged into OUTPUT in question order. Reruns resume.
+# OUTPUT is kept in ANSWERS_FILE, whose token accounting score() records.
 run_runner() {
     local output=$1 chunk_dir=$2 module=$3
     shift 3
+    ANSWERS_FILE=$output
     local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${COMPRESSION[@]}")
     mkdir -p "$(dirname "$output")"
     if [ "$CHUNKS" -eq 1 ]; then
@@ -114,17 +116,20 @@ run_runner() {
 }
 
 # score BENCHMARK COMMAND...: run a scorer, show its output and keep it (with the run's settings)
-# under $EVAL_DIR/results/BENCHMARK/$NAME.{txt,json} for `$PYTHON -m llava.eval.summarize`.
+# under $EVAL_DIR/results/BENCHMARK/$NAME.{txt,json} for `$PYTHON -m llava.eval.summarize`, with
+# the mean equivalent and post-pruning tokens of the answers run_runner wrote (summarize --table paper).
 score() {
     local benchmark=$1
     shift
     local dir="$EVAL_DIR/results/$benchmark"
     local budget=(--retention-ratio "$RETENTION_RATIO")
     [ -z "$VISUAL_TOKENS" ] || budget=(--visual-tokens "$VISUAL_TOKENS")
+    local answers=()
+    [ -z "${ANSWERS_FILE:-}" ] || answers=(--answers "$ANSWERS_FILE")
     mkdir -p "$dir"
     "$@" | tee "$dir/.$NAME.txt.partial"
     mv -f "$dir/.$NAME.txt.partial" "$dir/$NAME.txt"  # a failed or killed scorer leaves the last score whole
     "$PYTHON" -m llava.eval.summarize record --benchmark "$benchmark" --log "$dir/$NAME.txt" --model "$CKPT" \
         --method "$METHOD" --method-args "$RECORD_ARGS" "${budget[@]}" --token-layout "$TOKEN_LAYOUT" \
-        --out "$dir/$NAME.json"
+        "${answers[@]}" --out "$dir/$NAME.json"
 }
