@@ -102,6 +102,9 @@ def example_signals(names, num_views: int, num_patches: int, width: int = 64, he
 DECODER_SIGNALS = {
     "last_query_attn": Signal(("I", "N"), "the last prompt position's post-softmax attention to each image token at "
                                           "the layer before the pruning layer, head mean, fp32 (FastV)", "decoder"),
+    "next_layer_query_attn": Signal(("I", "N"), "the last prompt position's post-softmax attention to each image "
+                                                "token as the pruning layer would compute it (its norm, q/k, RoPE on "
+                                                "its input), head mean, fp32 (PDrop)", "decoder"),
 }
 
 # Input changes a method may declare (its official code alters the model's input): config keys

@@ -30,7 +30,9 @@ image tokens survive. This module runs the decoder and does everything else
    (`PrunedCache` state), so decode builds, for each layer, a mask whose key length is that
    layer's cache length, extended by the steps generated since.
 6. Decode never re-ranks (pruned once at prefill, spec section 4); its positions are the ones
-   `generate` derives from the original mask, i.e. continuing from the original prompt length.
+   `generate` derives from the original mask, i.e. continuing from the original prompt length
+   (where the method renumbers, each stage's layers get them minus the row's tokens dropped before
+   that stage, continuing the stage's compacted numbering: `PrunedCache.renumbered`).
 
 Multi-stage methods (PDrop) give several stages; methods whose scores are not a softmax row
 (DART's key norms) add a signal to `DECODER_SIGNALS` and its computation to `SCORERS`.
@@ -83,6 +85,7 @@ class PrunedCache:
 
     stages: list
     prompt_length: int
+    renumbered: bool = False  # positions renumbered at each prune (PDrop): decode shifts them per stage and row
 
 
 def _rope(attention_module):
@@ -123,7 +126,8 @@ def last_query_attn(layer, hidden_states, position_embeddings, key_valid) -> tor
 
 
 # name -> (offset of the scoring layer from the pruning layer, function(layer, h, position_embeddings, key_valid))
-SCORERS = {"last_query_attn": (-1, last_query_attn)}
+SCORERS = {"last_query_attn": (-1, last_query_attn),
+           "next_layer_query_attn": (0, last_query_attn)}  # PDrop: the pruning layer's own q/k on its input
 
 
 def image_scores(row_scores: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor):
@@ -256,13 +260,16 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
             hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
                                           position_embeddings=position_embeddings, position_ids=positions, **run)
         if cache is not None:
-            cache.pruned = PrunedCache(stages, length)
+            cache.pruned = PrunedCache(stages, length, getattr(request.args, "renumber", False))
     else:  # a decode step after a pruned prefill: each stage's layers see their own cache length
         stage_at = dict(state.stages)
         for index, decoder_layer in enumerate(layers):
             if index in stage_at:
                 grown = full_valid[:, state.prompt_length:]  # the steps since the prefill, this one included
                 causal_mask = pruned_mask(torch.cat([stage_at[index], grown], dim=1), length)
+                if state.renumbered:  # continue the stage's compacted numbering: minus the row's tokens dropped so far
+                    dropped = full_valid[:, :state.prompt_length].sum(1) - stage_at[index].sum(1)
+                    position_embeddings = model.rotary_emb(hidden_states, position_ids=position_ids - dropped[:, None])
             hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
                                           position_embeddings=position_embeddings, position_ids=position_ids, **run)
     return BaseModelOutputWithPast(last_hidden_state=model.norm(hidden_states), cache=cache)
