@@ -105,6 +105,9 @@ DECODER_SIGNALS = {
     "next_layer_query_attn": Signal(("I", "N"), "the last prompt position's post-softmax attention to each image "
                                                 "token as the pruning layer would compute it (its norm, q/k, RoPE on "
                                                 "its input), head mean, fp32 (PDrop)", "decoder"),
+    "dart_pivot_features": Signal(("I", "W", "2+D"), "per token of each image's span and the text after it (W): "
+                                                     "the L1 norm of layer K-1's RoPE'd keys, the original position "
+                                                     "id, layer K-1's output through the final norm (DART)", "decoder"),
 }
 
 # Input changes a method may declare (its official code alters the model's input): config keys

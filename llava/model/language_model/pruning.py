@@ -130,14 +130,40 @@ SCORERS = {"last_query_attn": (-1, last_query_attn),
            "next_layer_query_attn": (0, last_query_attn)}  # PDrop: the pruning layer's own q/k on its input
 
 
-def image_scores(row_scores: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor):
-    """Each image's span of its row's scores: `row_scores` `[B, L]` -> `[I, N]` (N the longest span,
-    columns past an image's count are 0) and the span's positions `[I, N]` (clamped into the row)."""
-    width = int(counts.max()) if counts.numel() else 0
+def dart_pivot_features(model, layer, layer_input, layer_output, position_embeddings, key_valid) -> torch.Tensor:
+    """`[B, L, 2 + D]` float32 per token (DART, `compression.dart`): the L1 norm of `layer`'s keys
+    (its own norm, k_proj and RoPE on `layer_input`, every KV head flattened), the original position id
+    (from the row's first real token) and `layer_output` `[B, L, D]` through the model's final norm."""
+    attention = layer.self_attn
+    batch, length, _ = layer_input.shape
+    keys = attention.k_proj(layer.input_layernorm(layer_input)).view(batch, length, -1, attention.head_dim)
+    cos, sin = position_embeddings
+    _, keys = _rope(attention)(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)
+    norms = keys.float().abs().sum((1, 3))  # [B, L]
+    positions = (key_valid.long().cumsum(1) - 1).clamp(min=0).float()
+    return torch.cat([norms[..., None], positions[..., None], model.norm(layer_output).float()], dim=-1)
+
+
+# Scorers that also need the scoring layer's output, run right after layer K-1: name -> function(model, layer,
+# layer_input, layer_output, position_embeddings, key_valid) -> [B, L, F]. Their keep rule sees, per image, its
+# span and then the text after it (`image_scores(..., through_end=True)`).
+AFTER_LAYER_SCORERS = {"dart_pivot_features": dart_pivot_features}
+
+
+def image_scores(row_scores: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                 through_end: bool = False):
+    """Each image's span of its row's scores: `row_scores` `[B, L]` (or `[B, L, F]`) -> `[I, N]` (or
+    `[I, N, F]`; N the longest span, columns past an image's count are 0) and the span's positions
+    `[I, N]` (clamped into the row). `through_end`: each span runs on to the end of its row (the text
+    after the image too: DART's text pivots), N the longest such, 0 past the row's end."""
+    length = row_scores.shape[1]
+    width = (int((length - starts).max()) if through_end else int(counts.max())) if counts.numel() else 0
     offsets = torch.arange(width, device=row_scores.device)
-    positions = (starts[:, None] + offsets).clamp(max=row_scores.shape[1] - 1)
+    positions = (starts[:, None] + offsets).clamp(max=length - 1)
     inside = offsets < counts[:, None]
-    return row_scores[rows[:, None], positions].masked_fill(~inside, 0.0), positions, inside
+    filled = (starts[:, None] + offsets < length) if through_end else inside
+    gathered = row_scores[rows[:, None], positions]
+    return gathered.masked_fill(~filled.view(*filled.shape, *[1] * (gathered.dim() - 2)), 0.0), positions, inside
 
 
 def keep_positions(key_valid: torch.Tensor, rows, positions, inside, kept_images: torch.Tensor) -> torch.Tensor:
@@ -187,7 +213,8 @@ def _prune(request: PruningRequest, layer_index, hidden_states, position_ids, ke
     """One stage: the rule's keep masks from `scores` `[B, L]`, then the shrunk state.
     `spans`: current `(starts, counts)` per image. Returns the new state and spans."""
     starts, counts = spans
-    span_scores, positions, inside = image_scores(scores, request.rows, starts, counts)
+    through_end = bool(request.method.needs & AFTER_LAYER_SCORERS.keys())  # DART: the text after each image too
+    span_scores, positions, inside = image_scores(scores, request.rows, starts, counts, through_end)
     targets = request.targets(layer_index, counts)
     kept_images = request.method.select(span_scores, counts, targets, request.args) & inside
     if request.on_prune is not None:
@@ -237,7 +264,8 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
 
     if pruning_now:
         stage_layers = request.stage_layers()
-        scorers = [SCORERS[name] for name in sorted(request.method.needs)]
+        scorers = [SCORERS[name] for name in sorted(request.method.needs) if name in SCORERS]
+        after = [AFTER_LAYER_SCORERS[name] for name in sorted(request.method.needs) if name in AFTER_LAYER_SCORERS]
         key_valid = full_valid[:, -length:]
         positions = position_ids.expand(batch, -1)
         spans, scores, stages = (request.starts, request.counts), None, []
@@ -257,8 +285,11 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
                 position_embeddings = model.rotary_emb(hidden_states, position_ids=positions)
                 stages.append((index, key_valid))
             scores = score(index, (-1,))  # scored on the layer before the pruning layer (FastV: K - 1)
+            layer_input = hidden_states
             hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
                                           position_embeddings=position_embeddings, position_ids=positions, **run)
+            if after and index + 1 in stage_layers:  # DART: layer K-1's keys from its input, its output
+                scores = after[0](model, decoder_layer, layer_input, hidden_states, position_embeddings, key_valid)
         if cache is not None:
             cache.pruned = PrunedCache(stages, length, getattr(request.args, "renumber", False))
     else:  # a decode step after a pruned prefill: each stage's layers see their own cache length
