@@ -108,6 +108,9 @@ DECODER_SIGNALS = {
     "dart_pivot_features": Signal(("I", "W", "2+D"), "per token of each image's span and the text after it (W): "
                                                      "the L1 norm of layer K-1's RoPE'd keys, the original position "
                                                      "id, layer K-1's output through the final norm (DART)", "decoder"),
+    "rater_attn": Signal(("I", "N"), "the mean over each image's text raters (chosen once from the layer-0 input) of "
+                                     "their post-softmax attention to its image tokens at the sparse layer, head mean, "
+                                     "fp32; that layer's output is pruned (SparseVLM)", "decoder"),
 }
 
 # Input changes a method may declare (its official code alters the model's input): config keys

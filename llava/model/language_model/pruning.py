@@ -130,6 +130,7 @@ SCORERS = {"last_query_attn": (-1, last_query_attn),
            "next_layer_query_attn": (0, last_query_attn)}  # PDrop: the pruning layer's own q/k on its input
 
 
+
 def dart_pivot_features(model, layer, layer_input, layer_output, position_embeddings, key_valid) -> torch.Tensor:
     """`[B, L, 2 + D]` float32 per token (DART, `compression.dart`): the L1 norm of `layer`'s keys
     (its own norm, k_proj and RoPE on `layer_input`, every KV head flattened), the original position id
@@ -148,6 +149,54 @@ def dart_pivot_features(model, layer, layer_input, layer_output, position_embedd
 # layer_input, layer_output, position_embeddings, key_valid) -> [B, L, F]. Their keep rule sees, per image, its
 # span and then the text after it (`image_scores(..., through_end=True)`).
 AFTER_LAYER_SCORERS = {"dart_pivot_features": dart_pivot_features}
+
+
+def text_raters(inputs_embeds: torch.Tensor, key_valid: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                counts: torch.Tensor):
+    """SparseVLM's text raters, once per prefill from the layer-0 input `inputs_embeds` `[B, L, D]`
+    (`key_valid` `[B, L]`; image `i` in row `rows[i]` spans `starts[i]`.. for `counts[i]`): the text
+    after the image (valid, in no image's span) scored by a softmax over it of the raw dot products
+    with the image's rows, averaged over those rows; raters score above the mean of that text.
+    Returns `(positions [I, Q], valid [I, Q])`, each image's raters in ascending order (spec
+    `sparsevlm.md` 2; float32 here)."""
+    length = inputs_embeds.shape[1]
+    columns = torch.arange(length, device=inputs_embeds.device)
+    in_image = torch.zeros_like(key_valid)
+    _, positions, inside = image_scores(key_valid.float(), rows, starts, counts)
+    in_image[rows[:, None].expand_as(positions)[inside], positions[inside]] = True
+    text = (columns >= (starts + counts)[:, None]) & key_valid[rows] & ~in_image[rows]  # [I, L]
+    text_width = int(text.sum(1).max()) if text.numel() else 0
+    text_positions = torch.where(text, columns, length).sort(dim=1).values[:, :text_width]  # [I, T], ascending
+    text_valid = text_positions < length
+    text_positions = text_positions.clamp(max=length - 1)
+    states = inputs_embeds.float()
+    visual = states[rows[:, None], positions]  # [I, N, D]
+    logits = visual @ states[rows[:, None], text_positions].transpose(1, 2)  # [I, N, T]
+    relevance = logits.masked_fill(~text_valid[:, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    relevance = (relevance * inside[..., None]).sum(1) / counts.clamp(min=1)[:, None]  # [I, T]: mean over the rows
+    mean = relevance.sum(1) / text_valid.sum(1).clamp(min=1)
+    raters = text_valid & (relevance > mean[:, None])
+    width = int(raters.sum(1).max()) if raters.numel() else 0
+    ordered = torch.where(raters, text_positions, length).sort(dim=1).values[:, :width]
+    return ordered.clamp(max=length - 1), ordered < length
+
+
+def rater_attn(layer, hidden_states, position_embeddings, key_valid, raters) -> torch.Tensor:
+    """`[I, L]`: per image, the mean over its raters (`raters`: `(rows [I], positions [I, Q],
+    valid [I, Q])`) of their head-mean attention rows at `layer` (SparseVLM's score; 0 for an image
+    without raters)."""
+    rows, positions, valid = raters
+    if positions.shape[1] == 0:
+        return hidden_states.new_zeros(rows.shape[0], hidden_states.shape[1], dtype=torch.float32)
+    cos, sin = position_embeddings
+    per_image = (cos[rows] if cos.shape[0] > 1 else cos, sin[rows] if sin.shape[0] > 1 else sin)
+    attention = query_attention(layer, hidden_states[rows], per_image, key_valid[rows], positions)  # [I, Q, L]
+    return (attention * valid[..., None]).sum(1) / valid.sum(1).clamp(min=1)[:, None]
+
+
+# SparseVLM: the sparse layer l's own attention from the text raters, pruning its output (stage at l + 1);
+# the scorer takes the raters as a fifth argument and returns per-image rows [I, L]
+SCORERS["rater_attn"] = (-1, rater_attn)
 
 
 def image_scores(row_scores: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
@@ -230,6 +279,62 @@ def _prune(request: PruningRequest, layer_index, hidden_states, position_ids, ke
     return hidden_states, position_ids, new_valid, (torch.where(new_counts > 0, new_starts, 0), new_counts)
 
 
+def shrink_and_insert(keep: torch.Tensor, rows: torch.Tensor, after: torch.Tensor, extra: torch.Tensor,
+                      extra_valid: torch.Tensor, hidden_states: torch.Tensor):
+    """`shrink` that also inserts new tokens: image `i`'s `extra[i]` `[C, D]` (the first
+    `extra_valid[i]` `[C]` rows, a prefix) go into row `rows[i]` right after the kept positions up to
+    `after[i]` (its span's last position). `keep` `[B, L]`, `hidden_states` `[B, L, D]`. Returns the
+    key-valid mask `[B, L']`, the index map `[B, L]` (-1 where dropped), the hidden states
+    `[B, L', D]` (left padded) and, per image, the new position right after its kept and inserted
+    tokens `[I]`."""
+    inserted = extra_valid.sum(1)
+    slots = keep.long()
+    extra_slots = torch.zeros_like(slots).index_put_((rows, after), inserted, accumulate=True)
+    filled = (slots + extra_slots).cumsum(1)  # [B, L]: slots up to each position, its inserted tokens included
+    lengths = filled[:, -1]
+    new_length = int(lengths.max())
+    shift = (new_length - lengths)[:, None]
+    destination = torch.where(keep, shift + filled - extra_slots - 1, torch.full_like(filled, -1))
+    image_ends = shift[rows, 0] + filled[rows, after]
+    extra_positions = (image_ends - inserted)[:, None] + torch.arange(extra.shape[1], device=keep.device)  # [I, C]
+    kept_rows, old = keep.nonzero(as_tuple=True)
+    out = hidden_states.new_zeros((hidden_states.shape[0], new_length, hidden_states.shape[2]))
+    out[kept_rows, destination[kept_rows, old]] = hidden_states[kept_rows, old]
+    image_rows = rows[:, None].expand_as(extra_positions)
+    out[image_rows[extra_valid], extra_positions[extra_valid]] = extra[extra_valid].to(out.dtype)
+    valid = torch.arange(new_length, device=keep.device) >= shift
+    return valid, destination, out, image_ends
+
+
+def _prune_by_raters(request: PruningRequest, layer_index, hidden_states, key_valid, spans, scores, raters):
+    """One SparseVLM stage on the output of the sparse layer (`hidden_states` `[B, L, D]`): the rule's
+    keep masks from the per-image rater scores `[I, L]`, the args' `recycle` merges inserted after
+    each image's kept tokens, positions renumbered. Images without a stage here are left whole.
+    Returns the new state, spans and raters (`(rows, positions [I, Q], valid)`, tracked)."""
+    starts, counts = spans
+    images = torch.arange(request.rows.shape[0], device=scores.device)
+    span_scores, positions, inside = image_scores(scores, images, starts, counts)
+    staged = torch.tensor([layer_index in dict(schedule) for schedule in request.schedules], device=scores.device)
+    targets = request.targets(layer_index, counts)
+    kept_images = (request.method.select(span_scores, counts, targets, request.args) | ~staged[:, None]) & inside
+    if request.on_prune is not None:
+        request.on_prune(layer_index, kept_images)
+    span_states = hidden_states[request.rows[:, None], positions]  # [I, N, D]
+    extra, extra_valid = request.args.recycle(span_states, span_scores, kept_images, inside)
+    extra_valid = extra_valid & staged[:, None]
+    keep = keep_positions(key_valid, request.rows, positions, inside, kept_images)
+    span_end = (starts + counts - 1).clamp(min=0, max=key_valid.shape[1] - 1)
+    new_valid, destination, hidden_states, image_ends = shrink_and_insert(keep, request.rows, span_end, extra,
+                                                                          extra_valid, hidden_states)
+    position_ids = (new_valid.long().cumsum(1) - 1).clamp(min=0)  # renumbered (v1, v1.5)
+    new_counts = kept_images.sum(1) + extra_valid.sum(1)
+    new_starts = image_ends - new_counts  # the image's kept then merged tokens are contiguous
+    rows, rater_positions, rater_valid = raters
+    rater_positions = destination[rows[:, None], rater_positions].clamp(min=0)  # text is always kept
+    return (hidden_states, position_ids, new_valid, (torch.where(new_counts > 0, new_starts, 0), new_counts),
+            (rows, rater_positions, rater_valid))
+
+
 def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
     """The backbone's forward (the transformers 5 Llama/Mistral loop) with in-LLM pruning, at a
@@ -269,18 +374,26 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
         key_valid = full_valid[:, -length:]
         positions = position_ids.expand(batch, -1)
         spans, scores, stages = (request.starts, request.counts), None, []
+        raters = None  # SparseVLM's text raters, from the layer-0 input
+        if "rater_attn" in request.method.needs:
+            raters = (request.rows, *text_raters(inputs_embeds, key_valid, request.rows, *spans))
 
         def score(index, offsets):
             for offset, scorer in scorers:
                 if offset in offsets and index - offset in stage_layers:
-                    return scorer(layers[index], hidden_states, position_embeddings, key_valid)
+                    rater_rows = (raters,) if raters is not None else ()
+                    return scorer(layers[index], hidden_states, position_embeddings, key_valid, *rater_rows)
             return scores
 
         for index, decoder_layer in enumerate(layers):
             scores = score(index, (0,))  # scored on the pruning layer's own input (PDrop)
             if index in stage_layers:
-                hidden_states, positions, key_valid, spans = _prune(request, index, hidden_states, positions,
-                                                                    key_valid, spans, scores)
+                if raters is not None:  # SparseVLM: rater scores, recycled tokens inserted
+                    hidden_states, positions, key_valid, spans, raters = _prune_by_raters(
+                        request, index, hidden_states, key_valid, spans, scores, raters)
+                else:
+                    hidden_states, positions, key_valid, spans = _prune(request, index, hidden_states, positions,
+                                                                        key_valid, spans, scores)
                 causal_mask = pruned_mask(key_valid, key_valid.shape[1])
                 position_embeddings = model.rotary_emb(hidden_states, position_ids=positions)
                 stages.append((index, key_valid))
