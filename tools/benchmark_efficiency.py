@@ -44,7 +44,8 @@ from llava.files import atomic_write, write_text  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
-from llava.model.compression import get_method, method_names  # noqa: E402
+from llava.model.compression import get_method  # noqa: E402
+from llava.model.compression.registry import in_llm_part, method_choices  # noqa: E402
 from llava.model.language_model import pruning  # noqa: E402
 from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
@@ -203,7 +204,10 @@ def scoring_ms(model, embeds, settings, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         with Clock(embeds.device) as clock, torch.no_grad():
-            for name in sorted(get_method(settings.method).needs):
+            # The in-LLM part's query-row scores (a composition's second part); scorers that run
+            # after a layer on its output (DART's) are not timed here.
+            in_llm_method, _ = in_llm_part(get_method(settings.method), settings.method_args)
+            for name in sorted(in_llm_method.needs & set(pruning.SCORERS)):
                 offset, scorer = pruning.SCORERS[name]
                 positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
                 valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
@@ -278,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--ratios", type=float, nargs="+", default=[1, 0.75, 0.5, 0.25, 0.1])
     parser.add_argument("--layout", choices=["official", "spatial"], default="official")
-    parser.add_argument("--method", choices=method_names(), default="globalcom2", help="compression method")
+    parser.add_argument("--method", choices=method_choices(), default="globalcom2", help="compression method")
     parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an argument of the method (repeatable)")
     parser.add_argument("--image-size", type=int, nargs=2, default=[1000, 1000], metavar=("W", "H"),

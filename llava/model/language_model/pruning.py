@@ -264,6 +264,10 @@ def _prune(request: PruningRequest, layer_index, hidden_states, position_ids, ke
     starts, counts = spans
     through_end = bool(request.method.needs & AFTER_LAYER_SCORERS.keys())  # DART: the text after each image too
     span_scores, positions, inside = image_scores(scores, request.rows, starts, counts, through_end)
+    if span_scores.shape[1] == 0:  # every image already pruned to nothing (a schedule's later stages)
+        if request.on_prune is not None:
+            request.on_prune(layer_index, inside)
+        return hidden_states, position_ids, key_valid, spans
     targets = request.targets(layer_index, counts)
     kept_images = request.method.select(span_scores, counts, targets, request.args) & inside
     if request.on_prune is not None:

@@ -212,6 +212,21 @@ def test_ragged_batch_equals_each_row_alone_through_three_stages(deep):
             assert torch.allclose(batched[row], alone, atol=1e-5)
 
 
+def test_stages_after_an_image_is_pruned_to_nothing_leave_the_state_alone(deep):
+    """A low target on a shallow model solves lambda = 0: the first stage drops the whole image and
+    the later stages meet an empty span (once an IndexError). The text still runs to the end."""
+    assert pdrop.PDropArgs().schedule(2928, _budget(0.1), 4) == ((1, 0), (2, 0), (3, 0))
+    lengths, spans = [40], [30]
+    embeds, _ = _prompt(deep, lengths)
+    args = pdrop.PDropArgs(layers="2,3,5", lam=0.01)  # int(30 * 0.01**s) = 0 at every stage
+    with torch.no_grad():
+        deep.get_model().pruning_request = _request(lengths, spans, args=args)
+        pruned = deep(inputs_embeds=embeds).logits[0, -1]
+        text_only = torch.cat([embeds[:, :3], embeds[:, 33:]], dim=1)  # the image (positions 3..32) removed at 2
+    assert torch.isfinite(pruned).all() and pruned.shape == (deep.config.vocab_size,)
+    assert not torch.allclose(pruned, deep(inputs_embeds=text_only).logits[0, -1], atol=1e-5)  # layers < 2 saw it
+
+
 def test_decode_after_pruning_equals_the_pruned_sequence_from_scratch(deep):
     """Greedy decode with the per-stage caches and shifted positions against re-running, at each
     step, the prompt and the tokens so far without a cache, pruned to the same kept sets (replayed:
