@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny checkpoint is built once per test session and loaded once."""
 
+import copy
 import os
 import struct
 import sys
@@ -59,3 +60,21 @@ def black_png(path, width, height):
 def bomb(tmp_path_factory):
     """A 20000x20000 image: over twice PIL's decompression-bomb limit, so PIL refuses to decode it."""
     return black_png(tmp_path_factory.mktemp("bomb") / "huge.png", 20000, 20000)
+
+
+@pytest.fixture(scope="session")
+def hook_free_copy():
+    """`hook_free_copy(model)`: a deep copy of a transformers model without forward hooks, to take
+    transformers' own `hidden_states`/`attentions` from as a reference. transformers 5 installs its
+    output-capturing hooks once per model, but a parent model (the LLaVA backbone, which some tests
+    call directly) installing after its CLIP child did installs the child's again, and
+    `output_hidden_states` then repeats every layer; the copy installs them once."""
+    def copy_without_hooks(model):
+        clean = copy.deepcopy(model)
+        for module in clean.modules():
+            module._forward_hooks.clear()
+            if getattr(module, "_output_capturing_hooks_installed", False):
+                module._output_capturing_hooks_installed = False
+        return clean
+
+    return copy_without_hooks

@@ -467,7 +467,7 @@ def _released_text_embeds(clip_model, text_tower, text):
     return clip_model.text_projection(hidden[torch.arange(ids.shape[0]), ids.argmax(dim=-1)])
 
 
-def test_faithful_mode_is_the_released_code_on_the_real_towers(tiny, tiny_checkpoint, model):
+def test_faithful_mode_is_the_released_code_on_the_real_towers(tiny, tiny_checkpoint, model, hook_free_copy):
     """A tall image (the model's own grid is 1x3) goes onto the forced 2x2 grid (Q1): 5 views of
     T = round(576 x 0.05) = 29 tokens, no newlines (Q2); the picks are the released code's on the
     real tower's features, CLIP image embeddings and text embeddings, restated here."""
@@ -485,7 +485,8 @@ def test_faithful_mode_is_the_released_code_on_the_real_towers(tiny, tiny_checkp
     tower = model.get_vision_tower()
     clip_model = CLIPModel.from_pretrained(os.path.join(tiny_checkpoint, TOWER_DIR)).eval()
     with torch.no_grad():
-        features = tower.vision_tower.vision_model(pixel_values[0], output_hidden_states=True).hidden_states[-2][:, 1:]
+        features = hook_free_copy(tower.vision_tower.vision_model)(pixel_values[0],
+                                                                    output_hidden_states=True).hidden_states[-2][:, 1:]
         projected = model.get_model().mm_projector(features)
         image_embeds = clip_model.visual_projection(tower.vision_tower.vision_model.post_layernorm(features).float())
         text_embeds = _released_text_embeds(clip_model, model.get_text_tower(), text)

@@ -26,16 +26,16 @@ def _eager_cls_scores(layer, layer_input):
     return logits.mean(dim=1)[:, 0, 1:]
 
 
-def test_features_and_scores_match_reference(tiny):
+def test_features_and_scores_match_reference(tiny, hook_free_copy):
     tower = tiny[1].get_vision_tower()
     pixels = _pixels()
     with torch.no_grad():
         features, signals = tower(pixels, {"cls_logits_last"})
         scores = signals["cls_logits_last"]
-        reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True)
-        eager = _eager_cls_scores(tower.vision_tower.vision_model.encoder.layers[-1], reference.hidden_states[-2])
+        reference = hook_free_copy(tower.vision_tower.vision_model)(pixels, output_hidden_states=True).hidden_states
+        eager = _eager_cls_scores(tower.vision_tower.vision_model.encoder.layers[-1], reference[-2])
     assert features.shape == (3, 576, tower.hidden_size) and scores.shape == (3, 576)
-    assert torch.allclose(features, reference.hidden_states[-2][:, 1:], atol=1e-6)
+    assert torch.allclose(features, reference[-2][:, 1:], atol=1e-6)
     assert (scores - eager).abs().max() <= 1e-5
     assert scores.std() > 0  # the scores really rank patches
 
@@ -45,7 +45,7 @@ def test_tower_keeps_fast_attention(tiny):
     assert tower.config._attn_implementation == "sdpa"
 
 
-def test_select_layer_last_and_cls_patch(tiny):
+def test_select_layer_last_and_cls_patch(tiny, hook_free_copy):
     tower = tiny[1].get_vision_tower()
     pixels = _pixels(views=1, seed=1)
     old = (tower.select_layer, tower.select_feature)
@@ -53,7 +53,7 @@ def test_select_layer_last_and_cls_patch(tiny):
         tower.select_layer, tower.select_feature = -1, "cls_patch"
         with torch.no_grad():
             features, _ = tower(pixels)
-            reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states[-1]
+            reference = hook_free_copy(tower.vision_tower.vision_model)(pixels, output_hidden_states=True).hidden_states[-1]
     finally:
         tower.select_layer, tower.select_feature = old
     assert features.shape == (1, 577, tower.hidden_size)
@@ -77,20 +77,20 @@ def test_unknown_tower_is_a_clear_error():
         resolve_vision_tower("not-a/clip-tower")
 
 
-def _eager_model(vision_model):
+def _eager_model(vision_model, hook_free_copy):
     """A copy of the tower's CLIP model with eager attention, so `output_attentions` returns maps."""
-    eager = copy.deepcopy(vision_model)
+    eager = hook_free_copy(vision_model)
     eager.set_attn_implementation("eager")
     return eager
 
 
-def test_cls_attention_matches_hf_eager_attentions(tiny):
+def test_cls_attention_matches_hf_eager_attentions(tiny, hook_free_copy):
     """FasterVLM's score: layer -2's post-softmax [CLS] row, [CLS] column dropped, head mean."""
     tower = tiny[1].get_vision_tower()
     pixels = _pixels(seed=2)
     with torch.no_grad():
         _, signals = tower(pixels, {"cls_attn_penultimate"})
-        reference = _eager_model(tower.vision_tower.vision_model)(pixels, output_attentions=True)
+        reference = _eager_model(tower.vision_tower.vision_model, hook_free_copy)(pixels, output_attentions=True)
     eager = reference.attentions[-2][:, :, 0, 1:].mean(dim=1)  # as FasterVLM's code takes it
     assert set(signals) == {"cls_attn_penultimate"}
     assert signals["cls_attn_penultimate"].shape == (3, 576)
@@ -145,13 +145,13 @@ def _projection_outputs(layer, layer_input):
     return captured["q_proj"], captured["k_proj"]
 
 
-def test_per_head_cls_attention_of_layers_0_and_22_match_hf_eager_attentions(tiny):
+def test_per_head_cls_attention_of_layers_0_and_22_match_hf_eager_attentions(tiny, hook_free_copy):
     """HiRED's and VisionZip's inputs: each head's post-softmax [CLS] row, [CLS] column dropped."""
     tower = tiny[1].get_vision_tower()
     pixels = _pixels(views=2, seed=5)
     with torch.no_grad():
         _, signals = tower(pixels, {"cls_attn_heads_first", "cls_attn_heads_penultimate", "cls_attn_penultimate"})
-        reference = _eager_model(tower.vision_tower.vision_model)(pixels, output_attentions=True)
+        reference = _eager_model(tower.vision_tower.vision_model, hook_free_copy)(pixels, output_attentions=True)
     heads = tower.config.num_attention_heads
     for name, layer in (("cls_attn_heads_first", 0), ("cls_attn_heads_penultimate", -2)):
         assert signals[name].shape == (2, heads, 576)
@@ -160,7 +160,7 @@ def test_per_head_cls_attention_of_layers_0_and_22_match_hf_eager_attentions(tin
     assert not torch.allclose(signals["cls_attn_heads_first"], signals["cls_attn_heads_penultimate"])
 
 
-def test_keys_and_full_width_attention_match_hooked_projections(tiny):
+def test_keys_and_full_width_attention_match_hooked_projections(tiny, hook_free_copy):
     """VisionZip's head-mean keys of layer -2; PruMerge's keys and one-head, full-width
     attention of the last layer (scale 1/sqrt(C), softmax over all keys, [CLS] column dropped)."""
     tower = tiny[1].get_vision_tower()
@@ -169,7 +169,7 @@ def test_keys_and_full_width_attention_match_hooked_projections(tiny):
     names = {"keys_head_mean_penultimate", "cls_attn_full_width_last", "keys_last"}
     with torch.no_grad():
         _, signals = tower(pixels, names)
-        hidden = tower.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states
+        hidden = hook_free_copy(tower.vision_tower.vision_model)(pixels, output_hidden_states=True).hidden_states
         _, keys_22 = _projection_outputs(layers[-2], hidden[-3])
         query_23, keys_23 = _projection_outputs(layers[-1], hidden[-2])
     width, heads = tower.hidden_size, tower.config.num_attention_heads
@@ -184,12 +184,12 @@ def test_keys_and_full_width_attention_match_hooked_projections(tiny):
     assert (signals["cls_attn_full_width_last"].sum(dim=1) < 1).all()  # the [CLS] key's share is left out
 
 
-def test_tower_features_are_the_selected_hidden_state_with_cls(tiny):
+def test_tower_features_are_the_selected_hidden_state_with_cls(tiny, hook_free_copy):
     tower = tiny[1].get_vision_tower()
     pixels = _pixels(views=2, seed=7)
     with torch.no_grad():
         features, signals = tower(pixels, {"tower_features"})
-        reference = tower.vision_tower.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
+        reference = hook_free_copy(tower.vision_tower.vision_model)(pixels, output_hidden_states=True).hidden_states[-2]
     assert signals["tower_features"].shape == (2, 577, tower.hidden_size)
     assert torch.equal(signals["tower_features"][:, 1:], features)
     assert torch.allclose(signals["tower_features"], reference, atol=1e-6)

@@ -73,7 +73,7 @@ def test_instruction_embeds_are_the_legacy_pooled_projection_of_each_segment(tex
     assert embeds.std(dim=0).sum() > 0  # different segments, different embeddings
 
 
-def test_patch_embeds_project_layer_minus_2_after_post_layernorm_in_float32(tiny, text_tower, clip_dir):
+def test_patch_embeds_project_layer_minus_2_after_post_layernorm_in_float32(tiny, text_tower, clip_dir, hook_free_copy):
     _, model, _ = tiny
     tower = model.get_vision_tower()
     pixels = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
@@ -81,7 +81,7 @@ def test_patch_embeds_project_layer_minus_2_after_post_layernorm_in_float32(tiny
         features, _ = tower(pixels)
         embeds = text_tower.patch_embeds(features, tower)
         vision_model = tower.vision_tower.vision_model
-        hidden = vision_model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = hook_free_copy(vision_model)(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         weight = CLIPModel.from_pretrained(clip_dir).visual_projection.weight
         expected = vision_model.post_layernorm(hidden).float() @ weight.T
     assert embeds.shape == (2, 576, weight.shape[0]) and embeds.dtype == torch.float32
