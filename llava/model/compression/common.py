@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from fractions import Fraction
 
 import torch
 
@@ -316,9 +317,9 @@ class Selection:
 
 def uncompressed_accounting(tokens: int) -> dict:
     """The record of an image sent whole without spatial structure (merge type `flat`)."""
-    return dict(tokens_before=tokens, tokens_after=tokens, retained=1.0, image_tokens=tokens, newline_tokens=0, extra_tokens=0,
-                vanilla_image_tokens=tokens, realised_ratio=1.0, grid=None, thumbnail_kept=tokens, crop_valid=[],
-                crop_kept=[])
+    return dict(tokens_before=tokens, tokens_after=tokens, retained=1.0, image_tokens=tokens, newline_tokens=0,
+                extra_tokens=0, vanilla_image_tokens=tokens, realised_ratio=1.0, grid=None, thumbnail_kept=tokens,
+                crop_valid=[], crop_kept=[])
 
 
 @dataclasses.dataclass
@@ -382,6 +383,24 @@ def view_image_tokens(geometry: CropGeometry) -> list[int]:
     return [geometry.side**2, *geometry.valid_counts]
 
 
+def proportional_view_counts(geometry: CropGeometry, budget: Budget, matched: bool, at_least: int = 0) -> list[int]:
+    """`T_v = min(c_v, max(at_least, round(R' c_v)))` tokens for each view `[V]`, thumbnail first,
+    of the `c_v` cells it offers (`view_image_tokens`): `R' = N / sum c_v` for `--visual-tokens N`,
+    else `R` (the per-view rule of FasterVLM's, VisionZip's and VisPruner's papers), or with
+    `matched` `R N_van / sum c_v` (R of the model's own image tokens spread over the cells offered).
+    Host arithmetic in exact fractions, so a rule written per view (`round(576 R)`) or per image
+    (`round(R N_van / V)`) gives the same count, halves included (Python's `round`: half to even)."""
+    cells = view_image_tokens(geometry)
+    offered = sum(cells)
+    if budget.tokens is not None:
+        kept_per_cell = Fraction(budget.tokens, offered)
+    elif matched:
+        kept_per_cell = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
+    else:
+        kept_per_cell = Fraction(budget.ratio)
+    return [min(view_cells, max(at_least, round(kept_per_cell * view_cells))) for view_cells in cells]
+
+
 def keep_mask(selection: Selection) -> torch.Tensor:
     """The selection as a `[V, P]` bool mask, thumbnail first."""
     thumbnail = torch.zeros(1, selection.geometry.side**2, dtype=torch.bool, device=selection.thumbnail_indices.device)
@@ -418,14 +437,16 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     return tokens
 
 
-def _sequence_tokens(image_feature: torch.Tensor, selection: Selection, image_newline: torch.Tensor | None) -> torch.Tensor:
+def _sequence_tokens(image_feature: torch.Tensor, selection: Selection,
+                     image_newline: torch.Tensor | None) -> torch.Tensor:
     """The tokens `[M, D]` a selection's own `sequence` names."""
     sequence = selection.sequence
     num_cells = image_feature.shape[0] * image_feature.shape[1]
     tokens = _gather(image_feature, selection, sequence.clamp(0, num_cells - 1))
     if selection.extra_tokens:
         extra_rows = (sequence - num_cells).clamp(0, selection.extra_tokens - 1)
-        tokens = torch.where((sequence >= num_cells)[:, None], selection.extra_features.to(tokens.dtype)[extra_rows], tokens)
+        extra = selection.extra_features.to(tokens.dtype)[extra_rows]
+        tokens = torch.where((sequence >= num_cells)[:, None], extra, tokens)
     if image_newline is not None:
         tokens = torch.where((sequence < 0)[:, None], image_newline.to(tokens.dtype), tokens)
     return tokens

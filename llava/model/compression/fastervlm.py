@@ -28,10 +28,11 @@ Budget. View v keeps `T_v = min(c_v, round(R' c_v))` of the `c_v` cells it offer
   as in the paper's LLaVA-NeXT table (10% -> 58 per view, 290 for 5 views), the same T for every
   view, all-padding crops included (quirk F2). Where there is padding this is more than R of
   LLaVA-NeXT's tokens: a 1000x700 image (2x2 grid, 2208 vanilla image tokens) sends 290 = 13.1%
-  at R = 0.1, and the run's accounting (against the model's own vanilla sequence) reports 13.1%. In `anyres` mode each view keeps R of its own
-  image cells: the paper keeps R of every view it sees, and applied to the views LLaVA-NeXT
-  sends this keeps R of the vanilla image tokens to within rounding, the budget other methods
-  are held to (a uniform `round(576 R)` would be capped on padding-cut crops and miss it).
+  at R = 0.1, and the run's accounting (against the model's own vanilla sequence) reports 13.1%.
+  In `anyres` mode each view keeps R of its own image cells: the paper keeps R of every view it
+  sees, and applied to the views LLaVA-NeXT sends this keeps R of the vanilla image tokens to
+  within rounding, the budget other methods are held to (a uniform `round(576 R)` would be
+  capped on padding-cut crops and miss it).
 - `budget=matched` (ours, not the paper's): the vanilla budget `R N_van` (`N_van`: LLaVA-NeXT's
   image tokens, unpadded, newlines excluded) spread over the cells offered, `R' = R N_van / sum c_v`,
   and at least one token per view: `T = max(1, round(R N_van / V))` in `faithful` mode. In
@@ -53,14 +54,12 @@ code's extra return values (F5) do not exist.
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 from typing import Literal
 
 import torch
 
 from llava.model.compression.common import (
-    Budget, CropGeometry, Selection, keep_everything, selection_from_mask, view_image_areas,
-    view_image_tokens,
+    Budget, CropGeometry, Selection, keep_everything, proportional_view_counts, selection_from_mask, view_image_areas,
 )
 from llava.model.compression.registry import arg, register
 
@@ -87,16 +86,8 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: FasterVLMArg
     Budget). Host-side arithmetic on a handful of numbers, done in exact fractions so that a rule
     written per view (`round(576 R)`) or per image (`round(R N_van / V)`) gives the same count,
     halves included (Python's `round`: half to even)."""
-    cells = view_image_tokens(geometry)  # c_v: P each without unpadding
-    offered = sum(cells)
-    if budget.tokens is not None:
-        kept_per_cell = Fraction(budget.tokens, offered)
-    elif args.budget == "paper":
-        kept_per_cell = Fraction(budget.ratio)
-    else:
-        kept_per_cell = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
-    at_least = 1 if args.budget == "matched" else 0
-    return [min(view_cells, max(at_least, round(kept_per_cell * view_cells))) for view_cells in cells]
+    matched = args.budget == "matched"
+    return proportional_view_counts(geometry, budget, matched, at_least=int(matched))
 
 
 def select_view_tokens(scores: torch.Tensor, image_areas: torch.Tensor, counts: list[int]) -> torch.Tensor:

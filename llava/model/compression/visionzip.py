@@ -87,7 +87,8 @@ from typing import Literal
 import torch
 
 from llava.model.compression.common import (
-    Budget, CropGeometry, Merge, crop_canvas, keep_everything, view_image_areas, view_image_tokens,
+    Budget, CropGeometry, Merge, crop_canvas, keep_everything, proportional_view_counts, view_image_areas,
+    view_image_tokens,
 )
 from llava.model.compression.registry import arg, register
 
@@ -118,16 +119,9 @@ def official_input(args: VisionZipArgs) -> dict:
 def view_token_counts(geometry: CropGeometry, budget: Budget, args: VisionZipArgs) -> list[int]:
     """`N_v` for each view `[V]`, thumbnail first: every token it sends (in `faithful` mode its
     [CLS] token included). Host-side arithmetic in exact fractions (see the module's Budget)."""
-    cells = view_image_tokens(geometry)  # c_v: P each without unpadding
-    offered = sum(cells)
-    if budget.tokens is not None:
-        share = Fraction(budget.tokens, offered)
-    elif args.budget == "paper":
-        share = Fraction(budget.ratio)
-    else:
-        share = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
-    at_least = 2 if args.mode == "faithful" else int(args.budget == "matched")
-    return [min(view_cells, max(at_least, round(share * view_cells))) for view_cells in cells]
+    matched = args.budget == "matched"
+    # The official code needs dominant >= 1 (the [CLS] token) and contextual >= 1.
+    return proportional_view_counts(geometry, budget, matched, at_least=2 if args.mode == "faithful" else int(matched))
 
 
 def split_view_tokens(tokens: int) -> tuple[int, int]:

@@ -92,13 +92,13 @@ per-round ones; in fp32 a BLAS may round a product's last bit differently (not c
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 from typing import Literal
 
 import torch
 
 from llava.model.compression.common import (
-    Budget, CropGeometry, Selection, keep_everything, selection_from_mask, view_image_areas, view_image_tokens,
+    Budget, CropGeometry, Selection, keep_everything, proportional_view_counts, selection_from_mask, view_image_areas,
+    view_image_tokens,
 )
 from llava.model.compression.registry import arg, register
 
@@ -136,16 +136,8 @@ def view_token_counts(geometry: CropGeometry, budget: Budget, args: VisPrunerArg
     """`T_v = min(c_v, round(R' c_v))` for each view `[V]`, thumbnail first (`R'`: the module's
     Budget). Host arithmetic in exact fractions, so a rule written per view (`round(576 R)`) or
     per image (`round(R N / V)`) gives the same count, halves included (half to even)."""
-    cells = view_image_tokens(geometry)  # c_v: P each without unpadding
-    offered = sum(cells)
-    if budget.tokens is not None:
-        kept_per_cell = Fraction(budget.tokens, offered)
-    elif args.budget == "paper":
-        kept_per_cell = Fraction(budget.ratio)
-    else:
-        kept_per_cell = Fraction(budget.ratio) * budget.model_vanilla_image_tokens / offered
-    at_least = 1 if args.budget == "matched" else 0
-    return [min(view_cells, max(at_least, round(kept_per_cell * view_cells))) for view_cells in cells]
+    matched = args.budget == "matched"
+    return proportional_view_counts(geometry, budget, matched, at_least=int(matched))
 
 
 def split_counts(counts: list[int], important_ratio: float) -> tuple[list[int], list[int]]:

@@ -25,7 +25,8 @@ def test_budget_from_a_ratio_or_a_token_count():
     # A method's official input without unpadding (2880 cells) keeps LLaVA-NeXT's 2208 as N_van,
     # unless the glue names the model's own count (a forced grid: another image size's).
     padded = crop_geometry((1000, 700), (2, 2), 24, unpad=False)
-    assert (Budget.resolve(padded, 0.25).vanilla_image_tokens, Budget.resolve(padded, 0.25).model_vanilla_image_tokens) == (2880, 2208)
+    budget = Budget.resolve(padded, 0.25)
+    assert (budget.vanilla_image_tokens, budget.model_vanilla_image_tokens) == (2880, 2208)
     assert Budget.resolve(padded, 0.25, model_vanilla_image_tokens=2160).model_vanilla_image_tokens == 2160
     assert Budget.resolve(geometry, visual_tokens=5000).keeps_all  # more than vanilla: everything
     for bad in (0, 1.5, float("nan")):
@@ -60,7 +61,8 @@ def test_own_sequence_names_cells_extra_tokens_and_newlines():
     tokens = arrange_tokens(_named_views(), merge, torch.tensor([-1.0]), "official")
     assert tokens[:, 0].tolist() == [3, 0, 100, 5, 10, 8, 101]
     record = merge.accounting("official")
-    assert (record["image_tokens"], record["extra_tokens"], record["newline_tokens"], record["tokens_after"]) == (7, 2, 0, 7)
+    counts = (record["image_tokens"], record["extra_tokens"], record["newline_tokens"], record["tokens_after"])
+    assert counts == (7, 2, 0, 7)
     # The spatial layout: LLaVA-NeXT's raster arrangement (a newline after each of the 2 image
     # rows), then the extra tokens.
     spatial = arrange_tokens(_named_views(), merge, torch.tensor([-1.0]), "spatial")

@@ -12,11 +12,11 @@ from PIL import Image
 
 from llava.eval import model_vqa_loader
 from llava.eval.jsonl import read_jsonl
-from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.compression import get_method, parse_method_args
 from llava.model.compression.common import Budget
 from llava.model.compression.registry import (ComposedArgs, in_llm_part, method_args_dict, method_choices,
                                               non_default_args, row_args)
+from tests.model.compression.test_fastv import _inputs
 
 NAME = "globalcom2+fastv"
 
@@ -90,25 +90,6 @@ def test_token_budget_split_by_hand():
 
 
 # --- through the tiny checkpoint (2 decoder layers: K = 1) -------------------------------------
-
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-def _inputs(tiny, sizes, questions):
-    tokenizer, model, processor = tiny
-    images = [_image(size, index) for index, size in enumerate(sizes)]
-    pixel_values = process_images(images, processor, model.config)
-    rows = [tokenizer_image_token(f"USER: <image>\n{question} ASSISTANT:", tokenizer, return_tensors="pt")
-            for question in questions]
-    longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), tokenizer.pad_token_id or 0)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, longest - len(row):], mask[index, longest - len(row):] = row, 1
-    return ids, mask, pixel_values, [image.size for image in images]
-
 
 def _generate(model, inputs, **compression):
     ids, mask, pixel_values, sizes = inputs

@@ -199,7 +199,8 @@ def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
     if budget.get("retention_ratio") == 1.0:
         # A full budget sends the method's input whole: LLaVA-NeXT's image tokens, or where its
         # official code changes the input (no unpadding: FasterVLM, VisionZip), every cell of it.
-        _, _, input_geometry = _inputs(image.size, input_changes=get_method(name).input_changes(get_method(name).args()))
+        method = get_method(name)
+        _, _, input_geometry = _inputs(image.size, input_changes=method.input_changes(method.args()))
         assert record["image_tokens"] == input_geometry.vanilla_image_tokens
     else:
         assert 0 < record["image_tokens"] < record["vanilla_image_tokens"]

@@ -14,12 +14,13 @@ from PIL import Image
 
 from llava.eval import model_vqa_loader
 from llava.eval.jsonl import read_jsonl
-from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
+from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression import get_method, parse_method_args, pdrop
 from llava.model.compression.common import Budget, crop_geometry
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.pruning import PruningRequest
 from llava.tiny import V16_PINPOINTS
+from tests.model.compression.test_fastv import _generate, _inputs
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=2880):
@@ -285,35 +286,6 @@ def test_decode_without_the_position_shift_differs(deep):
 
 
 # --- through the tiny checkpoint (2 decoder layers: one stage at layer 1) ---------------------------
-
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-def _inputs(tiny, sizes, questions):
-    tokenizer, model, processor = tiny
-    images = [_image(size, index) for index, size in enumerate(sizes)]
-    pixel_values = process_images(images, processor, model.config)
-    rows = [tokenizer_image_token(f"USER: <image>\n{question} ASSISTANT:", tokenizer, return_tensors="pt")
-            for question in questions]
-    longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), tokenizer.pad_token_id or 0)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, longest - len(row):], mask[index, longest - len(row):] = row, 1
-    return ids, mask, pixel_values, [image.size for image in images]
-
-
-def _generate(model, ids, mask, pixel_values, sizes, **compression):
-    model.set_compression(**compression)
-    try:
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, images=pixel_values, image_sizes=sizes, do_sample=False,
-                                  max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
-    finally:
-        model.set_compression()
-
 
 def test_full_budget_is_the_vanilla_model(tiny):
     _, model, _ = tiny
