@@ -10,11 +10,15 @@ For each R (default 1, 0.75, 0.5, 0.25, 0.1), medians over `--repeats` after a w
 - peak memory (CUDA: max allocated; CPU: peak RSS, reset per ratio through /proc/self/clear_refs)
   and the KV cache's bytes after the prefill; the number of visual tokens;
 - every quantity also as a ratio to R = 1 from the same run, next to the theoretical prefill
-  FLOPs ratio (`tools/flops.py` on the same language model and token counts).
+  FLOPs ratio (`tools/flops.py` on the same language model and token counts; an in-LLM method's
+  from its per-layer token schedule);
+- an in-LLM method (`--method fastv`, `globalcom2+fastv`, ...): its equivalent tokens (the layer
+  average) and the shares of the prefill spent scoring and in the keep rule (`scoring_share`,
+  `pruning_share`), from a profiled pass after all timings.
 
 Models (random weights, nothing downloaded):
 
-    python tools/benchmark_efficiency.py                                   # CPU preset: tiny CLIP + a 4-layer, 768-wide LLM
+    python tools/benchmark_efficiency.py                    # CPU preset: tiny CLIP + a 4-layer, 768-wide LLM
     python tools/benchmark_efficiency.py --preset llava-next-7b --device cuda   # full-size LLaVA-NeXT-7B in fp16
     python tools/benchmark_efficiency.py --model-path checkpoints/llava-next-tiny
 
@@ -44,8 +48,7 @@ from llava.files import atomic_write, write_text  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
-from llava.model.compression import get_method  # noqa: E402
-from llava.model.compression.registry import in_llm_part, method_choices  # noqa: E402
+from llava.model.compression.registry import method_choices  # noqa: E402
 from llava.model.language_model import pruning  # noqa: E402
 from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
@@ -72,7 +75,8 @@ def build_random_model(preset: str, device: str, dtype: torch.dtype):
     if preset == "cpu":
         tower = os.path.join(os.path.abspath(ensure_tiny_checkpoint()), TOWER_DIR)
     config = LlavaConfig(
-        **LANGUAGE_MODELS[preset], vocab_size=32000 if preset != "cpu" else len(tokenizer), max_position_embeddings=4096,
+        **LANGUAGE_MODELS[preset], vocab_size=32000 if preset != "cpu" else len(tokenizer),
+        max_position_embeddings=4096,
         rms_norm_eps=1e-5, image_aspect_ratio="anyres", image_grid_pinpoints=V16_PINPOINTS,
         mm_hidden_size=1024 if preset != "cpu" else 32, mm_patch_merge_type="spatial_unpad",
         mm_projector_type="mlp2x_gelu", mm_vision_select_feature="patch", mm_vision_select_layer=-2,
@@ -138,7 +142,8 @@ def _peak_rss_bytes() -> int:
 
 
 def cache_bytes(cache) -> int:
-    return sum(tensor.numel() * tensor.element_size() for layer in cache.layers for tensor in (layer.keys, layer.values))
+    return sum(tensor.numel() * tensor.element_size()
+               for layer in cache.layers for tensor in (layer.keys, layer.values))
 
 
 @torch.inference_mode()
@@ -188,32 +193,32 @@ def measure_ratio(model, tokenizer, pixel_values, image_size, ratio: float, args
         row.update(visual_tokens=record["post_pruning_image_tokens"],
                    equivalent_tokens=record["equivalent_image_tokens"],
                    prefill_tflops=sum(prefill_flops(one_layer, text_tokens + tokens)
-                                      for tokens in record["layer_image_tokens"]) / 1e12,
-                   scoring_ms=scoring_ms(model, embeds, settings, args.warmup + args.repeats))
-        row["scoring_share"] = row["scoring_ms"] / row["prefill_ms"]
+                                      for tokens in record["layer_image_tokens"]) / 1e12)
     return row
 
 
-def scoring_ms(model, embeds, settings, repeats: int) -> float:
-    """Median time of an in-LLM method's scores (the query rows' q.k recomputed at its scoring
-    layer, `pruning.SCORERS`) on a prompt of the prefill's length; 0 when nothing is scored."""
-    stages = [layer for schedule in model.last_schedules for layer, _ in schedule]
-    if not stages:
-        return 0.0
-    backbone = model.get_model()
-    times = []
-    for _ in range(repeats):
-        with Clock(embeds.device) as clock, torch.no_grad():
-            # The in-LLM part's query-row scores (a composition's second part); scorers that run
-            # after a layer on its output (DART's) are not timed here.
-            in_llm_method, _ = in_llm_part(get_method(settings.method), settings.method_args)
-            for name in sorted(in_llm_method.needs & set(pruning.SCORERS)):
-                offset, scorer = pruning.SCORERS[name]
-                positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
-                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-                scorer(backbone.layers[min(stages) + offset], embeds, backbone.rotary_emb(embeds, positions), valid)
-        times.append(clock.ms)
-    return statistics.median(times)
+def in_llm_shares(model, tokenizer, pixel_values, image_size, ratio: float, args, device) -> dict:
+    """An in-LLM method's overheads at `ratio` as shares of its prefill, from `args.repeats` profiled
+    prefills, run after every ratio's timings and memory so the profiler disturbs none of them:
+    `scoring_share` (`pruning.SCORES_RANGE`: the query rows' q.k against the cached keys, SparseVLM's
+    raters, DART's pivot features) and `pruning_share` (`pruning.PRUNE_RANGE`: the keep rule, the
+    shrink, SparseVLM's recycling); each range's total over the prefill's, CPU time on CPU and device
+    time on CUDA, so the profiler's own overhead falls on both sides of the ratio."""
+    model.set_compression(ratio, args.layout, method=args.method, method_args=args.method_arg)
+    input_ids = tokenizer_image_token(PROMPT, tokenizer, return_tensors="pt")[None].to(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler, torch.no_grad():
+        for _ in range(args.repeats):
+            embeds = model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
+                                                                [image_size], instructions=[QUESTION])[4]
+            with torch.profiler.record_function("prefill"):
+                model(inputs_embeds=embeds, use_cache=True)
+    totals = {event.key: (event.device_time_total if device.type == "cuda" else event.cpu_time_total)
+              for event in profiler.key_averages()}
+    prefill = totals["prefill"]
+    return dict(scoring_share=totals.get(pruning.SCORES_RANGE, 0.0) / prefill,
+                pruning_share=totals.get(pruning.PRUNE_RANGE, 0.0) / prefill)
 
 
 def add_relative(rows: list[dict]) -> None:
@@ -240,7 +245,7 @@ def prefill_check(rows: list[dict]) -> str:
 def markdown(rows: list[dict], header: str) -> str:
     columns = ["ratio", "visual_tokens", "tower_ms", "compression_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s",
                "peak_memory_mb", "kv_cache_mb", "prefill_tflops", "prefill_ms_vs_r1", "prefill_tflops_vs_r1",
-               "equivalent_tokens", "scoring_ms", "scoring_share"]  # the last three: in-LLM methods
+               "equivalent_tokens", "scoring_share", "pruning_share"]  # the last three: in-LLM methods
     columns = [name for name in columns if name in rows[0]]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -310,14 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     image = Image.new("RGB", tuple(args.image_size), (120, 160, 200))
     model.set_compression(method=args.method, method_args=args.method_arg)  # its input changes shape the views
     pixel_values = process_images([image], processor, model.input_config()).to(device, dtype)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    header = (f"{name}, {args.dtype or dtype}, {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine())
+    header = (f"{name}, {args.dtype or dtype}, {machine}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; "
               f"image {args.image_size[0]}x{args.image_size[1]}, {args.method} {' '.join(args.method_arg)}, "
               f"layout {args.layout}, medians of {args.repeats}")
     rows = []
     for ratio in args.ratios:
         rows.append(measure_ratio(model, tokenizer, pixel_values, tuple(args.image_size), ratio, args, device))
-        print(f"R {ratio:g}: {rows[-1]['visual_tokens']} visual tokens, prefill {rows[-1]['prefill_ms']:.1f} ms", file=sys.stderr)
+        print(f"R {ratio:g}: {rows[-1]['visual_tokens']} visual tokens, prefill {rows[-1]['prefill_ms']:.1f} ms",
+              file=sys.stderr)
+    for row in rows:
+        if "equivalent_tokens" in row:
+            image_size = tuple(args.image_size)
+            row.update(in_llm_shares(model, tokenizer, pixel_values, image_size, row["ratio"], args, device))
     add_relative(rows)
     os.makedirs(args.out, exist_ok=True)
     table = markdown(rows, header)

@@ -26,3 +26,19 @@ def test_benchmark_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     assert "target within 1.5x" in (out / "efficiency.md").read_text()
     assert (out / "efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(path.name for path in out.iterdir()) == ["efficiency.json", "efficiency.md", "efficiency.png"]
+
+
+def test_an_in_llm_method_reports_its_schedule_and_overheads(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eff"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark_efficiency.py"), "--model-path", tiny_checkpoint,
+                             "--method", "fastv", "--method-arg", "k=1", "--ratios", "1", "0.25", "--repeats", "1",
+                             "--warmup", "0",
+                             "--new-tokens", "1", "--out", str(out), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    full, pruned = json.load(open(out / "efficiency.json"))["rows"]
+    assert full["equivalent_tokens"] == full["visual_tokens"] and full["scoring_share"] == 0
+    # FastV keeps every image token in layer 0 (K = 1 of the tiny 2): the layer average exceeds what is left
+    assert pruned["visual_tokens"] < pruned["equivalent_tokens"] < full["visual_tokens"]
+    assert 0 < pruned["scoring_share"] < 1 and 0 < pruned["pruning_share"] < 1
+    assert "scoring_share" in (out / "efficiency.md").read_text()

@@ -12,9 +12,11 @@ image tokens survive. This module runs the decoder and does everything else
    copy of its loop that stops before each pruning layer `l`. The layers before the first stage
    get the model's own causal mask and RoPE tables, so nothing changes until a prune happens,
    and a schedule with no stage (R = 1) is the vanilla model exactly.
-3. `query_attention` computes the declared scores for the chosen query rows only, from the
-   scoring layer's input with that layer's own `input_layernorm`, `q_proj`/`k_proj` and RoPE,
-   GQA heads repeated, padding masked, softmax in fp32, heads averaged. The model stays on SDPA:
+3. `query_attention` computes the declared scores for the chosen query rows only: their queries
+   from the scoring layer's input with that layer's own `input_layernorm`, `q_proj` and RoPE,
+   against the keys that layer has just written to the KV cache (`cached_keys`; recomputed by
+   `layer_keys` only where no cache holds them, e.g. PDrop, which scores a layer before running
+   it), GQA heads repeated, padding masked, softmax in fp32, heads averaged. The model stays on SDPA:
    no `output_attentions`, no eager fallback. (`last_query_attn`: the last position's row at
    layer `l - 1`, FastV's "attention of layer K-1".)
 4. `keep_positions` turns the rule's per-image keep masks into a keep mask over the sequence
@@ -44,9 +46,15 @@ import dataclasses
 import sys
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from torch.profiler import record_function
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
+
+
+# Profiler ranges around a prefill's scoring and its keep rule + shrink: `tools/benchmark_efficiency.py` reads
+# their share of the prefill from one profiled run (a range costs microseconds when no profiler listens).
+SCORES_RANGE, PRUNE_RANGE = "in_llm.scores", "in_llm.prune"
 
 
 @dataclasses.dataclass
@@ -93,61 +101,82 @@ def _rope(attention_module):
     return sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
 
 
+def layer_keys(layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """`[B, Hkv, L, d]`: `layer`'s keys for its input `hidden_states` `[B, L, D]` (its own norm,
+    `k_proj` and RoPE, `position_embeddings` `(cos, sin)` each `[B or 1, L, d]`), as its attention makes them."""
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    keys = attention.k_proj(layer.input_layernorm(hidden_states)).view(batch, length, -1, attention.head_dim)
+    cos, sin = position_embeddings
+    keys = keys.transpose(1, 2)
+    return _rope(attention)(keys, keys, cos, sin)[1]
+
+
+def cached_keys(cache, index: int, length: int) -> torch.Tensor | None:
+    """Layer `index`'s keys for the last `length` positions as that layer has just written them to
+    `cache` (`[B, Hkv, length, d]`), so a scorer run right after the layer needs no `k_proj` of its
+    own; None when the cache does not hold them all (no cache, a sliding window shorter than the
+    prompt, a quantised layer)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or index >= len(layers) or type(layers[index]) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        return None
+    keys = layers[index].keys
+    return keys[:, :, -length:] if keys is not None and keys.dim() == 4 and keys.shape[2] >= length else None
+
+
 def query_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
-                    query_index: torch.Tensor) -> torch.Tensor:
+                    query_index: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Head-mean post-softmax attention of the query positions `query_index` `[B, Q]` (long) over all
     keys, as `layer`'s self-attention computes it, for its input `hidden_states` `[B, L, D]`
-    (`position_embeddings` `(cos, sin)` each `[B or 1, L, d]`, `key_valid` `[B, L]` bool).
+    (`position_embeddings` `(cos, sin)` each `[B or 1, L, d]`, `key_valid` `[B, L]` bool). `keys`
+    `[B, Hkv, L, d]`: the layer's own (from the cache it just wrote); None recomputes them.
     Causal: a query sees keys up to its own position. Returns `[B, Q, L]` float32, zero on hidden keys."""
     attention = layer.self_attn
-    normed = layer.input_layernorm(hidden_states)
-    batch, length, _ = normed.shape
-    head_dim = attention.head_dim
-    gather = query_index[..., None].expand(-1, -1, normed.shape[-1])
-    queries = attention.q_proj(normed.gather(1, gather)).view(batch, query_index.shape[1], -1, head_dim).transpose(1, 2)
-    keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, Hkv, L, d]
+    batch, length, width = hidden_states.shape
+    query_states = layer.input_layernorm(hidden_states.gather(1, query_index[..., None].expand(-1, -1, width)))
+    queries = attention.q_proj(query_states).view(batch, query_index.shape[1], -1, attention.head_dim).transpose(1, 2)
+    if keys is None:
+        keys = layer_keys(layer, hidden_states, position_embeddings)
     cos, sin = position_embeddings
-    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
     query_gather = query_index[..., None].expand(-1, -1, cos.shape[-1])
-    rope = _rope(attention)
-    queries, _ = rope(queries, queries, cos.gather(1, query_gather), sin.gather(1, query_gather))
-    _, keys = rope(keys, keys, cos, sin)
+    cos, sin = cos.expand(batch, -1, -1).gather(1, query_gather), sin.expand(batch, -1, -1).gather(1, query_gather)
+    queries = _rope(attention)(queries, queries, cos, sin)[0]
     keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # GQA: [B, H, L, d]
     logits = (queries.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # [B, H, Q, L]
-    visible = key_valid[:, None, :] & (torch.arange(length, device=normed.device) <= query_index[..., None])
+    visible = key_valid[:, None, :] & (torch.arange(length, device=hidden_states.device) <= query_index[..., None])
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     return logits.softmax(-1).mean(1)
 
 
-def last_query_attn(layer, hidden_states, position_embeddings, key_valid) -> torch.Tensor:
+def last_query_attn(layer, hidden_states, position_embeddings, key_valid, keys=None) -> torch.Tensor:
     """`[B, L]`: the last position's attention row (left padding: every row's last real token)."""
     last = torch.full((hidden_states.shape[0], 1), hidden_states.shape[1] - 1, device=hidden_states.device)
-    return query_attention(layer, hidden_states, position_embeddings, key_valid, last)[:, 0]
+    return query_attention(layer, hidden_states, position_embeddings, key_valid, last, keys)[:, 0]
 
 
-# name -> (offset of the scoring layer from the pruning layer, function(layer, h, position_embeddings, key_valid))
+# name -> (offset of the scoring layer from the pruning layer, function(layer, h, position_embeddings, key_valid,
+# keys=None)). Offset -1 runs right after that layer, on its input, reading the keys it has just cached.
 SCORERS = {"last_query_attn": (-1, last_query_attn),
            "next_layer_query_attn": (0, last_query_attn)}  # PDrop: the pruning layer's own q/k on its input
 
 
 
-def dart_pivot_features(model, layer, layer_input, layer_output, position_embeddings, key_valid) -> torch.Tensor:
+def dart_pivot_features(model, layer, layer_input, layer_output, position_embeddings, key_valid,
+                        keys=None) -> torch.Tensor:
     """`[B, L, 2 + D]` float32 per token (DART, `compression.dart`): the L1 norm of `layer`'s keys
-    (its own norm, k_proj and RoPE on `layer_input`, every KV head flattened), the original position id
-    (from the row's first real token) and `layer_output` `[B, L, D]` through the model's final norm."""
-    attention = layer.self_attn
-    batch, length, _ = layer_input.shape
-    keys = attention.k_proj(layer.input_layernorm(layer_input)).view(batch, length, -1, attention.head_dim)
-    cos, sin = position_embeddings
-    _, keys = _rope(attention)(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)
+    (`keys` `[B, Hkv, L, d]` from the cache it just wrote, or `layer_keys` on `layer_input`; every KV
+    head flattened), the original position id (from the row's first real token) and `layer_output`
+    `[B, L, D]` through the model's final norm."""
+    if keys is None:
+        keys = layer_keys(layer, layer_input, position_embeddings)
     norms = keys.float().abs().sum((1, 3))  # [B, L]
     positions = (key_valid.long().cumsum(1) - 1).clamp(min=0).float()
     return torch.cat([norms[..., None], positions[..., None], model.norm(layer_output).float()], dim=-1)
 
 
 # Scorers that also need the scoring layer's output, run right after layer K-1: name -> function(model, layer,
-# layer_input, layer_output, position_embeddings, key_valid) -> [B, L, F]. Their keep rule sees, per image, its
-# span and then the text after it (`image_scores(..., through_end=True)`).
+# layer_input, layer_output, position_embeddings, key_valid, keys=None) -> [B, L, F]. Their keep rule sees, per
+# image, its span and then the text after it (`image_scores(..., through_end=True)`).
 AFTER_LAYER_SCORERS = {"dart_pivot_features": dart_pivot_features}
 
 
@@ -181,16 +210,17 @@ def text_raters(inputs_embeds: torch.Tensor, key_valid: torch.Tensor, rows: torc
     return ordered.clamp(max=length - 1), ordered < length
 
 
-def rater_attn(layer, hidden_states, position_embeddings, key_valid, raters) -> torch.Tensor:
+def rater_attn(layer, hidden_states, position_embeddings, key_valid, raters, keys=None) -> torch.Tensor:
     """`[I, L]`: per image, the mean over its raters (`raters`: `(rows [I], positions [I, Q],
     valid [I, Q])`) of their head-mean attention rows at `layer` (SparseVLM's score; 0 for an image
-    without raters)."""
+    without raters). `keys`: as `query_attention`'s, per batch row."""
     rows, positions, valid = raters
     if positions.shape[1] == 0:
         return hidden_states.new_zeros(rows.shape[0], hidden_states.shape[1], dtype=torch.float32)
     cos, sin = position_embeddings
     per_image = (cos[rows] if cos.shape[0] > 1 else cos, sin[rows] if sin.shape[0] > 1 else sin)
-    attention = query_attention(layer, hidden_states[rows], per_image, key_valid[rows], positions)  # [I, Q, L]
+    attention = query_attention(layer, hidden_states[rows], per_image, key_valid[rows], positions,
+                                None if keys is None else keys[rows])  # [I, Q, L]
     return (attention * valid[..., None]).sum(1) / valid.sum(1).clamp(min=1)[:, None]
 
 
@@ -380,33 +410,42 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
         spans, scores, stages = (request.starts, request.counts), None, []
         raters = None  # SparseVLM's text raters, from the layer-0 input
         if "rater_attn" in request.method.needs:
-            raters = (request.rows, *text_raters(inputs_embeds, key_valid, request.rows, *spans))
+            with record_function(SCORES_RANGE):
+                raters = (request.rows, *text_raters(inputs_embeds, key_valid, request.rows, *spans))
 
-        def score(index, offsets):
-            for offset, scorer in scorers:
-                if offset in offsets and index - offset in stage_layers:
-                    rater_rows = (raters,) if raters is not None else ()
-                    return scorer(layers[index], hidden_states, position_embeddings, key_valid, *rater_rows)
-            return scores
+        def rater_rows():
+            return (raters,) if raters is not None else ()
 
         for index, decoder_layer in enumerate(layers):
-            scores = score(index, (0,))  # scored on the pruning layer's own input (PDrop)
             if index in stage_layers:
-                if raters is not None:  # SparseVLM: rater scores, recycled tokens inserted
-                    hidden_states, positions, key_valid, spans, raters = _prune_by_raters(
-                        request, index, hidden_states, key_valid, spans, scores, raters)
-                else:
-                    hidden_states, positions, key_valid, spans = _prune(request, index, hidden_states, positions,
-                                                                        key_valid, spans, scores)
+                with record_function(SCORES_RANGE):
+                    for offset, scorer in scorers:  # scored on the pruning layer's own input (PDrop)
+                        if offset == 0:
+                            scores = scorer(decoder_layer, hidden_states, position_embeddings, key_valid,
+                                            *rater_rows())
+                with record_function(PRUNE_RANGE):
+                    if raters is not None:  # SparseVLM: rater scores, recycled tokens inserted
+                        hidden_states, positions, key_valid, spans, raters = _prune_by_raters(
+                            request, index, hidden_states, key_valid, spans, scores, raters)
+                    else:
+                        hidden_states, positions, key_valid, spans = _prune(request, index, hidden_states, positions,
+                                                                            key_valid, spans, scores)
                 causal_mask = pruned_mask(key_valid, key_valid.shape[1])
                 position_embeddings = model.rotary_emb(hidden_states, position_ids=positions)
                 stages.append((index, key_valid))
-            scores = score(index, (-1,))  # scored on the layer before the pruning layer (FastV: K - 1)
             layer_input = hidden_states
             hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
                                           position_embeddings=position_embeddings, position_ids=positions, **run)
-            if after and index + 1 in stage_layers:  # DART: layer K-1's keys from its input, its output
-                scores = after[0](model, decoder_layer, layer_input, hidden_states, position_embeddings, key_valid)
+            if index + 1 in stage_layers:  # scored on the layer before the pruning layer (FastV: K - 1)
+                with record_function(SCORES_RANGE):
+                    keys = cached_keys(cache, index, layer_input.shape[1])
+                    for offset, scorer in scorers:
+                        if offset == -1:
+                            scores = scorer(decoder_layer, layer_input, position_embeddings, key_valid, *rater_rows(),
+                                            keys=keys)
+                    for scorer in after:  # DART: also the layer's output
+                        scores = scorer(model, decoder_layer, layer_input, hidden_states, position_embeddings,
+                                        key_valid, keys=keys)
         if cache is not None:
             cache.pruned = PrunedCache(stages, length, getattr(request.args, "renumber", False))
     else:  # a decode step after a pruned prefill: each stage's layers see their own cache length

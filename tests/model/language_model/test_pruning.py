@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
+from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from llava.model.language_model import pruning
 from llava.model.language_model.pruning import PruningRequest
@@ -33,13 +33,25 @@ def test_last_query_attention_equals_eager_attentions(layer):
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_attentions=True,
-                    output_hidden_states=True)
+                    output_hidden_states=True, use_cache=True)
         layer_input = out.hidden_states[layer]  # hidden_states[i] is layer i's input
         cos_sin = model.rotary_emb(layer_input, position_ids=position_ids)
         scores = pruning.last_query_attn(model.layers[layer], layer_input, cos_sin, mask.bool())
+        keys = pruning.cached_keys(out.past_key_values, layer, 9)
+        from_cache = pruning.last_query_attn(model.layers[layer], layer_input, cos_sin, mask.bool(), keys=keys)
     reference = out.attentions[layer][:, :, -1, :].float().mean(1)  # [B, L], head mean of the last row
     assert torch.allclose(scores, reference, atol=1e-5)
     assert torch.all(scores[mask == 0] == 0)
+    assert keys.shape == (3, 2, 9, 8) and torch.equal(keys, pruning.layer_keys(model.layers[layer], layer_input, cos_sin))
+    assert torch.equal(from_cache, scores)
+
+
+def test_cached_keys_only_when_the_cache_holds_the_whole_prompt():
+    cache = DynamicCache()
+    assert pruning.cached_keys(None, 0, 4) is None and pruning.cached_keys(cache, 0, 4) is None
+    cache.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), 0)
+    assert pruning.cached_keys(cache, 0, 4) is None  # 3 cached positions cannot serve a 4-token prompt
+    assert torch.equal(pruning.cached_keys(cache, 0, 2), cache.layers[0].keys[:, :, 1:])
 
 
 def test_shrink_by_hand():
@@ -114,6 +126,24 @@ def test_keeping_everything_equals_the_model(tiny):
         model.get_model().pruning_request = _request(lengths, spans, [list(range(20)), list(range(15))], 1)
         pruned = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
     assert torch.allclose(pruned, vanilla, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_scoring_layer_reads_its_keys_from_the_cache(tiny, use_cache):
+    """Layer K-1's keys are projected once, by the layer itself, when a cache holds them; without a
+    cache the scorer projects them again."""
+    _, model, _ = tiny
+    lengths, spans = [30, 24], [20, 15]
+    embeds, mask = _prompts(tiny, lengths)
+    calls = []
+    hook = model.get_model().layers[0].self_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            model.get_model().pruning_request = _request(lengths, spans, [[0, 1], [2]], 1)
+            model(inputs_embeds=embeds, attention_mask=mask, use_cache=use_cache)
+    finally:
+        hook.remove()
+    assert len(calls) == (1 if use_cache else 2)
 
 
 def test_ragged_batch_equals_each_row_alone(tiny):
