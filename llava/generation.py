@@ -83,10 +83,12 @@ class Answer:
         for number, record in enumerate(self.accounting, 1):
             if "in_llm" in record:  # pruned inside the language model: both counts (fastv.md 3, in-llm-pruning.md 6)
                 stages = ", ".join(f"layer {layer}: {kept}" for layer, kept in record["in_llm"]["stages"]) or "none"
+                params = "".join(f" | {name} {value:.4g}" if isinstance(value, float) else f" | {name} {value}"
+                                 for name, value in record["in_llm"].get("schedule_params", {}).items())
                 lines.append(f"[in-llm] image {number}: {record['in_llm']['span_tokens']} tokens in (newlines "
                              f"included) | kept from {stages} | post-pruning {record['post_pruning_image_tokens']} | "
                              f"equivalent {record['equivalent_image_tokens']:.1f} (average over "
-                             f"{len(record['layer_image_tokens'])} layers)")
+                             f"{len(record['layer_image_tokens'])} layers){params}")
                 continue
             if record["retained"] == 1 or not record["crop_valid"]:
                 continue
@@ -138,31 +140,75 @@ def image_prompt(query: str, num_images: int) -> str:
     return query
 
 
+def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token rows of different lengths as one left-padded `[B, L]` batch and its `[B, L]` mask
+    (None when every row has the same length: nothing to mask, as for a single prompt)."""
+    longest = max(row.shape[0] for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, longest - row.shape[0]:] = row
+        attention_mask[index, longest - row.shape[0]:] = 1
+    return input_ids, (attention_mask if len({row.shape[0] for row in rows}) > 1 else None)
+
+
+def _generated_lengths(output_ids: torch.Tensor, eos_token_id) -> list[int]:
+    """Each row's new tokens up to and including its first EOS (all `T` of `output_ids` `[B, T]`
+    where it has none): a finished row is filled with padding while the others go on."""
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       dtype=output_ids.dtype, device=output_ids.device)
+    is_eos = torch.isin(output_ids, eos)
+    ended = is_eos.any(dim=1)
+    first_eos = is_eos.int().argmax(dim=1)
+    return torch.where(ended, first_eos + 1, output_ids.shape[1]).tolist()
+
+
 @torch.inference_mode()
-def answer(model, tokenizer, image_processor, prompt: str, images: list, temperature: float = 0.0,
-           top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512,
-           instructions: list[str] | None = None, reverse_crops: bool = False) -> Answer:
-    """Generate the reply to a rendered `prompt` (with one `<image>` per PIL image in `images`).
-    `instructions`: one text per image for methods conditioned on it (`llava.eval.instructions`).
-    `reverse_crops`: feed each image's crops in reversed order (`reverse_crop_order`); each image's
-    accounting then records `crops_reversed` (False where it has fewer than two crops)."""
-    input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
-    image_sizes = [image.size for image in images]
+def answer_batch(model, tokenizer, image_processor, prompts: list[str], images: list[list],
+                 temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512,
+                 instructions: list[list[str] | None] | None = None, reverse_crops: bool = False) -> list[Answer]:
+    """Generate the replies to rendered `prompts` in one `generate` call, the prompts left-padded.
+
+    `images[i]`: the PIL images of `prompts[i]` (one `<image>` each; may be empty). `instructions`:
+    per prompt, one text per image for methods conditioned on it (`llava.eval.instructions`), or
+    None. `reverse_crops`: feed each image's crops in reversed order (`reverse_crop_order`); each
+    image's accounting then records `crops_reversed` (False where it has fewer than two crops).
+    Each Answer has its own text, image sizes, grids, visual and prompt tokens (without padding),
+    accounting (its images' records of `model.last_accounting`) and new tokens (up to its EOS);
+    `time_to_first_token_s` and `tokens_per_second` are the batch's (decoding steps per second,
+    each step giving a token to every row still going). Greedy answers equal those of one prompt at
+    a time up to floating-point reassociation over the padded length (equal on CPU in fp32, tested).
+    """
+    if len(images) != len(prompts) or (instructions is not None and len(instructions) != len(prompts)):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists"
+                         + (f" and {len(instructions)} instruction lists" if instructions is not None else ""))
+    rows = [tokenizer_image_token(prompt, tokenizer, return_tensors="pt") for prompt in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, text_mask = _left_padded(rows, pad_id)
+    input_ids = input_ids.to(model.device)
+    text_mask = text_mask.to(model.device) if text_mask is not None else None
+    all_images = [image for own in images for image in own]
+    image_sizes = [image.size for image in all_images]
     start = time.perf_counter()
     settings = model.compression_settings()
-    if images:
-        pixel_values = process_images(images, image_processor, model.input_config(settings))
+    if all_images:
+        pixel_values = process_images(all_images, image_processor, model.input_config(settings))
         if isinstance(pixel_values, list):  # images with different numbers of AnyRes views
             pixel_values = [views.to(model.device, model.dtype) for views in pixel_values]
         else:
             pixel_values = pixel_values.to(model.device, model.dtype)
         if reverse_crops:
             pixel_values = reverse_crop_order(pixel_values)
+        per_image_instructions = None if instructions is None or all(texts is None for texts in instructions) else [
+            text for own, texts in zip(images, instructions) for text in (texts if texts is not None else [None] * len(own))]
         _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
-            input_ids, None, None, None, None, pixel_values, image_sizes, padding_side="left", instructions=instructions
+            input_ids, None, text_mask, None, None, pixel_values, image_sizes, padding_side="left",
+            instructions=per_image_instructions,
         )
+        prompt_lengths = list(model.last_row_lengths)
     else:
-        attention_mask, inputs_embeds = None, model.get_model().embed_tokens(input_ids)
+        attention_mask, inputs_embeds = text_mask, model.get_model().embed_tokens(input_ids)
+        prompt_lengths = [row.shape[0] for row in rows]
     timer = FirstTokenTimer()
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     output_ids = model.generate(
@@ -172,29 +218,50 @@ def answer(model, tokenizer, image_processor, prompt: str, images: list, tempera
         max_new_tokens=max_new_tokens,
         use_cache=True,
         stopping_criteria=StoppingCriteriaList([timer]),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_id,
         **sampling,
     )
     end = time.perf_counter()
-    new_tokens = int(output_ids.shape[1])
+    eos_token_id = model.generation_config.eos_token_id
+    new_tokens = _generated_lengths(output_ids, tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
+    texts = tokenizer.batch_decode([ids[:count] for ids, count in zip(output_ids, new_tokens)], skip_special_tokens=True)
+    steps = int(output_ids.shape[1])
     first = timer.first_token_time or end
-    text_tokens = int((input_ids != IMAGE_TOKEN_INDEX).sum())
     config = model.config
     anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
-    patch = model.get_vision_tower().config.image_size if images else None
-    return Answer(
-        text=tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip(),
-        image_sizes=image_sizes,
-        grids=[get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None for size in image_sizes],
-        visual_tokens=int(inputs_embeds.shape[1]) - text_tokens,
-        accounting=([dict(record, crops_reversed=len(record["crop_valid"]) > 1) for record in model.last_accounting]
-                    if reverse_crops else list(model.last_accounting)) if images else [],
-        compression=settings.record(),
-        prompt_tokens=int(inputs_embeds.shape[1]),
-        new_tokens=new_tokens,
-        time_to_first_token_s=first - start,
-        tokens_per_second=(new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else None,
-    )
+    patch = model.get_vision_tower().config.image_size if all_images else None
+    grids = [get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None
+             for size in image_sizes]
+    records = ([dict(record, crops_reversed=len(record["crop_valid"]) > 1) for record in model.last_accounting]
+               if reverse_crops else list(model.last_accounting)) if all_images else []
+    answers, offset = [], 0
+    for row, own, text, length, count in zip(rows, images, texts, prompt_lengths, new_tokens):
+        own_images = slice(offset, offset + len(own))
+        offset += len(own)
+        answers.append(Answer(
+            text=text.strip(),
+            image_sizes=image_sizes[own_images],
+            grids=grids[own_images],
+            visual_tokens=length - int((row != IMAGE_TOKEN_INDEX).sum()),
+            accounting=records[own_images],
+            compression=settings.record(),
+            prompt_tokens=length,
+            new_tokens=count,
+            time_to_first_token_s=first - start,
+            tokens_per_second=(steps - 1) / (end - first) if steps > 1 and end > first else None,
+        ))
+    return answers
+
+
+def answer(model, tokenizer, image_processor, prompt: str, images: list, temperature: float = 0.0,
+           top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512,
+           instructions: list[str] | None = None, reverse_crops: bool = False) -> Answer:
+    """Generate the reply to a rendered `prompt` (with one `<image>` per PIL image in `images`):
+    `answer_batch` with one prompt, whose arguments these are."""
+    return answer_batch(model, tokenizer, image_processor, [prompt], [images], temperature=temperature, top_p=top_p,
+                        num_beams=num_beams, max_new_tokens=max_new_tokens,
+                        instructions=None if instructions is None else [instructions],
+                        reverse_crops=reverse_crops)[0]
 
 
 def _retention_ratio_argument(text: str) -> float:

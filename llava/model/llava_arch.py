@@ -357,7 +357,8 @@ class LlavaMetaForCausalLM:
     def _in_llm_accounting(self, settings: CompressionSettings, span_tokens: int, selection, record: dict):
         """An in-LLM method's schedule for one image (`(layer, kept)` stages over its span of
         `span_tokens`, newlines included), and its counts added to `record`: the image tokens at
-        every layer, after the last prune ("post-pruning") and their layer average ("equivalent")."""
+        every layer, after the last prune ("post-pruning") and their layer average ("equivalent"), and
+        the method's own parameters behind the schedule (`schedule_params`, e.g. PDrop's lam), if any."""
         layers = self.config.num_hidden_layers
         geometry = selection.geometry if selection is not None else None
         budget = (common.Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens) if geometry
@@ -372,6 +373,9 @@ class LlavaMetaForCausalLM:
                       equivalent_image_tokens=sum(per_layer) / layers,
                       in_llm=dict(stages=[list(stage) for stage in schedule], span_tokens=span_tokens,
                                   counts_newlines=True))
+        params = getattr(settings.method_args, "schedule_params", None)
+        if params is not None:
+            record["in_llm"]["schedule_params"] = params(span_tokens, budget, layers)
         return schedule
 
     def prepare_inputs_labels_for_multimodal(

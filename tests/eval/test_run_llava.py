@@ -192,3 +192,14 @@ def test_save_selection_appends_one_line_per_image(tiny_checkpoint, tmp_path, ca
     assert [len(kept) for kept in record["kept"]] == [accounting["thumbnail_kept"], *accounting["crop_kept"]]
     assert [len(sources) for sources in record["sources"]] == [len(kept) for kept in record["kept"]]
     assert sum(len(cells) for view in record["sources"] for cells in view) == accounting["vanilla_image_tokens"]
+
+
+def test_an_in_llm_method_prints_its_schedule_and_parameters(tiny_checkpoint, tmp_path, capsys):
+    """PDrop at R 0.75 on the 2-layer tiny LLM: one stage at layer 1 keeping int(2046 lam^3) of the span,
+    lam solved from (1 + lam^3) / 2 = 0.75, all three boundaries clamped into layer 1."""
+    image = _image(tmp_path, "a.png", (800, 500))
+    code, lines = _run(capsys, "--model-path", tiny_checkpoint, "--image-file", image, "--query", "What is it?",
+                       "--max-new-tokens", "2", "--method", "pdrop", "--retention-ratio", "0.75")
+    line = next(line for line in lines if line.startswith("[in-llm] image 1:"))
+    assert code == 0 and line.startswith("[in-llm] image 1: 2046 tokens in (newlines included) | kept from layer 1: 1023")
+    assert line.endswith("| equivalent 1534.5 (average over 2 layers) | lam 0.7937 | layers [1, 1, 1]")

@@ -110,6 +110,11 @@ class PDropArgs:
                 stages[bound] = min(count, span_tokens)  # a boundary given twice (shallow models): the later wins
         return tuple((bound, count) for bound, count in stages.items() if count < span_tokens)
 
+    def schedule_params(self, span_tokens: int, budget: Budget, num_layers: int) -> dict:
+        """The boundaries and lam `schedule` used (for the image's record: lam is solved per budget)."""
+        bounds, lam = self.plan(span_tokens, budget, num_layers)
+        return dict(lam=lam, layers=bounds)
+
     def plan(self, span_tokens: int, budget: Budget, num_layers: int) -> tuple[list[int], float]:
         """The boundaries (clamped into `1..L`, ascending) and lam for one image (host arithmetic)."""
         if self.layers != "auto":

@@ -156,7 +156,9 @@ def register(name: str, needs=(), args: type = NoArgs, stage: str = "pre-llm",
     `stage="in-llm"`: it is a keep rule `(scores [I, N], image_tokens [I], targets [I], args) ->
     [I, N] bool` over each image's span, called by the decoder mechanism
     (`llava.model.language_model.pruning`) at the layers of `args.schedule(span_tokens, budget,
-    num_layers)`; its `needs` are `DECODER_SIGNALS`, and the image goes in whole before the LLM."""
+    num_layers)`; its `needs` are `DECODER_SIGNALS`, and the image goes in whole before the LLM. Its args
+    may also define `schedule_params(span_tokens, budget, num_layers) -> dict`: the method's own
+    parameters behind that schedule (PDrop's lam and layers), JSON-ready, kept in each image's record."""
     if stage not in ("pre-llm", "in-llm"):
         raise ValueError(f"method {name}: stage must be 'pre-llm' or 'in-llm', got {stage!r}")
     known = SIGNALS if stage == "pre-llm" else DECODER_SIGNALS
@@ -331,6 +333,11 @@ class ComposedArgs:
     def schedule(self, span_tokens: int, budget: Budget, num_layers: int) -> tuple[tuple[int, int], ...]:
         """The in-LLM part's `(layer, kept)` stages over the span, at its share of `budget` (the image's total)."""
         return tuple(self.in_llm.schedule(span_tokens, self.in_llm_budget(budget, span_tokens), num_layers))
+
+    def schedule_params(self, span_tokens: int, budget: Budget, num_layers: int) -> dict:
+        """The in-LLM part's `schedule_params` at its share of `budget` ({} where it has none)."""
+        params = getattr(self.in_llm, "schedule_params", None)
+        return params(span_tokens, self.in_llm_budget(budget, span_tokens), num_layers) if params else {}
 
     def accounting(self, budget: Budget) -> dict:
         """What the split gave this image (JSON-ready, for its record)."""

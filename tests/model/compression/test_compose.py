@@ -75,6 +75,11 @@ def test_budget_split_by_hand():
     # the in-LLM part's convention applies to its share: average over 32 layers of K = 2 then k = 0.5 of 1000
     average = parse_method_args(NAME, ["fastv.convention=average"])
     assert average.schedule(1000, quarter, 32) == ((2, math.floor((0.5 * 1000 * 32 - 2 * 1000) / 30)),)
+    # the in-LLM part's own schedule parameters come at its share: PDrop with lam fixed at 0.5 on its
+    # official layers; FastV has none
+    pdrop = parse_method_args("globalcom2+pdrop", ["pdrop.lam=0.5"])
+    assert pdrop.schedule_params(1000, quarter, 32) == dict(lam=0.5, layers=[8, 16, 24])
+    assert args.schedule_params(1000, quarter, 32) == {}
 
 
 def test_token_budget_split_by_hand():

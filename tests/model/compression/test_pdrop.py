@@ -308,6 +308,9 @@ def test_pruning_is_accounted_with_both_counts(tiny):
     assert len(stage) == 1 and stage[0][0] == 1 and abs(stage[0][1] - kept) <= 1
     assert record["post_pruning_image_tokens"] == stage[0][1]
     assert record["equivalent_image_tokens"] == (span + stage[0][1]) / 2
+    # the solved lam is recorded: (1 + lam^3) / 2 = 0.75 with all three boundaries clamped into layer 1 of 2
+    params = record["in_llm"]["schedule_params"]
+    assert params["layers"] == [1, 1, 1] and params["lam"] == pytest.approx(0.5 ** (1 / 3))
     cache = getattr(pruned, "cache", None) or pruned.past_key_values
     text = ids.shape[1] - 1
     assert [layer.keys.shape[2] for layer in cache.layers] == [text + span + 5, text + stage[0][1] + 5]
