@@ -28,9 +28,11 @@ that the "equal tokens" (the mean over all layers of the image tokens *after* ea
 layer counted at its pruned size, recycled tokens included: spec 4) hit 192/128/96/64.
 `stage_totals` maps that onto an image span of `N` tokens (newline tokens included, as FastV) and
 a target `R N` (or `--visual-tokens T`, at most `N`): the official triple whose 576-ratio is
-nearest to the target's ratio, multiplied by a factor chosen so that the equal tokens come
-nearest to the target (`convention=average`, default: the official accounting); with
-`convention=post` the tokens left after the last stage come nearest instead. At N = 576 and
+nearest to the target's ratio (the larger on a tie), multiplied by a factor `s` (stage top-k
+counts `floor(s b)`, exactly) chosen so that the equal tokens come nearest to the target
+(`convention=average`, default: the official accounting); with `convention=post` the tokens left
+after the last stage come nearest instead. The candidates are the largest factor counting at most
+the target and the smallest counting more, the lower count on a tie. At N = 576 and
 R = 1/3 this gives the official 300/200/110 (576 -> 309 -> 204 -> 113, equal tokens 192.03).
 The schedule hands the mechanism the image tokens after each stage (`k + c`, so the glue's
 per-layer accounting includes the recycled tokens); the rule recovers `k` as the largest top-k
@@ -143,37 +145,42 @@ def merged_count(dropped, recycling: bool = True):
 def stage_totals(span_tokens: int, target: float, layers: list[int], num_layers: int, convention: str,
                  recycling: bool = True) -> list[int]:
     """The image tokens after each stage (host arithmetic; the module docstring's Budget section):
-    the official triple nearest to `target / span_tokens`, its first `len(layers)` entries times the
-    factor whose counts come nearest to `target` (the lower one on a tie)."""
-    ratio = target / span_tokens
-    base = OFFICIAL_BUDGETS[min(OFFICIAL_BUDGETS, key=lambda tokens: abs(tokens / OFFICIAL_TOKENS - ratio))]
-    base = base[:len(layers)]
+    the official triple nearest to `target / span_tokens` (the larger on a tie), its first `len(layers)`
+    entries times the factor whose counts come nearest to `target`: of the largest factor counting at
+    most `target` and the smallest counting more, the lower on a tie."""
+    # |tokens / 576 - target / span| scaled by 576 span: exact for an integer target (dict order on a tie)
+    nearest = min(OFFICIAL_BUDGETS, key=lambda tokens: abs(tokens * span_tokens - OFFICIAL_TOKENS * target))
+    base = OFFICIAL_BUDGETS[nearest][:len(layers)]
+    # factors as steps / grid: every factor where a stage's top-k count changes (k / b) lies on this grid, so the
+    # counts are exact integer floors (a float factor puts two stages stepping at the same k / b apart)
+    grid = math.lcm(*base)
 
-    def totals_at(scale: float) -> list[int]:
+    def totals_at(steps: int) -> list[int]:
         current, totals = span_tokens, []
         for stage_budget in base:
-            kept = max(0, min(math.floor(scale * stage_budget + 1e-9), current - 1))  # official min(b, v - 1)
+            kept = max(0, min(steps * stage_budget // grid, current - 1))  # official min(b, v - 1)
             current = kept + merged_count(current - kept, recycling)
             totals.append(current)
         return totals
 
-    def counted(totals: list[int]) -> float:
+    def counted(totals: list[int]) -> int:
+        """The last stage's tokens (post), or the equal tokens times the layers, an integer (layers
+        before the first sparse one see every token; a sparse layer counts at its output)."""
         if convention == "post":
             return totals[-1]
-        # equal tokens: layers before the first sparse one see every token; a sparse layer counts at its output
         bounds = layers + [num_layers]
-        summed = layers[0] * span_tokens + sum((bounds[i + 1] - bounds[i]) * total for i, total in enumerate(totals))
-        return summed / num_layers
+        return layers[0] * span_tokens + sum((bounds[i + 1] - bounds[i]) * total for i, total in enumerate(totals))
 
-    # counted(totals_at(s)) never decreases with s: the smallest step that exceeds the target and the one below it
-    low, high = 0.0, span_tokens / min(base) + 1.0
-    if counted(totals_at(low)) > target:
+    goal = target * (1 if convention == "post" else num_layers)
+    # counted(totals_at(s)) never decreases with s; at `high` every stage keeps v - 1 (+1 merged): span > target
+    low, high = 0, span_tokens * grid // min(base) + grid
+    if counted(totals_at(low)) > goal:
         return totals_at(low)  # unreachable: every stage keeps nothing, the recycled tokens remain
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (middle, high) if counted(totals_at(middle)) <= target else (low, middle)
+    while high - low > 1:  # the largest step counting at most the goal, and the next
+        middle = (low + high) // 2
+        low, high = (middle, high) if counted(totals_at(middle)) <= goal else (low, middle)
     below, above = totals_at(low), totals_at(high)
-    return above if abs(counted(above) - target) < abs(counted(below) - target) else below
+    return above if abs(counted(above) - goal) < abs(counted(below) - goal) else below
 
 
 def top_k_for_totals(image_tokens: torch.Tensor, totals: torch.Tensor, recycling: bool = True) -> torch.Tensor:

@@ -7,6 +7,8 @@ from scratch, the loader runner end to end."""
 
 import json
 import math
+import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -16,9 +18,11 @@ from transformers import LlamaConfig, LlamaModel
 from llava.eval import model_vqa_loader
 from llava.eval.jsonl import read_jsonl
 from llava.model.compression import get_method, parse_method_args, sparsevlm
-from llava.model.compression.common import Budget
+from llava.mm_utils import get_anyres_image_grid_shape
+from llava.model.compression.common import Budget, crop_geometry
 from llava.model.language_model import pruning
 from llava.model.language_model.pruning import PruningRequest
+from llava.tiny import V16_PINPOINTS
 from tests.model.compression.test_fastv import _generate, _inputs
 
 
@@ -69,6 +73,76 @@ def test_post_convention_visual_tokens_and_no_stage():
 def test_unreachable_budget_keeps_nothing_but_the_recycled():
     totals = [total for _, total in sparsevlm.SparseVLMArgs().schedule(2880, _budget(0.01, vanilla=2880), 32)]
     assert totals == [87, 3, 1]  # k = 0: 2880 dropped -> 865 recycled -> 87 centres; 87 -> 27 -> 3; 3 -> 1 -> 1
+
+
+def _restated_schedule(span, budget, layers, num_layers, convention, recycling):
+    """The module docstring's budget rule restated with exact fractions and a loop over every scale at
+    which some stage's top-k count steps (k / b for each stage budget b and k = 1 .. span): the scaled
+    official triple whose stage totals (recycled included) put the counted tokens nearest to the target,
+    of the two scales around it (the largest at most the target, the smallest above it) the lower on a tie."""
+    layers = sorted({min(layer, num_layers - 2) for layer in layers if num_layers >= 2})
+    target = Fraction(budget.tokens if budget.tokens is not None else budget.ratio * span)
+    if not layers or target >= span:
+        return ()
+    official = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+    nearest = min(official, key=lambda tokens: abs(Fraction(tokens, 576) - target / span))  # dict order on a tie
+    base = official[nearest][:len(layers)]
+
+    def merged(dropped):
+        return (int(0.3 * dropped) + 1) // 10 + 1 if dropped > 0 and recycling else 0
+
+    def totals_at(steps, stage_budget):  # at the factor steps / stage_budget
+        current, totals = span, []
+        for budget_here in base:
+            kept = max(0, min(steps * budget_here // stage_budget, current - 1))
+            current = kept + merged(current - kept)
+            totals.append(current)
+        return totals
+
+    def counted(totals):
+        if convention == "post":
+            return totals[-1]
+        bounds = layers + [num_layers]
+        return Fraction(layers[0] * span + sum((bounds[i + 1] - bounds[i]) * totals[i] for i in range(len(totals))),
+                        num_layers)
+
+    below = above = None  # (factor, totals, counted)
+    for steps, stage_budget in [(0, 1)] + [(k, b) for b in base for k in range(1, span + 1)]:
+        factor, totals = Fraction(steps, stage_budget), totals_at(steps, stage_budget)
+        tokens = counted(totals)
+        if tokens <= target and (below is None or factor > below[0]):
+            below = factor, totals, tokens
+        if tokens > target and (above is None or factor < above[0]):
+            above = factor, totals, tokens
+    if below is None or (above is not None and abs(above[2] - target) < abs(below[2] - target)):
+        chosen = above[1]
+    else:
+        chosen = below[1]
+    return tuple((layer + 1, total) for layer, total in zip(layers, chosen))
+
+
+def test_budget_rule_over_random_image_sizes():
+    """Over 200 LLaVA-NeXT image sizes (spans with their newlines), random ratios in (0, 1] and
+    `--visual-tokens` budgets, both conventions, recycling on or off and models of 2 to 32 layers:
+    the schedule equals the rule restated exactly; counts never grow, stay within the span and >= 0;
+    R = 1 schedules nothing."""
+    rng = random.Random(4)
+    for _ in range(200):
+        size = (rng.randint(1, 3000), rng.randint(1, 3000))
+        geometry = crop_geometry(size, get_anyres_image_grid_shape(size, V16_PINPOINTS, 336), 24)
+        span = geometry.vanilla_image_tokens + geometry.newline_count("raster")
+        num_layers = rng.choice([32, 32, 16, 8, 3, 2])
+        args = sparsevlm.SparseVLMArgs(layers=rng.choice(["2,6,15", "2,6,15", "1,4", "9"]),
+                                       convention=rng.choice(["average", "post"]), recycling=rng.random() < 0.8)
+        layers = args.sparse_layers()
+        assert args.schedule(span, Budget.resolve(geometry, 1.0), num_layers) == ()
+        for budget in (Budget.resolve(geometry, 1.0 - rng.random()),
+                       Budget.resolve(geometry, visual_tokens=rng.randint(1, 3000))):
+            schedule = args.schedule(span, budget, num_layers)
+            assert schedule == _restated_schedule(span, budget, layers, num_layers, args.convention, args.recycling), (
+                size, num_layers, args, budget)
+            counts = [total for _, total in schedule]
+            assert counts == sorted(counts, reverse=True) and all(0 <= total <= span for total in counts)
 
 
 def test_bad_layers_are_refused():
