@@ -14,8 +14,8 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, get_model_name_from_path, process_images, tokenizer_image_token
 from llava.model import llava_arch
 from llava.model.compression import parse_method_args
-from llava.model.compression.registry import method_choices
-from llava.model.compression.common import LAYOUTS, check_retention_ratio, check_visual_tokens
+from llava.model.compression.registry import get_method, method_choices
+from llava.model.compression.common import LAYOUTS, Budget, check_retention_ratio, check_visual_tokens
 
 
 def infer_conv_mode(model_path: str, config) -> str:
@@ -140,6 +140,33 @@ def image_prompt(query: str, num_images: int) -> str:
     return query
 
 
+def expected_visual_tokens(model, image_size: tuple[int, int], settings=None) -> int:
+    """The visual tokens the language model is expected to receive for an image of PIL size
+    `image_size` (width, height), from the size and the budget alone, before any tower runs: the
+    vanilla sequence (image tokens and newlines, as the accounting's `tokens_before`) where the
+    budget keeps everything or the method prunes inside the language model (the prompt goes in
+    whole), else the budget's image tokens (`Budget.image_tokens`: exact for exact-budget methods;
+    newlines, which depend on the rows kept, left out). An estimate to group prompts by length.
+    `settings`: default the model's (`compression_settings`)."""
+    settings = settings or model.compression_settings()
+    config = model.input_config(settings)
+    tower = model.get_vision_tower()
+    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
+    grid = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, tower.config.image_size) if anyres \
+        else (0, 0)
+    num_views = 1 + grid[0] * grid[1]
+    # One view per image is sent as is, without the merge step (`encode_image_sequences`).
+    merge_type = model.merge_type(settings) if anyres else "spatial"
+    if merge_type == "flat":  # every view's patches, uncompressed
+        return num_views * tower.num_patches_per_side ** 2
+    geometry = model.image_geometry(num_views, image_size, merge_type, config)
+    vanilla = model.vanilla_geometry(geometry, one_view_each=not anyres)
+    budget = Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens, vanilla.vanilla_image_tokens)
+    if budget.keeps_all or get_method(settings.method).stage == "in-llm":
+        return vanilla.vanilla_image_tokens + vanilla.newline_count("raster")
+    return budget.image_tokens
+
+
 def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token rows of different lengths as one left-padded `[B, L]` batch and its `[B, L]` mask
     (None when every row has the same length: nothing to mask, as for a single prompt)."""
@@ -200,7 +227,8 @@ def answer_batch(model, tokenizer, image_processor, prompts: list[str], images: 
         if reverse_crops:
             pixel_values = reverse_crop_order(pixel_values)
         per_image_instructions = None if instructions is None or all(texts is None for texts in instructions) else [
-            text for own, texts in zip(images, instructions) for text in (texts if texts is not None else [None] * len(own))]
+            text for own, texts in zip(images, instructions)
+            for text in (texts if texts is not None else [None] * len(own))]
         _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
             input_ids, None, text_mask, None, None, pixel_values, image_sizes, padding_side="left",
             instructions=per_image_instructions,

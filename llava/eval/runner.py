@@ -14,7 +14,7 @@ bad entry into one error line naming it, before the model loads). `run`:
   hash of its config and weights index, template, generation and compression settings), and a
   rerun under other settings is refused, naming the setting; `--overwrite` starts afresh;
 - writes and flushes each answer as soon as it exists, so a killed run loses at most the answer
-  in flight; a half-written last line is dropped on the next start. Whole-file rewrites (at the
+  (the batch) in flight; a half-written last line is dropped on the next start. Whole-file rewrites (at the
   start and the final merge) are atomic, so at no instant does the file hold fewer answers;
 - ends by rewriting the answers file in question order, one answer per question (rank 0 merges
   every rank's part);
@@ -23,6 +23,14 @@ bad entry into one error line naming it, before the model loads). `run`:
   an empty answer with the error in its metadata and goes on (positional scorers such as POPE need
   one line per question);
 - stores GlobalCom2's token accounting in each answer's `metadata` and prints averages.
+
+`--batch-size N` answers N questions per `generate` call (`generation.answer_batch`, left-padded):
+the pending questions are taken `GROUPING_WINDOW_BATCHES` batches at a time, their images loaded
+first (so a bad image is its own question's error or stop, the questions before it answered),
+sorted by expected prompt length (the text, plus the visual tokens each image's size and the
+budget give: `generation.expected_visual_tokens`) and cut into batches. A prompt too long for the
+model fails its batch's call, which is then answered one question at a time. The batch size is
+not part of the resume fingerprint: greedy answers are the same at any size.
 """
 
 from __future__ import annotations
@@ -47,9 +55,10 @@ from llava.conversation import get_conv_template
 from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
 from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
-from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
-                              compression_label, configure_model)
-from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.generation import (add_compression_arguments, add_input_arguments, answer_batch, compression_arguments,
+                              compression_label, configure_model, expected_visual_tokens)
+from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels, tokenizer_image_token
 from llava.model import llava_arch
 from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
 from llava.model.compression.common import check_layout, check_retention_ratio
@@ -116,9 +125,24 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
                         help="feed each image's AnyRes crops in reversed order, thumbnail still first (the "
                              "positional-bias study: tools/positional_bias.py); recorded per image as crops_reversed "
                              "(false with fewer than two crops); refused for a model without AnyRes crops")
+    parser.add_argument("--batch-size", type=_batch_size_argument, default=1, metavar="N",
+                        help="questions per generate call, left-padded; pending questions are grouped by expected "
+                             "prompt length (text plus the visual tokens their image sizes and the budget give) to "
+                             "pad little. Greedy answers equal batch 1's; not part of the resume fingerprint "
+                             "(default: %(default)s)")
     add_compression_arguments(parser)
     add_input_arguments(parser)
     return parser
+
+
+def _batch_size_argument(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return size
 
 
 def build_questions(entries: Iterable[tuple[str, object]], make: Callable[[object], list[Question]], source: str,
@@ -345,24 +369,73 @@ def _start_afresh(answers_file: str, rank: int, world_size: int) -> None:
         _wait_for_all_ranks()
 
 
+# With --batch-size N > 1, pending questions are taken this many batches at a time: their images
+# are loaded, then they are sorted by expected prompt length and cut into batches. The window
+# bounds the images held in memory; sorting within it removes most of the padding.
+GROUPING_WINDOW_BATCHES = 16
+
+
 def _answer_all(args, todo: list[Question], share_size: int, out_file: str, settings: dict, rank: int,
                 world_size: int, local_rank: int) -> None:
     tokenizer, model, image_processor = _load_model(args, local_rank)
     model_name = get_model_name_from_path(args.model_path)
+    conv_mode = _conv_mode(args.conv_mode, model_name)
+    batch_size = getattr(args, "batch_size", 1)
+    window = batch_size * GROUPING_WINDOW_BATCHES if batch_size > 1 else 1
     selection_file = args.save_selection and args.save_selection + (f".rank{rank}" if world_size > 1 else "")
     with open(out_file, "a", encoding="utf-8") as out, \
             (open_selection_file(selection_file) if selection_file else contextlib.nullcontext()) as selections:
-        progress = tqdm(todo, desc=f"answers (rank {rank})" if world_size > 1 else "answers",
+        progress = tqdm(desc=f"answers (rank {rank})" if world_size > 1 else "answers",
                         initial=share_size - len(todo), total=share_size, disable=None)
-        for question in progress:
-            row = _answer_row(args, question, tokenizer, model, image_processor, model_name, settings)
+
+        def write(question: Question, row: dict, lines: list[dict]) -> None:
             if selections:
                 # Before the answer: a kill between the two repeats this question's records on resume
                 # rather than losing them. An error row has no accounting, so no (stale) selection.
-                lines = selection_lines(model, row["metadata"].get("images", []))
                 write_lines(selections, [dict(question_id=question.question_id, **line) for line in lines])
             out.write(json.dumps(row) + "\n")
             out.flush()
+            progress.update()
+
+        for first in range(0, len(todo), window):
+            loaded, stop = [], None  # (question, its images, its chat prompt); the error that stops the run
+            for question in todo[first:first + window]:
+                try:
+                    loaded.append((question, question.load_images(), _chat_prompt(conv_mode, question)))
+                except ImageLoadError as error:
+                    if args.on_image_error == "stop":
+                        stop = UserError(str(error))  # raised once the questions before it are answered
+                        break
+                    write(question, _error_row(question, str(error), model_name, settings), [])
+            lengths = [_expected_prompt_tokens(model, tokenizer, prompt, images) if batch_size > 1 else 0
+                       for _, images, prompt in loaded]
+            by_length = [loaded[index] for index in sorted(range(len(loaded)), key=lengths.__getitem__)]
+            for start in range(0, len(by_length), batch_size):
+                for question, row, lines in _answered(args, by_length[start:start + batch_size], tokenizer, model,
+                                                      image_processor, model_name, settings, bool(selections)):
+                    write(question, row, lines)
+            if stop is not None:
+                raise stop
+
+
+def _conv_mode(conv_mode: str, model_name: str) -> str:
+    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
+        conv_mode += "_mmtag"  # upstream's rule for pretraining-only checkpoints
+    return conv_mode
+
+
+def _chat_prompt(conv_mode: str, question: Question) -> str:
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], question.query)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def _expected_prompt_tokens(model, tokenizer, prompt: str, images: list) -> int:
+    """The prompt's length after splicing as its image sizes and the budget predict it
+    (`generation.expected_visual_tokens`): the key batches are grouped by."""
+    text_tokens = int((tokenizer_image_token(prompt, tokenizer, return_tensors="pt") != IMAGE_TOKEN_INDEX).sum())
+    return text_tokens + sum(expected_visual_tokens(model, image.size) for image in images)
 
 
 def _load_model(args, local_rank: int):
@@ -377,35 +450,61 @@ def _load_model(args, local_rank: int):
     return tokenizer, model, image_processor
 
 
-def _answer_row(args, question: Question, tokenizer, model, image_processor, model_name: str, settings: dict) -> dict:
-    conv_mode = args.conv_mode
-    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
-        conv_mode += "_mmtag"  # upstream's rule for pretraining-only checkpoints
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], question.query)
-    conv.append_message(conv.roles[1], None)
-    row = dict(question_id=question.question_id, prompt=question.prompt)
+def _answered(args, batch: list[tuple], tokenizer, model, image_processor, model_name: str, settings: dict,
+              with_selections: bool):
+    """`(question, answer row, selection lines)` for each `(question, images, chat prompt)` of
+    `batch`, answered in one generate call. A prompt longer than the model takes fails the whole
+    call, so such a batch is answered again one question at a time: the error is that question's
+    (a stop, or with `--on-image-error record` its error row), the others are answered."""
     try:
-        images = question.load_images()
-        instructions = None if question.instruction is None else [question.instruction] * len(images)
-        result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
-                        top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                        instructions=instructions, reverse_crops=getattr(args, "reverse_crops", False))
-    except (ImageLoadError, PromptTooLongError) as error:
-        message = str(error) if isinstance(error, ImageLoadError) else f"question {question.question_id}: {error}"
+        results = answer_batch(
+            model, tokenizer, image_processor, [prompt for _, _, prompt in batch], [images for _, images, _ in batch],
+            temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens, reverse_crops=getattr(args, "reverse_crops", False),
+            instructions=[None if question.instruction is None else [question.instruction] * len(images)
+                          for question, images, _ in batch])
+    except PromptTooLongError as error:
+        if len(batch) > 1:
+            for item in batch:
+                yield from _answered(args, [item], tokenizer, model, image_processor, model_name, settings,
+                                     with_selections)
+            return
+        question = batch[0][0]
+        message = f"question {question.question_id}: {error}"
         if args.on_image_error == "stop":
             raise UserError(message) from None
-        tqdm.write(f"warning: {message}; recorded an empty answer", file=sys.stderr)
-        return dict(row, text="", answer_id=shortuuid.uuid(), model_id=model_name, **question.extra,
-                    metadata=dict(question.metadata, error=message, settings=settings))
+        yield question, _error_row(question, message, model_name, settings), []
+        return
+    # One selection line per image of the batch, in order (model.last_selections); each question
+    # takes its own images' lines, numbered from 0 as a batch of one numbers them.
+    lines = selection_lines(model, [record for result in results for record in result.accounting]) \
+        if with_selections else []
+    offset = 0
+    for (question, _, _), result in zip(batch, results):
+        own = lines[offset:offset + len(result.accounting)]
+        offset += len(result.accounting)
+        yield question, _answer_row(question, result, model_name, settings), [
+            dict(line, image_index=index) for index, line in enumerate(own)]
+
+
+def _error_row(question: Question, message: str, model_name: str, settings: dict) -> dict:
+    """`--on-image-error record`: an empty answer with the error in its metadata."""
+    tqdm.write(f"warning: {message}; recorded an empty answer", file=sys.stderr)
+    return dict(question_id=question.question_id, prompt=question.prompt, text="", answer_id=shortuuid.uuid(),
+                model_id=model_name, **question.extra, metadata=dict(question.metadata, error=message,
+                                                                     settings=settings))
+
+
+def _answer_row(question: Question, result, model_name: str, settings: dict) -> dict:
+    """The answers-file row of `result` (a `generation.Answer`), with its accounting in `metadata`."""
     before = sum(record["tokens_before"] for record in result.accounting)
     compression = result.compression
     metadata = dict(question.metadata, method=compression["method"], method_args=compression["method_args"],
                     retention_ratio=compression["retention_ratio"], budget_visual_tokens=compression["visual_tokens"],
                     token_layout=compression["layout"], visual_tokens=result.visual_tokens,
                     visual_tokens_before=before, images=result.accounting, settings=settings)
-    return dict(row, text=result.text, answer_id=shortuuid.uuid(), model_id=model_name, **question.extra,
-                metadata=metadata)
+    return dict(question_id=question.question_id, prompt=question.prompt, text=result.text,
+                answer_id=shortuuid.uuid(), model_id=model_name, **question.extra, metadata=metadata)
 
 
 def _wait_for_all_ranks() -> None:

@@ -203,3 +203,124 @@ def test_mmbench_options_hint_and_rounds(tiny_checkpoint, tmp_path):
                                           ("NONE", True), ("", False), ("0", False), ("nothing", False)])
 def test_mmbench_none_like_cells(value, empty):
     assert model_vqa_mmbench.is_none(value) is empty
+
+
+# --- --batch-size ----------------------------------------------------------------------------
+
+def _without_answer_ids(rows):
+    return [{key: value for key, value in row.items() if key != "answer_id"} for row in rows]
+
+
+def _by_question(records):
+    return sorted(records, key=lambda record: (json.dumps(record["question_id"]), record["image_index"]))
+
+
+def test_batches_give_the_answers_file_of_batch_one(tiny_checkpoint, vqa_data, tmp_path):
+    root, lines = vqa_data
+    files = {}
+    for size in ("1", "3"):
+        files[size] = (tmp_path / f"b{size}.jsonl", tmp_path / f"s{size}.jsonl")
+        assert _loader(tiny_checkpoint, root, files[size][0], "--retention-ratio", "0.25", "--max_new_tokens", "4",
+                       "--save-selection", str(files[size][1]), "--batch-size", size) == 0
+    one, three = (read_jsonl(files[size][0]) for size in ("1", "3"))
+    assert [row["prompt"] for row in three] == [line["text"] for line in lines]
+    assert _without_answer_ids(three) == _without_answer_ids(one)  # texts, ids, order, metadata
+    assert len({row["metadata"]["visual_tokens"] for row in one}) > 2  # the batches were ragged
+    # The selection records are appended batch by batch, not in question order; each question's are its own.
+    assert _by_question(read_jsonl(files["3"][1])) == _by_question(read_jsonl(files["1"][1]))
+
+
+KILLED_AFTER_ONE_BATCH = """
+import os, signal, sys
+from llava.eval import model_vqa_loader, runner
+real_answer_batch, calls = runner.answer_batch, []
+
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the first batch's answers are written: killed during the second
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_answer_batch(*args, **kwargs)
+
+runner.answer_batch = dying
+model_vqa_loader.main(sys.argv[1:])
+"""
+
+
+def test_a_batched_run_killed_mid_run_resumes_without_redoing_or_losing_answers(tiny_checkpoint, vqa_data, tmp_path):
+    root, lines = vqa_data
+    answers = tmp_path / "a.jsonl"
+    arguments = ["--model-path", tiny_checkpoint, "--question-file", str(root / "questions.jsonl"),
+                 "--image-folder", str(root), "--answers-file", str(answers), "--temperature", "0",
+                 "--max_new_tokens", "2", "--device", "cpu", "--batch-size", "3"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ONE_BATCH, *arguments], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    first_batch = read_jsonl(answers)
+    assert len(first_batch) == 3  # written as its batch finished, in the batch's order
+    assert model_vqa_loader.main(arguments) == 0
+    resumed = read_jsonl(answers)
+    assert [row["prompt"] for row in resumed] == [line["text"] for line in lines]
+    assert {row["answer_id"] for row in first_batch} < {row["answer_id"] for row in resumed}  # kept, not redone
+    assert model_vqa_loader.main(arguments[:-2] + ["--answers-file", str(tmp_path / "b1.jsonl")]) == 0
+    assert [row["text"] for row in resumed] == [row["text"] for row in read_jsonl(tmp_path / "b1.jsonl")]
+
+
+def test_a_bad_image_in_a_batch_is_that_questions_error_only(tiny_checkpoint, vqa_data, tmp_path, capsys):
+    root, lines = vqa_data
+    broken = tmp_path / "questions.jsonl"
+    with open(broken, "w") as file:
+        for line in [lines[0], dict(lines[1], image="gone.jpg"), lines[2]]:
+            file.write(json.dumps(line) + "\n")
+    common = ["--model-path", tiny_checkpoint, "--question-file", str(broken), "--image-folder", str(root),
+              "--temperature", "0", "--max_new_tokens", "2", "--batch-size", "3"]
+    with pytest.raises(SystemExit):  # stop: the question before it is answered first
+        model_vqa_loader.main(common + ["--answers-file", str(tmp_path / "stop.jsonl")])
+    assert "gone.jpg" in capsys.readouterr().err and len(read_jsonl(tmp_path / "stop.jsonl")) == 1
+    assert model_vqa_loader.main(common + ["--answers-file", str(tmp_path / "a.jsonl"), "--on-image-error",
+                                           "record"]) == 0
+    rows = read_jsonl(tmp_path / "a.jsonl")
+    assert [row["question_id"] for row in rows] == [0, 1, 2] and rows[1]["text"] == ""
+    assert ["error" in row["metadata"] for row in rows] == [False, True, False]
+    assert "gone.jpg" in rows[1]["metadata"]["error"]
+    single = tmp_path / "one.jsonl"
+    assert model_vqa_loader.main(common[:-2] + ["--answers-file", str(single), "--on-image-error", "record"]) == 0
+    assert [row["text"] for row in rows] == [row["text"] for row in read_jsonl(single)]
+
+
+def test_an_over_long_prompt_in_a_batch_is_that_questions_error_only(tiny_checkpoint, vqa_data, tmp_path):
+    root, lines = vqa_data
+    long_text = "word " * 2100 + SUFFIX  # past the tiny model's 4096 tokens with any image
+    with open(tmp_path / "q.jsonl", "w") as file:
+        for line in [lines[0], dict(lines[1], text=long_text), lines[2]]:
+            file.write(json.dumps(line) + "\n")
+    common = ["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "q.jsonl"), "--image-folder",
+              str(root), "--temperature", "0", "--max_new_tokens", "2", "--on-image-error", "record"]
+    assert model_vqa_loader.main(common + ["--answers-file", str(tmp_path / "b3.jsonl"), "--batch-size", "3"]) == 0
+    assert model_vqa_loader.main(common + ["--answers-file", str(tmp_path / "b1.jsonl")]) == 0
+    three, one = read_jsonl(tmp_path / "b3.jsonl"), read_jsonl(tmp_path / "b1.jsonl")
+    assert ["error" in row["metadata"] for row in three] == [False, True, False]
+    assert _without_answer_ids(three) == _without_answer_ids(one)
+
+
+def test_science_batches_mix_questions_with_and_without_an_image(tiny_checkpoint, tmp_path):
+    Image.new("P", (60, 40)).save(tmp_path / "image.png")
+    items = [{"id": str(index), "conversations": [{"from": "human", "value": "Which?" + " x" * index}],
+              **({"image": "image.png"} if index % 2 else {})} for index in range(4)]
+    (tmp_path / "q.json").write_text(json.dumps(items))
+    files = []
+    for size in ("1", "4"):
+        files.append(tmp_path / f"b{size}.jsonl")
+        assert model_vqa_science.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "q.json"),
+                                       "--image-folder", str(tmp_path), "--answers-file", str(files[-1]),
+                                       "--temperature", "0", "--max_new_tokens", "3", "--batch-size", size]) == 0
+    one, four = (read_jsonl(path) for path in files)
+    assert [row["metadata"]["visual_tokens"] > 0 for row in four] == [False, True, False, True]
+    assert _without_answer_ids(four) == _without_answer_ids(one)
+
+
+def test_batch_size_must_be_a_whole_number_of_at_least_one():
+    parser = model_vqa.build_parser("x", max_new_tokens=8)
+    assert parser.parse_args([]).batch_size == 1 and parser.parse_args(["--batch-size", "4"]).batch_size == 4
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--batch-size", bad])

@@ -16,6 +16,7 @@
 #   EVAL_DIR         data root (default ./playground/data/eval; SAMPLE=1: ./playground/sample/eval)
 #   SAMPLE=1         run on the built-in synthetic sample suite (built if missing)
 #   RUNNER_ARGS      more runner arguments (SAMPLE=1 default: --max_new_tokens 8)
+#   BATCH_SIZE       questions per generate call (default 1; greedy answers are the same at any size)
 set -euo pipefail
 
 if [ -z "${PYTHON:-}" ]; then
@@ -82,7 +83,8 @@ run_runner() {
     local output=$1 chunk_dir=$2 module=$3
     shift 3
     ANSWERS_FILE=$output
-    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${COMPRESSION[@]}")
+    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${COMPRESSION[@]}"
+                  --batch-size "${BATCH_SIZE:-1}")
     mkdir -p "$(dirname "$output")"
     if [ "$CHUNKS" -eq 1 ]; then
         # shellcheck disable=SC2086  # RUNNER_ARGS is a list of words
