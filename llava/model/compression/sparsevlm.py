@@ -63,7 +63,8 @@ the raters after their own span (other images' tokens excluded); the official de
 (`torch.rand * 1e-6`, unseeded) is left out, ties going to the earlier token instead (of two equal
 densities the earlier token is the denser: the closest pair always ties, and without a rule both would
 become centres), so runs are deterministic and batched equals per-sample; the rater softmax, attention
-and clustering are computed in float32 (the official code works in the model's dtype, fp16); an image with no rater
+and clustering are computed in float32 (the official code works in the model's dtype, fp16), the clustering's
+distances from the Gram matrix (the official takes the norms of all `[m, m, D]` differences); an image with no rater
 (a single text token, or none after it) scores every token 0 (the official mean over no rows is
 NaN); the budget triple is scaled to LLaVA-NeXT's spans (no official LLaVA-NeXT code exists).
 """
@@ -207,6 +208,18 @@ def keep(scores: torch.Tensor, image_tokens: torch.Tensor, targets: torch.Tensor
     return (rank < kept_counts[:, None]) & inside
 
 
+def pairwise_distances(points: torch.Tensor) -> torch.Tensor:
+    """`[I, M, M]`: `|x_i - x_j| / sqrt(D)` between the rows of each image's `points` `[I, M, D]`
+    (float32), from their Gram matrix (one matrix product; the official differences `[M, M, D]`
+    would take gigabytes), its diagonal the squared norms. Exactly symmetric (the two tokens of a pair
+    tie in density) and exactly 0 on the diagonal (every token is its own nearest neighbour)."""
+    gram = points @ points.transpose(1, 2)
+    gram = (gram + gram.transpose(1, 2)) / 2
+    norms = gram.diagonal(dim1=1, dim2=2)
+    squared = norms[:, :, None] + norms[:, None, :] - 2 * gram  # n + n - 2n is exactly 0
+    return squared.clamp(min=0).sqrt() / math.sqrt(points.shape[2])
+
+
 def cluster_and_merge(tokens: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
     """DPC-kNN as the official `cluster_and_merge`, per image and without its density noise:
     `tokens` `[I, M, D]` (the first `valid[i]`-many rows real, `valid` `[I, M]` bool, a prefix),
@@ -218,16 +231,12 @@ def cluster_and_merge(tokens: torch.Tensor, valid: torch.Tensor, clusters: torch
     none is denser; of equal densities the earlier token is the denser, standing in for the noise);
     centres the top-c of distance times density; every token joins its nearest
     centre (the first on a tie), each centre its own; means with weights `1 / (count + 1e-6)`."""
-    images, width, dim = tokens.shape
+    width = tokens.shape[1]
     points = tokens.float()
-    # the matrix-product expansion (fast), made exactly symmetric (the two tokens of a pair tie in
-    # density) with exact zeros on the diagonal (every token is its own nearest neighbour)
-    distances = torch.cdist(points, points)
-    distances = ((distances + distances.transpose(1, 2)) / 2 / math.sqrt(dim))
-    distances = distances * (1 - torch.eye(width, device=tokens.device))
+    distances = pairwise_distances(points)
     pair_valid = valid[:, :, None] & valid[:, None, :]
     most = int(clusters.max()) if clusters.numel() else 0
-    nearest = distances.masked_fill(~valid[:, None, :], float("inf")).sort(dim=-1).values[..., :most]
+    nearest = distances.masked_fill(~valid[:, None, :], float("inf")).topk(most, largest=False).values  # ascending
     within = torch.arange(most, device=tokens.device) < clusters[:, None, None]
     density = torch.exp(-(nearest.square().masked_fill(~within, 0).sum(-1) / clusters.clamp(min=1)[:, None]))
     # [i, a, b]: b denser than a; an equal density counts the earlier token as denser (the official noise
@@ -264,6 +273,6 @@ def recycle(span_states: torch.Tensor, span_scores: torch.Tensor, kept: torch.Te
     ranked = span_scores.float().masked_fill(~dropped, float("-inf"))
     best = ranked.sort(dim=1, descending=True, stable=True).indices[:, :width]  # [I, m] in score order, as topk
     valid = torch.arange(width, device=kept.device) < recycled[:, None]
-    members = span_states.gather(1, best[..., None].expand(-1, -1, span_states.shape[2]))
+    members = span_states[torch.arange(best.shape[0], device=best.device)[:, None], best]  # [I, m, D]
     merged = cluster_and_merge(members, valid, clusters)
     return merged.to(span_states.dtype), torch.arange(merged.shape[1], device=kept.device) < clusters[:, None]

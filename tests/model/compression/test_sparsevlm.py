@@ -1,6 +1,7 @@
 """SparseVLM (`llava.model.compression.sparsevlm` and its mechanism in `language_model.pruning`):
-the budget against the spec's worked example, the rater choice, keep rule, recycling and insertion by
-hand, DPC-kNN against the official `cluster_and_merge` restated with loops, rater scores against
+the budget against the spec's worked example and, over random image sizes, the module's rule restated
+exactly; the rater choice, keep rule, distances, recycling and insertion by hand, DPC-kNN against the
+official `cluster_and_merge` restated with loops (ties included), rater scores against
 eager attention, and through the tiny checkpoint (2 layers: sparse layer 0, stage at layer 1): R = 1
 is the vanilla model, a ragged batch equals each row alone, decode after pruning equals re-running
 from scratch, the loader runner end to end."""
@@ -204,13 +205,27 @@ def test_cluster_and_merge_by_hand():
     assert means == pytest.approx([0.05, (10.0 + 10.2 + 9.9) / 3], rel=1e-5)
 
 
+def test_pairwise_distances_by_hand():
+    # (0, 0), (3, 4), (6, 8) in D = 2: distances 5, 10, 5 over sqrt(2); exactly symmetric, exactly 0 on the diagonal
+    points = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]])
+    distances = sparsevlm.pairwise_distances(points)
+    expected = torch.tensor([[0.0, 5.0, 10.0], [5.0, 0.0, 5.0], [10.0, 5.0, 0.0]]) / math.sqrt(2)
+    assert torch.allclose(distances[0], expected, atol=1e-6)
+    wide = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(0)) * 10
+    distances = sparsevlm.pairwise_distances(wide)
+    assert torch.equal(distances, distances.transpose(1, 2)) and not distances.diagonal(dim1=1, dim2=2).any()
+    direct = (wide[:, :, None] - wide[:, None, :]).norm(dim=-1) / 8
+    assert torch.allclose(distances, direct, atol=1e-4)
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_cluster_and_merge_equals_the_official_function(seed):
+@pytest.mark.parametrize("counts, clusters", [([13, 7, 1, 22], [2, 1, 1, 3]), ([90, 41, 2, 64], [9, 5, 1, 7])])
+def test_cluster_and_merge_equals_the_official_function(seed, counts, clusters):
     generator = torch.Generator().manual_seed(seed)
-    counts, clusters = [13, 7, 1, 22], [2, 1, 1, 3]
-    tokens = torch.randn(4, 22, 6, generator=generator)
+    tokens = torch.randn(4, max(counts), 6, generator=generator)
     tokens[0, 5] = tokens[0, 2]  # a duplicate: equal densities, a zero distance
-    valid = torch.arange(22) < torch.tensor(counts)[:, None]
+    tokens[3, 6] = tokens[3, 3] = tokens[3, 0]  # three identical tokens
+    valid = torch.arange(max(counts)) < torch.tensor(counts)[:, None]
     merged = sparsevlm.cluster_and_merge(tokens, valid, torch.tensor(clusters))
     for image, (count, centres) in enumerate(zip(counts, clusters)):
         official = _official_cluster_and_merge(tokens[image, :count].tolist(), centres)
