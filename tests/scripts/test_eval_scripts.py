@@ -144,3 +144,91 @@ def test_paper_table_puts_methods_at_one_ratio_in_one_group(eval_dir, tiny_check
                        and name.endswith("-R0.75.json")]
     record = json.load(open(os.path.join(pope_results, random_record)))
     assert (record["method"], record["method_args"], record["retention_ratio"]) == ("random", {"seed": "1"}, 0.75)
+
+
+# Every in-LLM method, each through a different script (loader, converter, science runner), with its pruning
+# moved to layer 1 of the tiny model's 2 (the default layers lie past it): (script, method, METHOD_ARGS,
+# RETENTION_RATIO, the arguments the results record names, the image tokens left after the prune for an image
+# span of N tokens, newlines included, as each method's module docstring gives them).
+IN_LLM_RUNS = [
+    # FastV, convention=post: k = round(R N).
+    pytest.param("pope", "fastv", "k=1", "0.25", {"k": "1"}, lambda span: round(span / 4), id="fastv-pope"),
+    # PDrop, convention=average, one stage from layer 1 of 2: (N + kept) / 2 = 0.625 N gives lam = 0.25, int(N / 4)
+    # (a ratio no other test here uses: the paper table's 75% group is checked above).
+    pytest.param("gqa", "pdrop", "layers=1", "0.625", {"layers": "1"}, lambda span: span // 4, id="pdrop-gqa"),
+    # SparseVLM after layer 0 of 2, convention=average: its equal tokens are the stage's total (recycled included),
+    # which moves in steps of one token, so it is the whole number nearest to R N.
+    pytest.param("mme", "sparsevlm", "layers=0", "0.25", {"layers": "0"}, lambda span: span / 4, id="sparsevlm-mme"),
+    # DART, convention=post: b = round(R N), topk = b // 8 per pivot (4 image + 4 text), 4 + 8 topk kept.
+    pytest.param("textvqa", "dart", "k=1", "0.25", {"k": "1"}, lambda span: 4 + 8 * (round(span / 4) // 8),
+                 id="dart-textvqa"),
+    # GlobalCom2 then FastV, split 0.5: FastV keeps R_in = sqrt(0.25) of the span GlobalCom2 sent.
+    pytest.param("sqa", "globalcom2+fastv", "fastv.k=1", "0.25", {"fastv.k": "1", "split": "0.5"},
+                 lambda span: round(span / 2), id="globalcom2+fastv-sqa"),
+]
+
+
+def _question_ids(eval_dir, script):
+    """The script's question ids in question-file order."""
+    if script == "sqa":  # a JSON list of conversations, not a file of question lines
+        with open(os.path.join(eval_dir, "scienceqa", "llava_test_CQM-A.json")) as file:
+            return [item["id"] for item in json.load(file)]
+    [questions] = [run[2] for run in RUNS if run[0] == script]
+    return [line["question_id"] for line in read_jsonl(os.path.join(eval_dir, questions))]
+
+
+def _table_cells(line):
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+@pytest.mark.parametrize("script, method, method_args, ratio, recorded_args, post_pruning", IN_LLM_RUNS)
+def test_in_llm_method_through_a_benchmark_script(eval_dir, tiny_checkpoint, script, method, method_args, ratio,
+                                                  recorded_args, post_pruning):
+    """The paper's Table 1 rows by the scripts: the method and its arguments reach the language model, which
+    prunes (fewer image tokens after layer 1 than the span, their layer average between), the results record
+    keeps the answers' mean equivalent tokens and the paper table shows them."""
+    from llava.model.compression.__main__ import run_name
+
+    result = _script(script, eval_dir, tiny_checkpoint, METHOD=method, METHOD_ARGS=method_args, RETENTION_RATIO=ratio,
+                     TOKEN_LAYOUT="official")
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    name = f"tiny-{run_name(method, method_args.split())}-R{ratio}"
+    [answers] = [run[1] for run in RUNS if run[0] == script]
+    rows = read_jsonl(os.path.join(eval_dir, answers.format(name=name)))
+    assert [row["question_id"] for row in rows] == _question_ids(eval_dir, script)
+    per_question = []
+    for row in rows:
+        metadata = row["metadata"]
+        assert "error" not in metadata and metadata["method"] == method
+        assert metadata["retention_ratio"] == float(ratio)
+        assert {key: str(metadata["method_args"][key]) for key in recorded_args} == recorded_args
+        if not metadata["images"]:
+            continue  # a text-only question (ScienceQA has some): nothing to prune, in no mean
+        for image in metadata["images"]:
+            span, post = image["in_llm"]["span_tokens"], image["post_pruning_image_tokens"]
+            assert span == image["tokens_after"]  # the in-LLM part prunes what the pre-LLM part (if any) sent
+            assert (image["tokens_after"] < image["tokens_before"]) == ("+" in method)
+            assert abs(post - post_pruning(span)) <= 0.5 and post < span
+            assert image["layer_image_tokens"] == [span, post] and image["in_llm"]["stages"] == [[1, post]]
+            assert image["equivalent_image_tokens"] == (span + post) / 2
+        per_question.append([sum(image[key] for image in metadata["images"])
+                             for key in ("equivalent_image_tokens", "post_pruning_image_tokens")])
+    assert per_question, "no question had an image"
+    mean_equivalent, mean_post = (sum(counts) / len(counts) for counts in zip(*per_question))
+
+    results = os.path.join(eval_dir, "results")
+    with open(os.path.join(results, script, f"{name}.json")) as file:
+        record = json.load(file)
+    assert (record["method"], record["method_args"], record["retention_ratio"]) == (method, recorded_args, float(ratio))
+    assert record["score"] >= 0
+    assert record["equivalent_tokens"] == pytest.approx(mean_equivalent)
+    assert record["post_pruning_tokens"] == pytest.approx(mean_post)
+
+    table = subprocess.run([sys.executable, "-m", "llava.eval.summarize", "--table", "paper", "--results-dir", results],
+                           cwd=REPO, capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = _table_cells(next(line for line in lines if line.startswith("| budget | method |")))
+    title = " ".join([method, *(f"{key}={value}" for key, value in sorted(recorded_args.items()))])
+    [table_row] = [_table_cells(line) for line in lines if line.startswith(f"| {100 * float(ratio):g}% | {title} |")]
+    assert table_row[header.index("Eq. tokens")] == f"{mean_equivalent:.0f}"
