@@ -124,12 +124,11 @@ class SparseVLMArgs:
         totals = stage_totals(span_tokens, target, layers, num_layers, self.convention, self.recycling)
         return tuple((layer + 1, total) for layer, total in zip(layers, totals))
 
-    def recycle(self, span_states, span_scores, kept, inside):
+    def recycle(self, hidden_states, rows, positions, span_scores, kept, inside):
         """The mechanism's hook (`pruning`): `recycle` below, or nothing when recycling is off."""
         if not self.recycling:
-            images, _, dim = span_states.shape
-            return span_states.new_zeros(images, 0, dim), kept.new_zeros(images, 0)
-        return recycle(span_states, span_scores, kept, inside)
+            return hidden_states.new_zeros(kept.shape[0], 0, hidden_states.shape[2]), kept.new_zeros(kept.shape[0], 0)
+        return recycle(hidden_states, rows, positions, span_scores, kept, inside)
 
 
 def merged_count(dropped, recycling: bool = True):
@@ -258,21 +257,23 @@ def cluster_and_merge(tokens: torch.Tensor, valid: torch.Tensor, clusters: torch
     return torch.einsum("imc,imd->icd", members * weights[:, None, :], points) * centre_valid[..., None]
 
 
-def recycle(span_states: torch.Tensor, span_scores: torch.Tensor, kept: torch.Tensor, inside: torch.Tensor):
+def recycle(hidden_states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span_scores: torch.Tensor,
+            kept: torch.Tensor, inside: torch.Tensor):
     """The merged tokens of one stage per image: of the dropped tokens (`inside & ~kept`, `[I, N]`
     bool), the `int(0.3 d) + 1` best by `span_scores` `[I, N]` (ties to the earlier), taken from
-    `span_states` `[I, N, D]` (the sparse layer's output) and clustered (`cluster_and_merge`).
-    Returns `(merged [I, C, D] in span_states' dtype, merged_valid [I, C] bool)`."""
+    `hidden_states` `[B, L, D]` (the sparse layer's output; image `i`'s span token `j` is at row
+    `rows[i]`, position `positions[i, j]`: only the recycled rows are gathered) and clustered
+    (`cluster_and_merge`). Returns `(merged [I, C, D] in hidden_states' dtype, merged_valid [I, C] bool)`."""
     dropped = inside & ~kept
     dropped_counts = dropped.sum(1)
     recycled = torch.where(dropped_counts > 0, (dropped_counts * RECYCLED_SHARE).long() + 1, 0)
     clusters = merged_count(dropped_counts)
     width = int(recycled.max()) if recycled.numel() else 0
     if width == 0:
-        return span_states.new_zeros(kept.shape[0], 0, span_states.shape[2]), kept.new_zeros(kept.shape[0], 0)
+        return hidden_states.new_zeros(kept.shape[0], 0, hidden_states.shape[2]), kept.new_zeros(kept.shape[0], 0)
     ranked = span_scores.float().masked_fill(~dropped, float("-inf"))
     best = ranked.sort(dim=1, descending=True, stable=True).indices[:, :width]  # [I, m] in score order, as topk
     valid = torch.arange(width, device=kept.device) < recycled[:, None]
-    members = span_states[torch.arange(best.shape[0], device=best.device)[:, None], best]  # [I, m, D]
+    members = hidden_states[rows[:, None], positions.gather(1, best)]  # [I, m, D]
     merged = cluster_and_merge(members, valid, clusters)
-    return merged.to(span_states.dtype), torch.arange(merged.shape[1], device=kept.device) < clusters[:, None]
+    return merged.to(hidden_states.dtype), torch.arange(merged.shape[1], device=kept.device) < clusters[:, None]

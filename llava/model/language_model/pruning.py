@@ -353,8 +353,7 @@ def _prune_by_raters(request: PruningRequest, layer_index, hidden_states, key_va
     kept_images = (request.method.select(span_scores, counts, targets, request.args) | ~staged[:, None]) & inside
     if request.on_prune is not None:
         request.on_prune(layer_index, kept_images)
-    span_states = hidden_states[request.rows[:, None], positions]  # [I, N, D]
-    extra, extra_valid = request.args.recycle(span_states, span_scores, kept_images, inside)
+    extra, extra_valid = request.args.recycle(hidden_states, request.rows, positions, span_scores, kept_images, inside)
     extra_valid = extra_valid & staged[:, None]
     keep = keep_positions(key_valid, request.rows, positions, inside, kept_images)
     span_end = (starts + counts - 1).clamp(min=0, max=key_valid.shape[1] - 1)

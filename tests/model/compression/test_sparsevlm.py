@@ -235,14 +235,16 @@ def test_cluster_and_merge_equals_the_official_function(seed, counts, clusters):
 
 def test_recycle_takes_the_best_dropped_tokens():
     # 12 tokens, 2 kept (offsets 0, 1); 10 dropped -> m = int(3.0) + 1 = 4 recycled (the best-scored
-    # dropped: offsets 11, 10, 9, 8) -> c = 1 centre: their mean
-    states = torch.arange(12, dtype=torch.float32)[None, :, None].expand(1, 12, 3).clone()
+    # dropped: offsets 11, 10, 9, 8) -> c = 1 centre: their mean. The span is row 1's positions 3..14 of a
+    # batch of 2 whose state at (row, position) is 100 row + position: offset j holds 103 + j.
+    states = (100 * torch.arange(2)[:, None] + torch.arange(15))[..., None].expand(2, 15, 3).float()
     scores = torch.arange(12, dtype=torch.float32)[None]
     kept = torch.zeros(1, 12, dtype=torch.bool)
     kept[0, :2] = True
-    merged, valid = sparsevlm.recycle(states, scores, kept, torch.ones(1, 12, dtype=torch.bool))
+    merged, valid = sparsevlm.recycle(states, torch.tensor([1]), torch.arange(3, 15)[None], scores, kept,
+                                      torch.ones(1, 12, dtype=torch.bool))
     assert valid.tolist() == [[True]]
-    assert merged[0, 0].tolist() == pytest.approx([(11 + 10 + 9 + 8) / (4 + 1e-6)] * 3)
+    assert merged[0, 0].tolist() == pytest.approx([(114 + 113 + 112 + 111) / (4 + 1e-6)] * 3)
 
 
 def test_shrink_and_insert_by_hand():
