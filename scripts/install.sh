@@ -2,7 +2,8 @@
 # Install this project (editable) with its dependencies into the virtualenv .venv in the repository
 # root, keeping an installed torch:
 #   sh scripts/install.sh        # the package        (then: .venv/bin/python -m llava.demo)
-#   sh scripts/install.sh test   # and the test tools (then: .venv/bin/python -m pytest -q)
+#   sh scripts/install.sh test   # and the test tools and lmms-eval (then: .venv/bin/python -m pytest -q)
+#   sh scripts/install.sh lmms   # the package and lmms-eval (then: .venv/bin/lmms-eval --model globalcom2 ...)
 #
 # Which environment .venv is, first rule that applies:
 #   1. .venv/bin/python exists: that environment is used as it is.
@@ -18,6 +19,11 @@
 # torch: an installed one is kept. Otherwise, with an NVIDIA GPU (nvidia-smi), PyPI's default build;
 # without one a CPU build, since PyPI's default torch for Linux is a CUDA build with gigabytes of
 # dependencies: a `+cpu` version that the configured indexes list, else PyTorch's CPU index.
+#
+# lmms-eval (`test`, `lmms`): the lean install, about 20 s: lmms-eval without its own dependencies (they
+# include torchvision, wandb, opencv: 2.5 GB, and a torchvision build that may not match torch), plus the
+# ones it needs to run generate_until tasks, with the installed torch required as it is so pip never
+# replaces it; filelock<4 because lmms-eval imports filelock._api. `pip install -e .[lmms]` is the full one.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -25,6 +31,13 @@ die() {
     echo "install.sh: $*" >&2
     exit 1
 }
+
+extras=""
+case "${1:-}" in
+test) extras="[test]" ;;
+lmms | "") ;;
+*) die "unknown argument '$1' (nothing, test or lmms)" ;;
+esac
 
 if [ -n "${PYTHON:-}" ]; then
     where="$PYTHON (PYTHON; no .venv)"
@@ -80,9 +93,11 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-extras=""
-if [ "${1:-}" = "test" ]; then
-    extras="[test]"
+if [ -n "${1:-}" ]; then
+    torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)")
+    "$PYTHON" -m pip install -q --no-deps "lmms-eval==0.7.3"
+    "$PYTHON" -m pip install -q "torch==$torch_version" loguru sacrebleu evaluate pytz tenacity "filelock<4" \
+        pytablewriter
 fi
 "$PYTHON" -m pip install -q -e ".$extras"
 echo "install.sh: installed into $where, Python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
