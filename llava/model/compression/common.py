@@ -194,6 +194,11 @@ class Budget:
         """The budget in image tokens: N, or `round(R * vanilla)`."""
         return self.tokens if self.tokens is not None else round(self.ratio * self.vanilla_image_tokens)
 
+    def of_span(self, span_tokens: int) -> float:
+        """The budget over an in-LLM method's span of `span_tokens` (newlines included): N, or
+        `R * span_tokens` unrounded (each method rounds as its official code does)."""
+        return self.tokens if self.tokens is not None else self.ratio * span_tokens
+
 
 def apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
     """`total` whole units shared in proportion to `weights`, none above its cap (largest

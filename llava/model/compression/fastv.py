@@ -79,7 +79,7 @@ def kept_tokens(span_tokens: int, budget: Budget, num_layers: int, layer: int, c
     if convention == "post":
         wanted = budget.tokens if budget.tokens is not None else round(budget.ratio * span_tokens)
         return max(0, min(span_tokens, wanted))
-    target = budget.tokens if budget.tokens is not None else budget.ratio * span_tokens
+    target = budget.of_span(span_tokens)
     if target >= span_tokens:
         return span_tokens
     return max(0, min(span_tokens, math.floor((target * num_layers - layer * span_tokens) / (num_layers - layer))))

@@ -116,13 +116,23 @@ class SparseVLMArgs:
     def schedule(self, span_tokens: int, budget: Budget, num_layers: int) -> tuple[tuple[int, int], ...]:
         """`((l + 1, k + c), ...)` per sparse layer `l`: from layer `l + 1` on, the image has `k + c`
         tokens; `()` when nothing is dropped (a full budget, or a model of one layer)."""
-        # a sparse layer needs a layer after it: past the second-to-last, it moves there (a small model)
-        layers = sorted({min(layer, num_layers - 2) for layer in self.sparse_layers()} - {-1})
-        target = budget.tokens if budget.tokens is not None else budget.ratio * span_tokens
+        layers, target = self.effective_layers(num_layers), budget.of_span(span_tokens)
         if not layers or target >= span_tokens:
             return ()
         totals = stage_totals(span_tokens, target, layers, num_layers, self.convention, self.recycling)
         return tuple((layer + 1, total) for layer, total in zip(layers, totals))
+
+    def effective_layers(self, num_layers: int) -> list[int]:
+        """The sparse layers on a model of `num_layers`: one past the second-to-last moves there (a
+        sparse layer needs a layer after it; a small model)."""
+        return sorted({min(layer, num_layers - 2) for layer in self.sparse_layers()} - {-1})
+
+    def schedule_params(self, span_tokens: int, budget: Budget, num_layers: int) -> dict:
+        """The official 576-token triple `schedule` scaled (its equal-token target and stage budgets)
+        and the sparse layers it ran at (for the image's record)."""
+        tokens = nearest_official_tokens(span_tokens, budget.of_span(span_tokens))
+        return dict(official_tokens=tokens, official_budgets=list(OFFICIAL_BUDGETS[tokens]),
+                    layers=self.effective_layers(num_layers))
 
     def recycle(self, hidden_states, rows, positions, span_scores, kept, inside):
         """The mechanism's hook (`pruning`): `recycle` below, or nothing when recycling is off."""
@@ -142,15 +152,20 @@ def merged_count(dropped, recycling: bool = True):
     return (int(dropped * RECYCLED_SHARE) + 1) // CLUSTER_SIZE + 1
 
 
+def nearest_official_tokens(span_tokens: int, target: float) -> int:
+    """The official equal-token target (a key of `OFFICIAL_BUDGETS`) whose share of 576 is nearest
+    to `target / span_tokens`, the larger on a tie."""
+    # |tokens / 576 - target / span| scaled by 576 span: exact for an integer target (dict order on a tie)
+    return min(OFFICIAL_BUDGETS, key=lambda tokens: abs(tokens * span_tokens - OFFICIAL_TOKENS * target))
+
+
 def stage_totals(span_tokens: int, target: float, layers: list[int], num_layers: int, convention: str,
                  recycling: bool = True) -> list[int]:
     """The image tokens after each stage (host arithmetic; the module docstring's Budget section):
     the official triple nearest to `target / span_tokens` (the larger on a tie), its first `len(layers)`
     entries times the factor whose counts come nearest to `target`: of the largest factor counting at
     most `target` and the smallest counting more, the lower on a tie."""
-    # |tokens / 576 - target / span| scaled by 576 span: exact for an integer target (dict order on a tie)
-    nearest = min(OFFICIAL_BUDGETS, key=lambda tokens: abs(tokens * span_tokens - OFFICIAL_TOKENS * target))
-    base = OFFICIAL_BUDGETS[nearest][:len(layers)]
+    base = OFFICIAL_BUDGETS[nearest_official_tokens(span_tokens, target)][:len(layers)]
     # factors as steps / grid: every factor where a stage's top-k count changes (k / b) lies on this grid, so the
     # counts are exact integer floors (a float factor puts two stages stepping at the same k / b apart)
     grid = math.lcm(*base)

@@ -325,6 +325,8 @@ def test_pruning_changes_the_model_and_is_accounted(tiny):
     assert layer == 1 and total == kept + sparsevlm.merged_count(span - kept)
     assert abs(total - 0.25 * span) <= 1  # 2 layers, sparse layer 0 counted at its output: equal tokens = total
     assert record["layer_image_tokens"] == [span, total]
+    # R = 0.25 is nearest to the official 128 of 576 (0.222; 192 is 0.333): that triple, scaled, at layer 0
+    assert record["in_llm"]["schedule_params"] == dict(official_tokens=128, official_budgets=[303, 110, 36], layers=[0])
     assert not torch.equal(pruned.logits[0], vanilla.logits[0])
     cache = getattr(pruned, "cache", None) or pruned.past_key_values
     text = ids.shape[1] - 1
