@@ -190,6 +190,42 @@ def _generated_lengths(output_ids: torch.Tensor, eos_token_id) -> list[int]:
     return torch.where(ended, first_eos + 1, output_ids.shape[1]).tolist()
 
 
+@dataclasses.dataclass
+class PreparedImages:
+    """One prompt's images made into the tower's input on the CPU, before the model runs (the
+    runners do it in DataLoader workers while the model answers earlier questions).
+
+    `sizes[i]`: image i's PIL size (width, height); `pixel_values[i]`: its `[V, 3, S, S]` AnyRes
+    views or its `[3, S, S]` single view (`process_images` of that image alone), in the model's dtype.
+    """
+    sizes: list[tuple[int, int]]
+    pixel_values: list[torch.Tensor]
+
+    def pin_memory(self) -> "PreparedImages":
+        """Page-locked copies, for asynchronous copies to the GPU (`DataLoader(pin_memory=True)` calls this)."""
+        return PreparedImages(self.sizes, [views.pin_memory() for views in self.pixel_values])
+
+
+def prepare_images(images: list, image_processor, config, dtype: torch.dtype) -> PreparedImages:
+    """The CPU front end of `answer_batch` for one prompt's PIL `images`, under the model's input
+    config for its compression settings (`model.input_config(model.compression_settings())`):
+    each image processed on its own, which gives what processing them together gives (every image
+    is resized, cropped and normalised by itself)."""
+    return PreparedImages([image.size for image in images],
+                          [process_images([image], image_processor, config)[0].to(dtype) for image in images])
+
+
+def _batched_pixel_values(pixel_values: list[torch.Tensor], device) -> torch.Tensor | list[torch.Tensor]:
+    """Per-image pixel values on `device` as `process_images` batches them: one stacked tensor when
+    every image has the same shape (`[N, V, 3, S, S]` or `[N, 3, S, S]`), else the list (AnyRes
+    images with different numbers of views). Copied one by one before stacking, so pinned host
+    tensors copy asynchronously."""
+    on_device = [views.to(device, non_blocking=True) for views in pixel_values]
+    if all(views.shape == on_device[0].shape for views in on_device):
+        return torch.stack(on_device)
+    return on_device
+
+
 @torch.inference_mode()
 def answer_batch(model, tokenizer, image_processor, prompts: list[str], images: list[list],
                  temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 512,
@@ -202,33 +238,46 @@ def answer_batch(model, tokenizer, image_processor, prompts: list[str], images: 
     image's accounting then records `crops_reversed` (False where it has fewer than two crops).
     Each Answer has its own text, image sizes, grids, visual and prompt tokens (without padding),
     accounting (its images' records of `model.last_accounting`) and new tokens (up to its EOS);
-    `time_to_first_token_s` and `tokens_per_second` are the batch's (decoding steps per second,
-    each step giving a token to every row still going). Greedy answers equal those of one prompt at
-    a time up to floating-point reassociation over the padded length (equal on CPU in fp32, tested).
+    `time_to_first_token_s` (image preprocessing included) and `tokens_per_second` are the batch's
+    (decoding steps per second, each step giving a token to every row still going). Greedy answers
+    equal those of one prompt at a time up to floating-point reassociation over the padded length
+    (equal on CPU in fp32, tested). `prepare_images` then `answer_prepared`.
     """
-    if len(images) != len(prompts) or (instructions is not None and len(instructions) != len(prompts)):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists"
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    start = time.perf_counter()
+    config = model.input_config(model.compression_settings())
+    prepared = [prepare_images(own, image_processor, config, model.dtype) for own in images]
+    return answer_prepared(model, tokenizer, prompts, prepared, temperature=temperature, top_p=top_p,
+                           num_beams=num_beams, max_new_tokens=max_new_tokens, instructions=instructions,
+                           reverse_crops=reverse_crops, started=start)
+
+
+@torch.inference_mode()
+def answer_prepared(model, tokenizer, prompts: list[str], prepared: list[PreparedImages],
+                    temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1,
+                    max_new_tokens: int = 512, instructions: list[list[str] | None] | None = None,
+                    reverse_crops: bool = False, started: float | None = None) -> list[Answer]:
+    """`answer_batch` after its CPU front end: `prepared[i]` is `prepare_images` of `prompts[i]`'s
+    images. `started`: the `time.perf_counter()` the time to first token counts from (default: now)."""
+    if len(prepared) != len(prompts) or (instructions is not None and len(instructions) != len(prompts)):
+        raise ValueError(f"got {len(prompts)} prompts but {len(prepared)} image lists"
                          + (f" and {len(instructions)} instruction lists" if instructions is not None else ""))
+    start = time.perf_counter() if started is None else started
     rows = [tokenizer_image_token(prompt, tokenizer, return_tensors="pt") for prompt in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, text_mask = _left_padded(rows, pad_id)
     input_ids = input_ids.to(model.device)
     text_mask = text_mask.to(model.device) if text_mask is not None else None
-    all_images = [image for own in images for image in own]
-    image_sizes = [image.size for image in all_images]
-    start = time.perf_counter()
+    image_sizes = [size for own in prepared for size in own.sizes]
     settings = model.compression_settings()
-    if all_images:
-        pixel_values = process_images(all_images, image_processor, model.input_config(settings))
-        if isinstance(pixel_values, list):  # images with different numbers of AnyRes views
-            pixel_values = [views.to(model.device, model.dtype) for views in pixel_values]
-        else:
-            pixel_values = pixel_values.to(model.device, model.dtype)
+    if image_sizes:
+        pixel_values = _batched_pixel_values([views for own in prepared for views in own.pixel_values], model.device)
         if reverse_crops:
             pixel_values = reverse_crop_order(pixel_values)
         per_image_instructions = None if instructions is None or all(texts is None for texts in instructions) else [
-            text for own, texts in zip(images, instructions)
-            for text in (texts if texts is not None else [None] * len(own))]
+            text for own, texts in zip(prepared, instructions)
+            for text in (texts if texts is not None else [None] * len(own.sizes))]
         _, _, attention_mask, _, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
             input_ids, None, text_mask, None, None, pixel_values, image_sizes, padding_side="left",
             instructions=per_image_instructions,
@@ -257,15 +306,15 @@ def answer_batch(model, tokenizer, image_processor, prompts: list[str], images: 
     first = timer.first_token_time or end
     config = model.config
     anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
-    patch = model.get_vision_tower().config.image_size if all_images else None
+    patch = model.get_vision_tower().config.image_size if image_sizes else None
     grids = [get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None
              for size in image_sizes]
     records = ([dict(record, crops_reversed=len(record["crop_valid"]) > 1) for record in model.last_accounting]
-               if reverse_crops else list(model.last_accounting)) if all_images else []
+               if reverse_crops else list(model.last_accounting)) if image_sizes else []
     answers, offset = [], 0
-    for row, own, text, length, count in zip(rows, images, texts, prompt_lengths, new_tokens):
-        own_images = slice(offset, offset + len(own))
-        offset += len(own)
+    for row, own, text, length, count in zip(rows, prepared, texts, prompt_lengths, new_tokens):
+        own_images = slice(offset, offset + len(own.sizes))
+        offset += len(own.sizes)
         answers.append(Answer(
             text=text.strip(),
             image_sizes=image_sizes[own_images],

@@ -31,6 +31,15 @@ sorted by expected prompt length (the text, plus the visual tokens each image's 
 budget give: `generation.expected_visual_tokens`) and cut into batches. A prompt too long for the
 model fails its batch's call, which is then answered one question at a time. The batch size is
 not part of the resume fingerprint: greedy answers are the same at any size.
+
+`--num-workers N` moves the front end (each question's image loading and `process_images` under
+the model's input config, `generation.prepare_images`) into N DataLoader worker processes that run
+ahead of the model by up to a grouping window (pinned memory on CUDA); with 0 the same code runs on
+the main thread. The main loop consumes the prepared questions in order, so answers, their order,
+errors, resume and metadata do not depend on N. A worker returns a failed image's error instead of
+raising it, so it reaches the user as the same one-line message; workers are forked, and each lets go
+of its copies of the answers-file locks at once (flock locks belong to the open file, which fork
+shares), so a killed runner's lock is free at once; workers write nothing.
 """
 
 from __future__ import annotations
@@ -38,12 +47,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
+import traceback
 from collections import Counter, defaultdict
 from typing import Callable, Iterable
 
@@ -56,8 +68,9 @@ from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
 from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.generation import (add_compression_arguments, add_input_arguments, answer_batch, compression_arguments,
-                              compression_label, configure_model, expected_visual_tokens)
+from llava.generation import (PreparedImages, add_compression_arguments, add_input_arguments, answer_prepared,
+                              compression_arguments, compression_label, configure_model, expected_visual_tokens,
+                              prepare_images)
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels, tokenizer_image_token
 from llava.model import llava_arch
 from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
@@ -130,9 +143,38 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
                              "prompt length (text plus the visual tokens their image sizes and the budget give) to "
                              "pad little. Greedy answers equal batch 1's; not part of the resume fingerprint "
                              "(default: %(default)s)")
+    parser.add_argument("--num-workers", type=_num_workers_argument, default=default_num_workers(), metavar="N",
+                        help="DataLoader worker processes that load and preprocess the images while the model runs "
+                             "(0: on the main thread); answers do not depend on it (default: %(default)s, "
+                             "min(4, CPUs // 2) where processes can fork, else 0)")
     add_compression_arguments(parser)
     add_input_arguments(parser)
     return parser
+
+
+def default_num_workers() -> int:
+    """min(4, half this process's CPUs) where worker processes can be forked, else 0.
+
+    Half: the model's own threads need the other half (on a 2-CPU machine one worker already took the
+    front end off the critical path; more only competed with the model). Fork: the workers inherit the
+    questions, whose image loaders are closures that spawned processes could not unpickle."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus // 2)
+
+
+def _num_workers_argument(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    if workers and "fork" not in multiprocessing.get_all_start_methods():
+        raise argparse.ArgumentTypeError("worker processes need the 'fork' start method, which this platform lacks; "
+                                         "pass 0")
+    return workers
 
 
 def _batch_size_argument(text: str) -> int:
@@ -319,7 +361,8 @@ def _run(args, questions: list[Question], prompt_settings: dict) -> int:
         if todo:
             if os.path.exists(out_file):
                 write_jsonl(out_file, _existing_rows(out_file))  # drops a half-written last line before appending
-            _answer_all(args, todo, len(share), out_file, settings, rank, world_size, local_rank)
+            _answer_all(args, todo, len(share), out_file, settings, rank, world_size, local_rank,
+                        _lock_paths(answers_file, rank, world_size))
         if world_size > 1:
             _wait_for_all_ranks()
             if rank != 0:
@@ -341,10 +384,14 @@ def _answers_lock(answers_file: str, rank: int, world_size: int):
     """One run per answers file. A single process locks `<file>.lock` exclusively; the ranks of
     one distributed run share it and each locks its own part, so a second run of any kind stops."""
     with contextlib.ExitStack() as locks:
-        locks.enter_context(_refusing_lock(answers_file, f"{answers_file}.lock", shared=world_size > 1))
-        if world_size > 1:
-            locks.enter_context(_refusing_lock(answers_file, f"{answers_file}.rank{rank}.lock", shared=False))
+        for index, lock_path in enumerate(_lock_paths(answers_file, rank, world_size)):
+            locks.enter_context(_refusing_lock(answers_file, lock_path, shared=world_size > 1 and index == 0))
         yield
+
+
+def _lock_paths(answers_file: str, rank: int, world_size: int) -> list[str]:
+    """The lock files a runner holds: the answers file's (shared by the ranks), then its rank's part's."""
+    return [f"{answers_file}.lock"] + ([f"{answers_file}.rank{rank}.lock"] if world_size > 1 else [])
 
 
 @contextlib.contextmanager
@@ -376,14 +423,16 @@ GROUPING_WINDOW_BATCHES = 16
 
 
 def _answer_all(args, todo: list[Question], share_size: int, out_file: str, settings: dict, rank: int,
-                world_size: int, local_rank: int) -> None:
+                world_size: int, local_rank: int, lock_paths: list[str]) -> None:
     tokenizer, model, image_processor = _load_model(args, local_rank)
     model_name = get_model_name_from_path(args.model_path)
     conv_mode = _conv_mode(args.conv_mode, model_name)
     batch_size = getattr(args, "batch_size", 1)
     window = batch_size * GROUPING_WINDOW_BATCHES if batch_size > 1 else 1
     selection_file = args.save_selection and args.save_selection + (f".rank{rank}" if world_size > 1 else "")
-    with open(out_file, "a", encoding="utf-8") as out, \
+    prepared_stream = _prepared_questions(todo, image_processor, model, getattr(args, "num_workers", 0), window,
+                                          lock_paths)
+    with open(out_file, "a", encoding="utf-8") as out, contextlib.closing(prepared_stream), \
             (open_selection_file(selection_file) if selection_file else contextlib.nullcontext()) as selections:
         progress = tqdm(desc=f"answers (rank {rank})" if world_size > 1 else "answers",
                         initial=share_size - len(todo), total=share_size, disable=None)
@@ -398,24 +447,91 @@ def _answer_all(args, todo: list[Question], share_size: int, out_file: str, sett
             progress.update()
 
         for first in range(0, len(todo), window):
-            loaded, stop = [], None  # (question, its images, its chat prompt); the error that stops the run
+            loaded, stop = [], None  # (question, its prepared images, its chat prompt); the error that stops the run
             for question in todo[first:first + window]:
-                try:
-                    loaded.append((question, question.load_images(), _chat_prompt(conv_mode, question)))
-                except ImageLoadError as error:
+                prepared = next(prepared_stream)
+                if isinstance(prepared, ImageLoadError):
                     if args.on_image_error == "stop":
-                        stop = UserError(str(error))  # raised once the questions before it are answered
+                        stop = UserError(str(prepared))  # raised once the questions before it are answered
                         break
-                    write(question, _error_row(question, str(error), model_name, settings), [])
-            lengths = [_expected_prompt_tokens(model, tokenizer, prompt, images) if batch_size > 1 else 0
-                       for _, images, prompt in loaded]
+                    write(question, _error_row(question, str(prepared), model_name, settings), [])
+                    continue
+                if isinstance(prepared, BaseException):  # anything else the front end raised: as on the main thread
+                    raise prepared
+                loaded.append((question, prepared, _chat_prompt(conv_mode, question)))
+            lengths = [_expected_prompt_tokens(model, tokenizer, prompt, prepared.sizes) if batch_size > 1 else 0
+                       for _, prepared, prompt in loaded]
             by_length = [loaded[index] for index in sorted(range(len(loaded)), key=lengths.__getitem__)]
             for start in range(0, len(by_length), batch_size):
                 for question, row, lines in _answered(args, by_length[start:start + batch_size], tokenizer, model,
-                                                      image_processor, model_name, settings, bool(selections)):
+                                                      model_name, settings, bool(selections)):
                     write(question, row, lines)
             if stop is not None:
                 raise stop
+
+
+class _FrontEnd(torch.utils.data.Dataset):
+    """Item i: question i's images loaded and made into the tower's input (`PreparedImages`), or the
+    exception that raised: an `ImageLoadError` is that question's error (recorded, or the run's stop),
+    anything else is raised by the main loop. Returned rather than raised, because the DataLoader
+    would re-raise a worker's exception wrapped in the worker's traceback instead of its one line."""
+
+    def __init__(self, questions: list[Question], image_processor, config, dtype: torch.dtype):
+        self.questions, self.image_processor, self.config, self.dtype = questions, image_processor, config, dtype
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> PreparedImages | Exception:
+        try:
+            return prepare_images(self.questions[index].load_images(), self.image_processor, self.config, self.dtype)
+        except Exception as error:  # noqa: BLE001 - handed to the main loop, which decides
+            if not isinstance(error, ImageLoadError):
+                error.add_note("raised while preparing the images of question "
+                               f"{self.questions[index].question_id!r}:\n" + traceback.format_exc())
+            return error
+
+
+def _prepared_questions(todo: list[Question], image_processor, model, num_workers: int, window: int,
+                        lock_paths: list[str]):
+    """`_FrontEnd`'s items for `todo`, in order, made by `num_workers` forked DataLoader workers
+    (0: on this thread). The workers run ahead by up to about a grouping window, so the next window
+    is ready when the model has answered this one. Closing the generator stops the workers."""
+    front_end = _FrontEnd(todo, image_processor, model.input_config(model.compression_settings()), model.dtype)
+    workers = dict(num_workers=num_workers, multiprocessing_context="fork",
+                   prefetch_factor=max(2, -(-window // num_workers)),
+                   worker_init_fn=functools.partial(_let_go_of_locks, lock_paths)) if num_workers else {}
+    loader = torch.utils.data.DataLoader(front_end, batch_size=None, collate_fn=_as_is,
+                                         pin_memory=model.device.type == "cuda", **workers)
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        del iterator  # its finaliser stops the workers now, not at the next garbage collection
+
+
+def _as_is(item):
+    """The DataLoader's collate function: an item goes to the main loop as the front end made it."""
+    return item
+
+
+def _let_go_of_locks(lock_paths: list[str], worker_id: int) -> None:
+    """A forked worker's first act: point its inherited descriptors of the runner's lock files at
+    /dev/null. flock locks belong to the open file, which fork shares; a worker keeping its copy would
+    keep the answers file locked after the runner died (a worker notices its parent's death only
+    within seconds), and a resume started at once would be refused."""
+    locked = set()
+    for path in lock_paths:
+        with contextlib.suppress(OSError):
+            status = os.stat(path)
+            locked.add((status.st_dev, status.st_ino))
+    null = os.open(os.devnull, os.O_RDONLY)
+    for name in os.listdir("/dev/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            status = os.fstat(int(name))
+            if (status.st_dev, status.st_ino) in locked:
+                os.dup2(null, int(name))  # the number stays valid; the locked file is no longer referenced
+    os.close(null)
 
 
 def _conv_mode(conv_mode: str, model_name: str) -> str:
@@ -431,11 +547,11 @@ def _chat_prompt(conv_mode: str, question: Question) -> str:
     return conv.get_prompt()
 
 
-def _expected_prompt_tokens(model, tokenizer, prompt: str, images: list) -> int:
+def _expected_prompt_tokens(model, tokenizer, prompt: str, image_sizes: list[tuple[int, int]]) -> int:
     """The prompt's length after splicing as its image sizes and the budget predict it
     (`generation.expected_visual_tokens`): the key batches are grouped by."""
     text_tokens = int((tokenizer_image_token(prompt, tokenizer, return_tensors="pt") != IMAGE_TOKEN_INDEX).sum())
-    return text_tokens + sum(expected_visual_tokens(model, image.size) for image in images)
+    return text_tokens + sum(expected_visual_tokens(model, size) for size in image_sizes)
 
 
 def _load_model(args, local_rank: int):
@@ -450,24 +566,22 @@ def _load_model(args, local_rank: int):
     return tokenizer, model, image_processor
 
 
-def _answered(args, batch: list[tuple], tokenizer, model, image_processor, model_name: str, settings: dict,
-              with_selections: bool):
-    """`(question, answer row, selection lines)` for each `(question, images, chat prompt)` of
+def _answered(args, batch: list[tuple], tokenizer, model, model_name: str, settings: dict, with_selections: bool):
+    """`(question, answer row, selection lines)` for each `(question, prepared images, chat prompt)` of
     `batch`, answered in one generate call. A prompt longer than the model takes fails the whole
     call, so such a batch is answered again one question at a time: the error is that question's
     (a stop, or with `--on-image-error record` its error row), the others are answered."""
     try:
-        results = answer_batch(
-            model, tokenizer, image_processor, [prompt for _, _, prompt in batch], [images for _, images, _ in batch],
+        results = answer_prepared(
+            model, tokenizer, [prompt for _, _, prompt in batch], [prepared for _, prepared, _ in batch],
             temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
             max_new_tokens=args.max_new_tokens, reverse_crops=getattr(args, "reverse_crops", False),
-            instructions=[None if question.instruction is None else [question.instruction] * len(images)
-                          for question, images, _ in batch])
+            instructions=[None if question.instruction is None else [question.instruction] * len(prepared.sizes)
+                          for question, prepared, _ in batch])
     except PromptTooLongError as error:
         if len(batch) > 1:
             for item in batch:
-                yield from _answered(args, [item], tokenizer, model, image_processor, model_name, settings,
-                                     with_selections)
+                yield from _answered(args, [item], tokenizer, model, model_name, settings, with_selections)
             return
         question = batch[0][0]
         message = f"question {question.question_id}: {error}"

@@ -233,15 +233,15 @@ def test_batches_give_the_answers_file_of_batch_one(tiny_checkpoint, vqa_data, t
 KILLED_AFTER_ONE_BATCH = """
 import os, signal, sys
 from llava.eval import model_vqa_loader, runner
-real_answer_batch, calls = runner.answer_batch, []
+real_answer_prepared, calls = runner.answer_prepared, []
 
 def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:  # the first batch's answers are written: killed during the second
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_answer_batch(*args, **kwargs)
+    return real_answer_prepared(*args, **kwargs)
 
-runner.answer_batch = dying
+runner.answer_prepared = dying
 model_vqa_loader.main(sys.argv[1:])
 """
 
