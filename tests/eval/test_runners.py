@@ -10,11 +10,14 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science
+from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science, runner
 from llava.eval.jsonl import read_jsonl
 from llava.eval.runner import Question, get_chunk, order_answers, pending_questions
+from llava.generation import _batched_pixel_values, prepare_images
+from llava.mm_utils import process_images
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -324,3 +327,104 @@ def test_batch_size_must_be_a_whole_number_of_at_least_one():
     for bad in ("0", "-1", "two"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--batch-size", bad])
+
+
+# --- --num-workers ---------------------------------------------------------------------------
+
+def test_workers_give_the_answers_file_of_no_workers(tiny_checkpoint, vqa_data, tmp_path):
+    root, lines = vqa_data
+    for size in ("1", "3"):
+        files = {}
+        for workers in ("0", "2"):
+            files[workers] = (tmp_path / f"b{size}w{workers}.jsonl", tmp_path / f"s{size}w{workers}.jsonl")
+            assert _loader(tiny_checkpoint, root, files[workers][0], "--retention-ratio", "0.25", "--max_new_tokens",
+                           "4", "--save-selection", str(files[workers][1]), "--batch-size", size,
+                           "--num-workers", workers) == 0
+        none, two = (read_jsonl(files[workers][0]) for workers in ("0", "2"))
+        assert [row["prompt"] for row in two] == [line["text"] for line in lines]
+        assert _without_answer_ids(two) == _without_answer_ids(none)
+        assert read_jsonl(files["2"][1]) == read_jsonl(files["0"][1])  # the same batches, in the same order
+
+
+def test_a_bad_image_with_workers_is_that_questions_error_only(tiny_checkpoint, vqa_data, tmp_path, capsys):
+    root, lines = vqa_data
+    broken = tmp_path / "questions.jsonl"
+    with open(broken, "w") as file:
+        for line in lines[:2] + [dict(lines[2], image="gone.jpg")] + lines[3:]:
+            file.write(json.dumps(line) + "\n")
+    common = ["--model-path", tiny_checkpoint, "--question-file", str(broken), "--image-folder", str(root),
+              "--temperature", "0", "--max_new_tokens", "2"]
+    for workers in ("0", "2"):
+        with pytest.raises(SystemExit) as stop:
+            model_vqa_loader.main(common + ["--answers-file", str(tmp_path / f"stop{workers}.jsonl"),
+                                            "--num-workers", workers])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err and "DataLoader" not in err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            f"error: image file not found: {root / 'gone.jpg'} (question 2)"]
+        assert len(read_jsonl(tmp_path / f"stop{workers}.jsonl")) == 2  # the answers before it are kept
+        assert model_vqa_loader.main(common + ["--answers-file", str(tmp_path / f"rec{workers}.jsonl"),
+                                               "--num-workers", workers, "--on-image-error", "record"]) == 0
+    recorded = read_jsonl(tmp_path / "rec2.jsonl")
+    assert ["error" in row["metadata"] for row in recorded] == [False, False, True, False, False]
+    assert _without_answer_ids(recorded) == _without_answer_ids(read_jsonl(tmp_path / "rec0.jsonl"))
+
+
+def test_another_front_end_error_reaches_the_user_as_its_own_line(tiny_checkpoint, tmp_path, capsys):
+    def unreadable():
+        raise OSError("disk gone")
+
+    questions = [Question(0, "q", "<image>\nq", load_images=unreadable)]
+    args = runner.build_parser("x", max_new_tokens=1).parse_args(
+        ["--model-path", tiny_checkpoint, "--answers-file", str(tmp_path / "a.jsonl"), "--num-workers", "1"])
+    with pytest.raises(SystemExit) as stop:
+        runner.run(args, lambda: questions)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.strip().splitlines()[-1] == "error: disk gone" and "Traceback" not in err
+
+
+KILLED_WITH_WORKERS = KILLED_AFTER_ONE_BATCH.replace("len(calls) == 2", "len(calls) == 3")
+
+
+def test_a_run_with_workers_killed_mid_run_resumes_at_once(tiny_checkpoint, vqa_data, tmp_path):
+    root, lines = vqa_data
+    answers = tmp_path / "a.jsonl"
+    arguments = ["--model-path", tiny_checkpoint, "--question-file", str(root / "questions.jsonl"),
+                 "--image-folder", str(root), "--answers-file", str(answers), "--temperature", "0",
+                 "--max_new_tokens", "2", "--device", "cpu", "--num-workers", "2"]
+    # Output to a file, not a pipe: run() would wait for every holder of a pipe, the workers included, to exit.
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.run([sys.executable, "-c", KILLED_WITH_WORKERS, *arguments], stdout=log, stderr=log,
+                                timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed.returncode == -9, (tmp_path / "killed.log").read_text()[-2000:]
+    first_two = read_jsonl(answers)
+    assert len(first_two) == 2
+    # At once: the killed runner's workers may live on for seconds, but they hold no lock.
+    assert model_vqa_loader.main(arguments) == 0
+    resumed = read_jsonl(answers)
+    assert [row["prompt"] for row in resumed] == [line["text"] for line in lines]
+    assert {row["answer_id"] for row in first_two} < {row["answer_id"] for row in resumed}
+    assert model_vqa_loader.main(arguments[:-1] + ["0", "--answers-file", str(tmp_path / "w0.jsonl")]) == 0
+    assert [row["text"] for row in resumed] == [row["text"] for row in read_jsonl(tmp_path / "w0.jsonl")]
+
+
+def test_prepared_images_batch_as_process_images_does(tiny):
+    _, model, processor = tiny
+    config = model.input_config(model.compression_settings())
+    for sizes in ([(80, 50), (50, 90)], [(64, 64), (70, 70)], [(300, 40)]):  # different, equal, one view count
+        images = [Image.new("RGB", size, (10 * index, 200, 30)) for index, size in enumerate(sizes)]
+        together = process_images(images, processor, config)
+        prepared = prepare_images(images, processor, config, torch.float32)
+        batched = _batched_pixel_values(prepared.pixel_values, "cpu")
+        assert prepared.sizes == sizes and type(batched) is type(together)
+        for mine, theirs in zip(batched, together):
+            assert torch.equal(mine, theirs)
+
+
+def test_num_workers_must_be_a_whole_number_of_at_least_zero():
+    parser = model_vqa.build_parser("x", max_new_tokens=8)
+    assert parser.parse_args([]).num_workers == runner.default_num_workers()
+    assert parser.parse_args(["--num-workers", "0"]).num_workers == 0
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--num-workers", bad])

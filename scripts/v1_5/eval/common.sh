@@ -17,6 +17,7 @@
 #   SAMPLE=1         run on the built-in synthetic sample suite (built if missing)
 #   RUNNER_ARGS      more runner arguments (SAMPLE=1 default: --max_new_tokens 8)
 #   BATCH_SIZE       questions per generate call (default 1; greedy answers are the same at any size)
+#   NUM_WORKERS      image-loading worker processes per runner (default: the runner's, min(4, CPUs // 2))
 set -euo pipefail
 
 if [ -z "${PYTHON:-}" ]; then
@@ -84,7 +85,7 @@ run_runner() {
     shift 3
     ANSWERS_FILE=$output
     local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${COMPRESSION[@]}"
-                  --batch-size "${BATCH_SIZE:-1}")
+                  --batch-size "${BATCH_SIZE:-1}" ${NUM_WORKERS:+--num-workers "$NUM_WORKERS"})
     mkdir -p "$(dirname "$output")"
     if [ "$CHUNKS" -eq 1 ]; then
         # shellcheck disable=SC2086  # RUNNER_ARGS is a list of words
