@@ -32,14 +32,15 @@ budget give: `generation.expected_visual_tokens`) and cut into batches. A prompt
 model fails its batch's call, which is then answered one question at a time. The batch size is
 not part of the resume fingerprint: greedy answers are the same at any size.
 
-`--num-workers N` moves the front end (each question's image loading and `process_images` under
-the model's input config, `generation.prepare_images`) into N DataLoader worker processes that run
-ahead of the model by up to a grouping window (pinned memory on CUDA); with 0 the same code runs on
-the main thread. The main loop consumes the prepared questions in order, so answers, their order,
-errors, resume and metadata do not depend on N. A worker returns a failed image's error instead of
-raising it, so it reaches the user as the same one-line message; workers are forked, and each lets go
-of its copies of the answers-file locks at once (flock locks belong to the open file, which fork
-shares), so a killed runner's lock is free at once; workers write nothing.
+`--num-workers N` (default: up to 4 on a GPU, 0 on the CPU: `default_num_workers`) moves the front
+end (each question's image loading and `process_images` under the model's input config,
+`generation.prepare_images`) into N DataLoader worker processes that run ahead of the model by up to
+a grouping window (pinned memory on CUDA); with 0 the same code runs on the main thread. The main
+loop consumes the prepared questions in order, so answers, their order, errors, resume and metadata
+do not depend on N. A worker returns a failed image's error instead of raising it, so it reaches the
+user as the same one-line message; workers are forked, and each lets go of its copies of the
+answers-file locks at once (flock locks belong to the open file, which fork shares), so a killed
+runner's lock is free at once; workers write nothing.
 """
 
 from __future__ import annotations
@@ -143,25 +144,28 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
                              "prompt length (text plus the visual tokens their image sizes and the budget give) to "
                              "pad little. Greedy answers equal batch 1's; not part of the resume fingerprint "
                              "(default: %(default)s)")
-    parser.add_argument("--num-workers", type=_num_workers_argument, default=default_num_workers(), metavar="N",
+    parser.add_argument("--num-workers", type=_num_workers_argument, default=None, metavar="N",
                         help="DataLoader worker processes that load and preprocess the images while the model runs "
-                             "(0: on the main thread); answers do not depend on it (default: %(default)s, "
-                             "min(4, CPUs // 2) where processes can fork, else 0)")
+                             "(0: on the main thread); answers do not depend on it. Default: min(4, CPUs - 1) when "
+                             "the model runs on a GPU, 0 on the CPU, where workers compete with the model's threads "
+                             "(give the model fewer, e.g. OMP_NUM_THREADS, if you use them there)")
     add_compression_arguments(parser)
     add_input_arguments(parser)
     return parser
 
 
-def default_num_workers() -> int:
-    """min(4, half this process's CPUs) where worker processes can be forked, else 0.
+def default_num_workers(device: torch.device) -> int:
+    """min(4, this process's CPUs - 1) for a model on a GPU, where fork exists; else 0.
 
-    Half: the model's own threads need the other half (on a 2-CPU machine one worker already took the
-    front end off the critical path; more only competed with the model). Fork: the workers inherit the
+    On a GPU the main process needs about one CPU to launch kernels, and the workers take the image
+    front end off its path. On the CPU they compete with the model's intra-op threads: on a shared
+    2-CPU machine (tiny checkpoint, MME questions) one worker made each question 5-48% slower beside the
+    model's 2 threads, and with 1 thread came within 13% either way of 0 workers with 2. Fork: the workers inherit the
     questions, whose image loaders are closures that spawned processes could not unpickle."""
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if device.type == "cpu" or "fork" not in multiprocessing.get_all_start_methods():
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, cpus // 2)
+    return max(0, min(4, cpus - 1))
 
 
 def _num_workers_argument(text: str) -> int:
@@ -430,8 +434,9 @@ def _answer_all(args, todo: list[Question], share_size: int, out_file: str, sett
     batch_size = getattr(args, "batch_size", 1)
     window = batch_size * GROUPING_WINDOW_BATCHES if batch_size > 1 else 1
     selection_file = args.save_selection and args.save_selection + (f".rank{rank}" if world_size > 1 else "")
-    prepared_stream = _prepared_questions(todo, image_processor, model, getattr(args, "num_workers", 0), window,
-                                          lock_paths)
+    num_workers = getattr(args, "num_workers", None)
+    prepared_stream = _prepared_questions(todo, image_processor, model, default_num_workers(model.device)
+                                          if num_workers is None else num_workers, window, lock_paths)
     with open(out_file, "a", encoding="utf-8") as out, contextlib.closing(prepared_stream), \
             (open_selection_file(selection_file) if selection_file else contextlib.nullcontext()) as selections:
         progress = tqdm(desc=f"answers (rank {rank})" if world_size > 1 else "answers",

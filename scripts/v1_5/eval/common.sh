@@ -17,7 +17,7 @@
 #   SAMPLE=1         run on the built-in synthetic sample suite (built if missing)
 #   RUNNER_ARGS      more runner arguments (SAMPLE=1 default: --max_new_tokens 8)
 #   BATCH_SIZE       questions per generate call (default 1; greedy answers are the same at any size)
-#   NUM_WORKERS      image-loading worker processes per runner (default: the runner's, min(4, CPUs // 2))
+#   NUM_WORKERS      image-loading worker processes per runner (default: min(4, CPUs - 1) on a GPU, 0 on the CPU)
 set -euo pipefail
 
 if [ -z "${PYTHON:-}" ]; then
