@@ -1,4 +1,20 @@
-from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+"""The LLaVA models (import name kept as upstream's `llava.model`). The classes load on first use, so
+torch-free helpers under this package (`llava.model.defaults`) and the method registry do not start
+transformers."""
 
-__all__ = ["LlavaConfig", "LlavaLlamaForCausalLM", "LlavaMistralConfig", "LlavaMistralForCausalLM"]
+_CLASSES = {
+    "LlavaConfig": "llava.model.language_model.llava_llama",
+    "LlavaLlamaForCausalLM": "llava.model.language_model.llava_llama",
+    "LlavaMistralConfig": "llava.model.language_model.llava_mistral",
+    "LlavaMistralForCausalLM": "llava.model.language_model.llava_mistral",
+}
+
+__all__ = list(_CLASSES)
+
+
+def __getattr__(name: str):
+    if name not in _CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_CLASSES[name]), name)

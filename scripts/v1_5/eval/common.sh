@@ -16,6 +16,12 @@
 #   EVAL_DIR         data root (default ./playground/data/eval; SAMPLE=1: ./playground/sample/eval)
 #   SAMPLE=1         run on the built-in synthetic sample suite (built if missing)
 #   RUNNER_ARGS      more runner arguments (SAMPLE=1 default: --max_new_tokens 8)
+#   RETENTION_RATIOS several ratios, comma-separated (e.g. 1,0.5,0.25,0.1), and/or
+#   METHODS          several methods, comma-separated: a sweep. One runner process answers every setting
+#                    (model loaded, images decoded and the vision tower run once per image and method),
+#                    writing each setting's answers file under the name its single run would have; then
+#                    each setting is scored as a single run would be (the script runs again per setting,
+#                    finding its answers written). METHOD_ARGS then apply to every method.
 #   BATCH_SIZE       questions per generate call (default 1; greedy answers are the same at any size)
 #   NUM_WORKERS      image-loading worker processes per runner (default: min(4, CPUs - 1) on a GPU, 0 on the CPU)
 set -euo pipefail
@@ -37,17 +43,42 @@ else
 fi
 CKPT=${CKPT:-$(basename "$MODEL_PATH")}
 CONV_MODE=${CONV_MODE:-vicuna_v1}
-read -r DEFAULT_RATIO DEFAULT_LAYOUT DEFAULT_METHOD < <("$PYTHON" -c \
-    "from llava.model import llava_arch as a; print(a.retention_ratio, a.token_layout, a.compression_method)")
+# llava_arch's defaults, read from its source (no torch started)
+read -r DEFAULT_RATIO DEFAULT_LAYOUT DEFAULT_METHOD < <("$PYTHON" -m llava.model.defaults)
 TOKEN_LAYOUT=${TOKEN_LAYOUT:-$DEFAULT_LAYOUT}
 METHOD=${METHOD:-$DEFAULT_METHOD}
 METHOD_ARGS=${METHOD_ARGS:-}
 VISUAL_TOKENS=${VISUAL_TOKENS:-}
 RETENTION_RATIO=${RETENTION_RATIO:-$DEFAULT_RATIO}
-# The answers-file name part, and the arguments results are recorded under (a method's mode always).
-# shellcheck disable=SC2086  # METHOD_ARGS is a list of words
-{ read -r METHOD_NAME; read -r RECORD_ARGS; } < <("$PYTHON" -m llava.model.compression --record-args \
-    --run-name "$METHOD" $METHOD_ARGS)
+
+# A sweep: the script runs once per setting (methods outer, ratios inner) with SWEEP_FIRST set on the
+# first, whose runner answers every setting in one process (run_runner); the others find their answers.
+if [ -n "${RETENTION_RATIOS:-}${METHODS:-}" ] && [ -z "${SWEEP_FIRST:-}" ]; then
+    if [ -n "$VISUAL_TOKENS" ] && [ -n "${RETENTION_RATIOS:-}" ]; then
+        echo "error: give RETENTION_RATIOS or VISUAL_TOKENS, not both" >&2
+        exit 2
+    fi
+    SWEEP_METHODS=${METHODS:-$METHOD}
+    SWEEP_RATIOS=${RETENTION_RATIOS:-$RETENTION_RATIO}
+    first=1
+    for sweep_method in ${SWEEP_METHODS//,/ }; do
+        for sweep_ratio in ${SWEEP_RATIOS//,/ }; do
+            SWEEP_FIRST=$first SWEEP_METHODS=$SWEEP_METHODS SWEEP_RATIOS=$SWEEP_RATIOS METHODS= RETENTION_RATIOS= \
+                METHOD=$sweep_method RETENTION_RATIO=$sweep_ratio bash "$0" "$@"
+            first=0
+        done
+    done
+    exit 0
+fi
+
+# The answers-file name part, and the arguments results are recorded under (a method's mode always);
+# default GlobalCom2 has neither, so no Python is started for it.
+METHOD_NAME="" RECORD_ARGS=""
+if [ "$METHOD" != "globalcom2" ] || [ -n "$METHOD_ARGS" ]; then
+    # shellcheck disable=SC2086  # METHOD_ARGS is a list of words
+    { read -r METHOD_NAME; read -r RECORD_ARGS; } < <("$PYTHON" -m llava.model.compression --record-args \
+        --run-name "$METHOD" $METHOD_ARGS)
+fi
 COMPRESSION=(--method "$METHOD" --token-layout "$TOKEN_LAYOUT")
 for pair in $METHOD_ARGS; do
     COMPRESSION+=(--method-arg "$pair")
@@ -84,12 +115,35 @@ run_runner() {
     local output=$1 chunk_dir=$2 module=$3
     shift 3
     ANSWERS_FILE=$output
-    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${COMPRESSION[@]}"
+    local compression=("${COMPRESSION[@]}") answers=$output chunks=$chunk_dir
+    if [ -n "${SWEEP_FIRST:-}" ]; then
+        # A sweep: the first setting's runner answers them all (file names with {run} for each setting's
+        # part after "$CKPT-"); the other settings only merge their chunks.
+        if [ "$SWEEP_FIRST" = "1" ]; then
+            compression=(--methods "$SWEEP_METHODS" --token-layout "$TOKEN_LAYOUT")
+            for pair in $METHOD_ARGS; do
+                compression+=(--method-arg "$pair")
+            done
+            if [ -n "$VISUAL_TOKENS" ]; then
+                compression+=(--visual-tokens "$VISUAL_TOKENS")
+            else
+                compression+=(--retention-ratios "$SWEEP_RATIOS")
+            fi
+            answers=${output//"$NAME"/"$CKPT-{run}"}
+            chunks=${chunk_dir//"$NAME"/"$CKPT-{run}"}
+        elif [ "$CHUNKS" -eq 1 ]; then
+            return
+        else
+            merge_chunks "$output" "$chunk_dir"
+            return
+        fi
+    fi
+    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${compression[@]}"
                   --batch-size "${BATCH_SIZE:-1}" ${NUM_WORKERS:+--num-workers "$NUM_WORKERS"})
     mkdir -p "$(dirname "$output")"
     if [ "$CHUNKS" -eq 1 ]; then
         # shellcheck disable=SC2086  # RUNNER_ARGS is a list of words
-        "$PYTHON" -m "$module" "$@" "${common[@]}" --answers-file "$output" $RUNNER_ARGS
+        "$PYTHON" -m "$module" "$@" "${common[@]}" --answers-file "$answers" $RUNNER_ARGS
         return
     fi
     mkdir -p "$chunk_dir"
@@ -97,7 +151,7 @@ run_runner() {
     for idx in $(seq 0 $((CHUNKS - 1))); do
         # shellcheck disable=SC2086
         CUDA_VISIBLE_DEVICES=${GPULIST[$idx]} "$PYTHON" -m "$module" "$@" "${common[@]}" \
-            --answers-file "$chunk_dir/${CHUNKS}_${idx}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$idx" $RUNNER_ARGS &
+            --answers-file "$chunks/${CHUNKS}_${idx}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$idx" $RUNNER_ARGS &
         pids+=($!)
     done
     local failed=0 pid
@@ -108,8 +162,14 @@ run_runner() {
         echo "error: a chunk failed; rerun the script to resume" >&2
         exit 1
     fi
-    # Merged beside the target, then renamed over it: the old file stays whole until the new one is.
-    local parts=() merging="$output.merging"
+    merge_chunks "$output" "$chunk_dir"
+}
+
+# merge_chunks OUTPUT CHUNK_DIR: the chunk files in chunk order, merged beside OUTPUT and then renamed
+# over it, so the old file stays whole until the new one is.
+merge_chunks() {
+    local output=$1 chunk_dir=$2 parts=() merging="$1.merging" idx
+    mkdir -p "$(dirname "$output")"
     for idx in $(seq 0 $((CHUNKS - 1))); do
         parts+=("$chunk_dir/${CHUNKS}_${idx}.jsonl")
     done
