@@ -272,9 +272,16 @@ def answer_prepared(model, tokenizer, prompts: list[str], prepared: list[Prepare
     image_sizes = [size for own in prepared for size in own.sizes]
     settings = model.compression_settings()
     if image_sizes:
-        pixel_values = _batched_pixel_values([views for own in prepared for views in own.pixel_values], model.device)
-        if reverse_crops:
-            pixel_values = reverse_crop_order(pixel_values)
+        per_image = [views for own in prepared for views in own.pixel_values]
+
+        def batched():
+            pixel_values = _batched_pixel_values(per_image, model.device)
+            return reverse_crop_order(pixel_values) if reverse_crops else pixel_values
+
+        # Within `model.reusing_tower_outputs()`, the same prepared images (in the same crop order: the
+        # flag is part of the key) give the same tensor, whose tower output the model then reuses.
+        cache = getattr(model, "_tower_cache", None)
+        pixel_values = batched() if cache is None else cache.pixel_values([*per_image, reverse_crops], batched)
         per_image_instructions = None if instructions is None or all(texts is None for texts in instructions) else [
             text for own, texts in zip(prepared, instructions)
             for text in (texts if texts is not None else [None] * len(own.sizes))]

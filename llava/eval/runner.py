@@ -41,6 +41,17 @@ do not depend on N. A worker returns a failed image's error instead of raising i
 user as the same one-line message; workers are forked, and each lets go of its copies of the
 answers-file locks at once (flock locks belong to the open file, which fork shares), so a killed
 runner's lock is free at once; workers write nothing.
+
+A sweep (`--retention-ratios 1,0.5,0.25`, `--methods globalcom2,fastv`, either or both) answers every
+setting of their product (methods outer, ratios inner) in one process, into one answers file per
+setting: `{run}` in `--answers-file` (and `--save-selection`) becomes the setting's name, as the
+scripts name a single run's file (`setting_name`). Each file is what the single run with that
+setting writes (the same rows, order and metadata, its fingerprint included: a later single run
+resumes it), with its own lock, resume, chunk and final rewrite; a complete one is skipped. The model
+loads once; the questions any setting still needs are taken a window at a time, each question's
+images loaded once and prepared once per distinct input config, then every setting answers its
+questions of the window (batch-major: a kill loses at most the batch in flight of one setting), the
+vision tower running once per batch of images for all of them (`model.reusing_tower_outputs`).
 """
 
 from __future__ import annotations
@@ -75,8 +86,9 @@ from llava.generation import (PreparedImages, add_compression_arguments, add_inp
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels, tokenizer_image_token
 from llava.model import llava_arch
 from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
+from llava.model.compression.__main__ import run_name
 from llava.model.compression.common import check_layout, check_retention_ratio
-from llava.model.compression.registry import non_default_args
+from llava.model.compression.registry import non_default_args, parse_method_args
 from llava.model.llava_arch import PromptTooLongError
 from llava.utils import quiet_transformers, user_errors
 from llava.visualize import open_selection_file, selection_lines, write_lines
@@ -150,6 +162,15 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
                              "the model runs on a GPU, 0 on the CPU, where workers compete with the model's threads "
                              "(give the model fewer, e.g. OMP_NUM_THREADS, if you use them there)")
     add_compression_arguments(parser)
+    parser.add_argument("--retention-ratios", metavar="R,R,...", default=None,
+                        help="a sweep in one process: answer at each of these ratios (instead of --retention-ratio), "
+                             "loading the model and each image once, into one answers file per setting; "
+                             f"--answers-file must then hold {RUN_PLACEHOLDER}, replaced by the setting's name "
+                             "([<method name>-]R<ratio as typed>[-<layout>], the part of the scripts' names after "
+                             "the checkpoint). Each file is the one a single run with that setting writes")
+    parser.add_argument("--methods", metavar="M,M,...", default=None,
+                        help="a sweep over methods (instead of --method), the outer loop of the settings; every "
+                             "--method-arg applies to each of them")
     add_input_arguments(parser)
     return parser
 
@@ -254,6 +275,91 @@ def pending_questions(questions: list[Question], rows: list[dict]) -> list[Quest
     return pending
 
 
+# In --answers-file and --save-selection of a sweep: each setting's name (`sweep_settings`).
+RUN_PLACEHOLDER = "{run}"
+
+
+def sweep_settings(args) -> list[argparse.Namespace]:
+    """The settings a run answers, each as the arguments of the single run with that setting: `[args]`,
+    or with `--methods`/`--retention-ratios` their product, methods outer and ratios inner in the
+    order given, with `{run}` in `--answers-file` and `--save-selection` replaced by the setting's
+    name (`setting_name`). Refuses in one line (UserError), before anything loads: a bad ratio, method
+    or method argument (naming the method), a list beside its single flag, several settings without
+    `{run}`, two settings with one file."""
+    methods = _listed(args, "methods", "--methods")
+    ratios = _listed(args, "retention_ratios", "--retention-ratios")
+    placeholder_in = [flag for flag, value in [("--answers-file", args.answers_file),
+                                               ("--save-selection", args.save_selection)]
+                      if value and RUN_PLACEHOLDER in value]
+    if methods is None and ratios is None:
+        if placeholder_in:
+            raise UserError(f"{placeholder_in[0]} holds {RUN_PLACEHOLDER}, which only a sweep (--retention-ratios, "
+                            "--methods) fills in")
+        return [args]
+    for listed, list_flag, single, flag in [(ratios, "--retention-ratios", "retention_ratio", "--retention-ratio"),
+                                            (ratios, "--retention-ratios", "visual_tokens", "--visual-tokens"),
+                                            (methods, "--methods", "method", "--method")]:
+        if listed is not None and getattr(args, single, None) is not None:
+            raise UserError(f"{list_flag} and {flag} were both given: pass one")
+    for method in methods or []:
+        try:
+            parse_method_args(method, args.method_arg)
+        except ValueError as error:
+            raise UserError(f"--methods {method}: {error}") from None
+    for text in ratios or []:
+        try:
+            check_retention_ratio(float(text))
+        except ValueError:
+            raise UserError(f"--retention-ratios: must be numbers in (0, 1] (1 = no compression), got {text!r}") \
+                from None
+    settings = []
+    for method in methods or [args.method]:
+        for text in ratios or [None]:
+            setting = argparse.Namespace(**dict(vars(args), methods=None, retention_ratios=None, method=method))
+            if text is not None:
+                setting.retention_ratio = float(text)
+            name = setting_name(setting, text)
+            setting.answers_file = args.answers_file.replace(RUN_PLACEHOLDER, name)
+            setting.save_selection = args.save_selection and args.save_selection.replace(RUN_PLACEHOLDER, name)
+            settings.append(setting)
+    if len(settings) > 1:
+        for flag in ["--answers-file"] + (["--save-selection"] if args.save_selection else []):
+            if flag not in placeholder_in:
+                raise UserError(f"{len(settings)} settings need one file each: put {RUN_PLACEHOLDER} in {flag}, e.g. "
+                                f"answers/model-{RUN_PLACEHOLDER}.jsonl (replaced by each setting's name)")
+    files = Counter(setting.answers_file for setting in settings)
+    twice = [path for path, count in files.items() if count > 1]
+    if twice:
+        raise UserError(f"two settings would write {twice[0]}: a method or ratio is listed twice")
+    return settings
+
+
+def setting_name(args, ratio_text: str | None = None) -> str:
+    """What the scripts put after `<checkpoint>-` in an answers file's name (`scripts/v1_5/eval/common.sh`):
+    `[<run_name>-]<budget>[-<layout>]`, the method's `run_name` (empty for GlobalCom2 with default
+    arguments), the budget `R<ratio>` (`ratio_text` as typed; else the ratio as Python prints it) or
+    `N<visual tokens>`, and the layout unless official."""
+    method_name = run_name(args.method or llava_arch.compression_method, args.method_arg)
+    if ratio_text is None and args.visual_tokens is not None:
+        budget = f"N{args.visual_tokens}"
+    else:
+        budget = "R" + (ratio_text or str(llava_arch.retention_ratio if args.retention_ratio is None
+                                          else args.retention_ratio))
+    layout = args.token_layout or llava_arch.token_layout
+    return (f"{method_name}-" if method_name else "") + budget + ("" if layout == "official" else f"-{layout}")
+
+
+def _listed(args, name: str, flag: str) -> list[str] | None:
+    """The comma-separated list `args.<name>` (None when not given); an empty item is a UserError."""
+    text = getattr(args, name, None)
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise UserError(f"{flag}: an empty item in {text!r} (comma-separated values, e.g. 1,0.5,0.25)")
+    return items
+
+
 def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
     """Everything that decides an answer besides the question: the resume fingerprint.
 
@@ -345,42 +451,72 @@ def run(args, load_questions: Callable[[], list[Question]], prompt_settings: dic
         return _run(args, load_questions(), prompt_settings or {})
 
 
+@dataclasses.dataclass
+class _Output:
+    """One setting's answers file: the setting's arguments (`sweep_settings`), where this process
+    writes, the resume fingerprint, and the questions it still has to answer."""
+    args: argparse.Namespace
+    answers_file: str
+    out_file: str            # the answers file, or this rank's part of it
+    settings: dict           # `run_settings`
+    todo: list[Question] = dataclasses.field(default_factory=list)
+
+
 def _run(args, questions: list[Question], prompt_settings: dict) -> int:
     rank, world_size, local_rank = distributed_rank()
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
     share = get_chunk(chunk, world_size, rank)
-    answers_file = os.path.expanduser(args.answers_file)
-    make_parent_dir(answers_file)
-    out_file = f"{answers_file}.rank{rank}" if world_size > 1 else answers_file
-    settings = run_settings(args, prompt_settings, local_rank)
-    with _answers_lock(answers_file, rank, world_size):
-        if args.overwrite:
-            _start_afresh(answers_file, rank, world_size)
-        # Left by a run killed during a rewrite; each process cleans only the files it writes.
-        for path in {out_file, answers_file} if rank == 0 else {out_file}:
-            remove_stale_temporaries(path)
-        done = _all_rows(answers_file)
-        check_settings(done, settings, answers_file)
-        todo = pending_questions(share, done)
-        if todo:
-            if os.path.exists(out_file):
-                write_jsonl(out_file, _existing_rows(out_file))  # drops a half-written last line before appending
-            _answer_all(args, todo, len(share), out_file, settings, rank, world_size, local_rank,
-                        _lock_paths(answers_file, rank, world_size))
+    outputs = []
+    for setting in sweep_settings(args):
+        answers_file = os.path.expanduser(setting.answers_file)
+        outputs.append(_Output(setting, answers_file, f"{answers_file}.rank{rank}" if world_size > 1 else answers_file,
+                               run_settings(setting, prompt_settings, local_rank)))
+    with contextlib.ExitStack() as locks:
+        for output in outputs:
+            make_parent_dir(output.answers_file)
+            locks.enter_context(_answers_lock(output.answers_file, rank, world_size))
+        for output in outputs:
+            output.todo = _resume(output, share, rank, world_size)
+        if any(output.todo for output in outputs):
+            _answer_all(args, outputs, share, rank, world_size, local_rank,
+                        [path for output in outputs for path in _lock_paths(output.answers_file, rank, world_size)])
         if world_size > 1:
             _wait_for_all_ranks()
             if rank != 0:
                 return 0
-        rows = _all_rows(answers_file)
-        ordered = order_answers(chunk, rows)
-        if len(ordered) < len(rows):
-            print(f"{answers_file}: dropped {len(rows) - len(ordered)} surplus answer(s) to questions answered "
-                  "already (written twice by an older version, or merged twice)", file=sys.stderr)
-        write_jsonl(answers_file, ordered)
-        for part in _part_files(answers_file):
-            os.remove(part)
-    _print_summary(answers_file, chunk)
+        for output in outputs:
+            _merge_in_question_order(output.answers_file, chunk)
+    for output in outputs:
+        _print_summary(output.answers_file, chunk)
     return 0
+
+
+def _resume(output: _Output, share: list[Question], rank: int, world_size: int) -> list[Question]:
+    """Ready `output`'s files for this run (under its lock): `--overwrite`, a killed run's leftovers,
+    the settings check; returns the questions of `share` it has not answered."""
+    if output.args.overwrite:
+        _start_afresh(output.answers_file, rank, world_size)
+    # Left by a run killed during a rewrite; each process cleans only the files it writes.
+    for path in {output.out_file, output.answers_file} if rank == 0 else {output.out_file}:
+        remove_stale_temporaries(path)
+    done = _all_rows(output.answers_file)
+    check_settings(done, output.settings, output.answers_file)
+    todo = pending_questions(share, done)
+    if todo and os.path.exists(output.out_file):
+        write_jsonl(output.out_file, _existing_rows(output.out_file))  # drops a half-written last line before appending
+    return todo
+
+
+def _merge_in_question_order(answers_file: str, chunk: list[Question]) -> None:
+    """Rewrite `answers_file` from itself and every rank's part, in `chunk`'s question order."""
+    rows = _all_rows(answers_file)
+    ordered = order_answers(chunk, rows)
+    if len(ordered) < len(rows):
+        print(f"{answers_file}: dropped {len(rows) - len(ordered)} surplus answer(s) to questions answered "
+              "already (written twice by an older version, or merged twice)", file=sys.stderr)
+    write_jsonl(answers_file, ordered)
+    for part in _part_files(answers_file):
+        os.remove(part)
 
 
 @contextlib.contextmanager
@@ -426,70 +562,127 @@ def _start_afresh(answers_file: str, rank: int, world_size: int) -> None:
 GROUPING_WINDOW_BATCHES = 16
 
 
-def _answer_all(args, todo: list[Question], share_size: int, out_file: str, settings: dict, rank: int,
-                world_size: int, local_rank: int, lock_paths: list[str]) -> None:
-    tokenizer, model, image_processor = _load_model(args, local_rank)
+def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, world_size: int, local_rank: int,
+                lock_paths: list[str]) -> None:
+    """Answer every output's `todo`, batch-major: the questions any output still needs are taken a
+    window at a time, their images loaded once and prepared once per distinct input config; then each
+    output (in order) answers its questions of the window in batches and writes each answer at once.
+    With several outputs the vision tower runs once per batch of images for all of them
+    (`reusing_tower_outputs`)."""
+    working = [output for output in outputs if output.todo]
+    tokenizer, model, image_processor = _load_model(working[0].args, local_rank)
     model_name = get_model_name_from_path(args.model_path)
     conv_mode = _conv_mode(args.conv_mode, model_name)
     batch_size = getattr(args, "batch_size", 1)
     window = batch_size * GROUPING_WINDOW_BATCHES if batch_size > 1 else 1
-    selection_file = args.save_selection and args.save_selection + (f".rank{rank}" if world_size > 1 else "")
+    compressions, configs, config_of = [], [], []  # each output's settings, its input config's index in `configs`
+    for output in working:
+        configure_model(model, output.args)  # a missing text tower stops the run before any answer
+        compressions.append(model.compression_settings())
+        config = model.input_config(compressions[-1])
+        if config not in configs:
+            configs.append(config)
+        config_of.append(configs.index(config))
+    waiting = [{id(question) for question in output.todo} for output in working]
+    questions = [question for question in share if any(id(question) in own for own in waiting)]
+    needs = [[any(id(question) in waiting[index] for index in range(len(working)) if config_of[index] == config)
+              for config in range(len(configs))] for question in questions]
     num_workers = getattr(args, "num_workers", None)
-    prepared_stream = _prepared_questions(todo, image_processor, model, default_num_workers(model.device)
-                                          if num_workers is None else num_workers, window, lock_paths)
-    with open(out_file, "a", encoding="utf-8") as out, contextlib.closing(prepared_stream), \
-            (open_selection_file(selection_file) if selection_file else contextlib.nullcontext()) as selections:
+    prepared_stream = _prepared_questions(_FrontEnd(questions, needs, image_processor, configs, model.dtype), model,
+                                          default_num_workers(model.device) if num_workers is None else num_workers,
+                                          window, lock_paths)
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(_Writer(output, rank, world_size)) for output in working]
+        stack.enter_context(contextlib.closing(prepared_stream))
+        stack.enter_context(model.reusing_tower_outputs(*compressions) if len(working) > 1 else contextlib.nullcontext())
         progress = tqdm(desc=f"answers (rank {rank})" if world_size > 1 else "answers",
-                        initial=share_size - len(todo), total=share_size, disable=None)
-
-        def write(question: Question, row: dict, lines: list[dict]) -> None:
-            if selections:
-                # Before the answer: a kill between the two repeats this question's records on resume
-                # rather than losing them. An error row has no accounting, so no (stale) selection.
-                write_lines(selections, [dict(question_id=question.question_id, **line) for line in lines])
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            progress.update()
-
-        for first in range(0, len(todo), window):
-            loaded, stop = [], None  # (question, its prepared images, its chat prompt); the error that stops the run
-            for question in todo[first:first + window]:
+                        initial=len(share) * len(outputs) - sum(len(output.todo) for output in working),
+                        total=len(share) * len(outputs), disable=None)
+        for first in range(0, len(questions), window):
+            # Per output: (question, its prepared images, its chat prompt); the error that stops the run
+            loaded, stop = [[] for _ in working], None
+            for question in questions[first:first + window]:
                 prepared = next(prepared_stream)
-                if isinstance(prepared, ImageLoadError):
-                    if args.on_image_error == "stop":
-                        stop = UserError(str(prepared))  # raised once the questions before it are answered
-                        break
-                    write(question, _error_row(question, str(prepared), model_name, settings), [])
+                if isinstance(prepared, ImageLoadError) and args.on_image_error == "stop":
+                    stop = UserError(str(prepared))  # raised once the questions before it are answered
+                    break
+                if isinstance(prepared, BaseException) and not isinstance(prepared, ImageLoadError):
+                    raise prepared  # anything else the front end raised: as on the main thread
+                prompt = _chat_prompt(conv_mode, question)
+                for index, (output, writer) in enumerate(zip(working, writers)):
+                    if id(question) not in waiting[index]:
+                        continue
+                    if isinstance(prepared, ImageLoadError):
+                        writer.write(question, _error_row(question, str(prepared), model_name, output.settings), [])
+                        progress.update()
+                    else:
+                        loaded[index].append((question, prepared[config_of[index]], prompt))
+            for output, writer, own in zip(working, writers, loaded):
+                if not own:
                     continue
-                if isinstance(prepared, BaseException):  # anything else the front end raised: as on the main thread
-                    raise prepared
-                loaded.append((question, prepared, _chat_prompt(conv_mode, question)))
-            lengths = [_expected_prompt_tokens(model, tokenizer, prompt, prepared.sizes) if batch_size > 1 else 0
-                       for _, prepared, prompt in loaded]
-            by_length = [loaded[index] for index in sorted(range(len(loaded)), key=lengths.__getitem__)]
-            for start in range(0, len(by_length), batch_size):
-                for question, row, lines in _answered(args, by_length[start:start + batch_size], tokenizer, model,
-                                                      model_name, settings, bool(selections)):
-                    write(question, row, lines)
+                if len(working) > 1:
+                    configure_model(model, output.args)
+                lengths = [_expected_prompt_tokens(model, tokenizer, prompt, prepared.sizes) if batch_size > 1 else 0
+                           for _, prepared, prompt in own]
+                by_length = [own[index] for index in sorted(range(len(own)), key=lengths.__getitem__)]
+                for start in range(0, len(by_length), batch_size):
+                    for question, row, lines in _answered(output.args, by_length[start:start + batch_size], tokenizer,
+                                                          model, model_name, output.settings, writer.with_selections):
+                        writer.write(question, row, lines)
+                        progress.update()
             if stop is not None:
                 raise stop
 
 
-class _FrontEnd(torch.utils.data.Dataset):
-    """Item i: question i's images loaded and made into the tower's input (`PreparedImages`), or the
-    exception that raised: an `ImageLoadError` is that question's error (recorded, or the run's stop),
-    anything else is raised by the main loop. Returned rather than raised, because the DataLoader
-    would re-raise a worker's exception wrapped in the worker's traceback instead of its one line."""
+class _Writer:
+    """An output's open answers file (and selection file): each answer written and flushed at once."""
 
-    def __init__(self, questions: list[Question], image_processor, config, dtype: torch.dtype):
-        self.questions, self.image_processor, self.config, self.dtype = questions, image_processor, config, dtype
+    def __init__(self, output: _Output, rank: int, world_size: int):
+        self.output = output
+        selection = output.args.save_selection
+        self.selection_file = selection and selection + (f".rank{rank}" if world_size > 1 else "")
+        self.with_selections = bool(self.selection_file)
+
+    def __enter__(self) -> "_Writer":
+        with contextlib.ExitStack() as stack:
+            self.out = stack.enter_context(open(self.output.out_file, "a", encoding="utf-8"))
+            self.selections = stack.enter_context(open_selection_file(self.selection_file)) \
+                if self.selection_file else None
+            self._files = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+    def write(self, question: Question, row: dict, lines: list[dict]) -> None:
+        if self.selections:
+            # Before the answer: a kill between the two repeats this question's records on resume
+            # rather than losing them. An error row has no accounting, so no (stale) selection.
+            write_lines(self.selections, [dict(question_id=question.question_id, **line) for line in lines])
+        self.out.write(json.dumps(row) + "\n")
+        self.out.flush()
+
+
+class _FrontEnd(torch.utils.data.Dataset):
+    """Item i: question i's images loaded once and made into the tower's input (`PreparedImages`) under
+    each input config of `configs` that `needs[i]` marks (None under the others), or the exception
+    that raised: an `ImageLoadError` is that question's error (recorded, or the run's stop), anything
+    else is raised by the main loop. Returned rather than raised, because the DataLoader would
+    re-raise a worker's exception wrapped in the worker's traceback instead of its one line."""
+
+    def __init__(self, questions: list[Question], needs: list[list[bool]], image_processor, configs: list,
+                 dtype: torch.dtype):
+        self.questions, self.needs, self.image_processor = questions, needs, image_processor
+        self.configs, self.dtype = configs, dtype
 
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, index: int) -> PreparedImages | Exception:
+    def __getitem__(self, index: int) -> list[PreparedImages | None] | Exception:
         try:
-            return prepare_images(self.questions[index].load_images(), self.image_processor, self.config, self.dtype)
+            images = self.questions[index].load_images()
+            return [prepare_images(images, self.image_processor, config, self.dtype) if needed else None
+                    for config, needed in zip(self.configs, self.needs[index])]
         except Exception as error:  # noqa: BLE001 - handed to the main loop, which decides
             if not isinstance(error, ImageLoadError):
                 error.add_note("raised while preparing the images of question "
@@ -497,12 +690,10 @@ class _FrontEnd(torch.utils.data.Dataset):
             return error
 
 
-def _prepared_questions(todo: list[Question], image_processor, model, num_workers: int, window: int,
-                        lock_paths: list[str]):
-    """`_FrontEnd`'s items for `todo`, in order, made by `num_workers` forked DataLoader workers
-    (0: on this thread). The workers run ahead by up to about a grouping window, so the next window
-    is ready when the model has answered this one. Closing the generator stops the workers."""
-    front_end = _FrontEnd(todo, image_processor, model.input_config(model.compression_settings()), model.dtype)
+def _prepared_questions(front_end: _FrontEnd, model, num_workers: int, window: int, lock_paths: list[str]):
+    """`front_end`'s items, in order, made by `num_workers` forked DataLoader workers (0: on this
+    thread). The workers run ahead by up to about a grouping window, so the next window is ready
+    when the model has answered this one. Closing the generator stops the workers."""
     workers = dict(num_workers=num_workers, multiprocessing_context="fork",
                    prefetch_factor=max(2, -(-window // num_workers)),
                    worker_init_fn=functools.partial(_let_go_of_locks, lock_paths)) if num_workers else {}

@@ -9,6 +9,7 @@ image geometry (grid shape, unpadding) in `llava.mm_utils`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -90,6 +91,43 @@ def generate_scale_for_crop_features(base_cls_attn_scores, num_patch_width, num_
                                                        scale, temperature)
 
 
+class TowerOutputCache:
+    """The vision tower's output for the current batch of images, kept for the next call that encodes
+    the same batch (`LlavaMetaForCausalLM.reusing_tower_outputs`: a sweep answers one batch under
+    several settings).
+
+    Keyed by exact objects, never by value: `pixel_values(sources, make)` gives the same batched
+    pixel tensor for the same per-image tensors `sources` (elementwise `is`; `make()` builds it on a
+    miss), and `output` keeps the tower's output for that tensor object (so it must not be edited in
+    place meanwhile). One batch at a time: a new one replaces the old. `signals`: tower
+    signals computed on every run besides those asked for, so that a later setting asking for them
+    finds them (the features do not depend on the signals asked for: `CLIPVisionTower.forward`).
+    """
+
+    def __init__(self, signals=frozenset()):
+        self.signals = frozenset(signals)
+        self._sources: tuple = ()
+        self._pixel_values = None
+        self._images = None               # the pixel tensor object the output belongs to
+        self._output: VisionTowerOutput | None = None
+
+    def pixel_values(self, sources, make):
+        sources = tuple(sources)
+        if len(sources) != len(self._sources) or any(new is not old for new, old in zip(sources, self._sources)):
+            self._sources, self._pixel_values = sources, make()
+        return self._pixel_values
+
+    def output(self, images, signals, run) -> VisionTowerOutput:
+        """The tower's output for `images` with (at least) the tower `signals`: kept, or `run(names)`
+        with the signals wanted now, those of the kept output and `self.signals`."""
+        fresh = self._images is not images
+        if fresh or not set(signals) <= set(self._output.signals):
+            kept = set() if fresh else set(self._output.signals)
+            self._images, self._output = images, run(frozenset(signals) | self.signals | kept)
+        # A new dict: callers add the text tower's signals to it.
+        return VisionTowerOutput(self._output.features, {name: self._output.signals[name] for name in signals})
+
+
 class PromptTooLongError(ValueError):
     """The spliced prompt is longer than the model's maximum length (`tokenizer_model_max_length`)."""
 
@@ -132,6 +170,7 @@ class LlavaMetaForCausalLM:
     # Upstream cuts over-long prompts silently (losing the question); here they are refused unless
     # this is set (`--allow-truncation`), and then cut with a warning.
     allow_truncation: bool = False
+    _tower_cache: TowerOutputCache | None = None  # set within `reusing_tower_outputs`
 
     def get_model(self):
         return self.model
@@ -190,16 +229,35 @@ class LlavaMetaForCausalLM:
             self._text_tower.to(vision_tower.device)
         return self._text_tower
 
-    def encode_images(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
+    @contextlib.contextmanager
+    def reusing_tower_outputs(self, *settings: CompressionSettings):
+        """Within: the vision tower runs once for a batch of images that several calls encode, e.g.
+        one batch answered at several ratios (`TowerOutputCache`; off by default). Each run computes
+        every tower signal any of `settings` needs, so that later settings reuse it. The text
+        tower's and the instruction's signals are computed at every call as usual."""
+        signals = {name for each in settings for name in each.signals if SIGNALS[name].source == "tower"}
+        previous, self._tower_cache = self._tower_cache, TowerOutputCache(signals)
+        try:
+            yield self._tower_cache
+        finally:
+            self._tower_cache = previous
+
+    def encode_images(self, images: torch.Tensor, signals=frozenset(), source=None) -> VisionTowerOutput:
         """`[V, 3, S, S]` -> projected features `[V, P, D]` and the named signals of the views
         (shapes in `registry.SIGNALS`, each with the views first): the vision tower's, and those
         the text tower computes from the tower's features. Signals of the instruction text are
-        per image: `encode_image_sequences` computes them."""
+        per image: `encode_image_sequences` computes them. `source`: the tensor `images` was made
+        from, which keys the tower cache (`reusing_tower_outputs`; default `images` itself)."""
         sources = {name: SIGNALS[name].source for name in signals}
         if "instruction" in sources.values():
             raise ValueError(f"signals {sorted(name for name, source in sources.items() if source == 'instruction')} "
                              "come from each image's instruction: use encode_image_sequences(..., instructions=...)")
-        features, computed = self.get_vision_tower()(images, {name for name in signals if sources[name] == "tower"})
+        tower_signals = {name for name in signals if sources[name] == "tower"}
+        if self._tower_cache is None:
+            features, computed = self.get_vision_tower()(images, tower_signals)
+        else:
+            features, computed = self._tower_cache.output(images if source is None else source, tower_signals,
+                                                          lambda names: self.get_vision_tower()(images, names))
         text_tower_signals = {name for name in signals if sources[name] == "text_tower"}
         if text_tower_signals:
             computed.update(self.get_text_tower().image_signals(text_tower_signals, features, self.get_vision_tower()))
@@ -329,7 +387,7 @@ class LlavaMetaForCausalLM:
             raise ValueError(f"got {len(counts)} images but {len(sizes)} image_sizes")
         from_instructions = self.signals_from_instructions(settings, instructions, len(counts))
         view_signals = settings.signals - settings.instruction_signals
-        features, computed = self.encode_images(torch.cat(views_per_image), view_signals)
+        features, computed = self.encode_images(torch.cat(views_per_image), view_signals, source=images)
         per_signal = {name: values.split(counts) for name, values in computed.items()}
         per_image = [self.image_sequence(views, {**{name: parts[index] for name, parts in per_signal.items()},
                                                  **from_instructions[index]},
