@@ -88,7 +88,7 @@ from llava.model import llava_arch
 from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
 from llava.model.compression.__main__ import run_name
 from llava.model.compression.common import check_layout, check_retention_ratio
-from llava.model.compression.registry import non_default_args, parse_method_args
+from llava.model.compression.registry import get_method, non_default_args, parse_method_args
 from llava.model.llava_arch import PromptTooLongError
 from llava.utils import quiet_transformers, user_errors
 from llava.visualize import open_selection_file, selection_lines, write_lines
@@ -575,14 +575,17 @@ def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, 
     conv_mode = _conv_mode(args.conv_mode, model_name)
     batch_size = getattr(args, "batch_size", 1)
     window = batch_size * GROUPING_WINDOW_BATCHES if batch_size > 1 else 1
-    compressions, configs, config_of = [], [], []  # each output's settings, its input config's index in `configs`
+    # Each output's settings, and its input config's index in `configs`. Configs are told apart by the
+    # method's input changes (config equality compares only the declared fields).
+    compressions, changes, configs, config_of = [], [], [], []
     for output in working:
         configure_model(model, output.args)  # a missing text tower stops the run before any answer
         compressions.append(model.compression_settings())
-        config = model.input_config(compressions[-1])
-        if config not in configs:
-            configs.append(config)
-        config_of.append(configs.index(config))
+        own = get_method(compressions[-1].method).input_changes(compressions[-1].method_args)
+        if own not in changes:
+            changes.append(own)
+            configs.append(model.input_config(compressions[-1]))
+        config_of.append(changes.index(own))
     waiting = [{id(question) for question in output.todo} for output in working]
     questions = [question for question in share if any(id(question) in own for own in waiting)]
     needs = [[any(id(question) in waiting[index] for index in range(len(working)) if config_of[index] == config)
@@ -594,7 +597,8 @@ def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, 
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(_Writer(output, rank, world_size)) for output in working]
         stack.enter_context(contextlib.closing(prepared_stream))
-        stack.enter_context(model.reusing_tower_outputs(*compressions) if len(working) > 1 else contextlib.nullcontext())
+        if len(working) > 1:
+            stack.enter_context(model.reusing_tower_outputs(*compressions))
         progress = tqdm(desc=f"answers (rank {rank})" if world_size > 1 else "answers",
                         initial=len(share) * len(outputs) - sum(len(output.todo) for output in working),
                         total=len(share) * len(outputs), disable=None)
