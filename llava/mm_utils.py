@@ -193,8 +193,7 @@ def process_anyres_image(image: Image.Image, processor, grid_pinpoints) -> torch
     crops = divide_to_patches(resize_and_pad_image(image, best_resolution), processor.crop_size["height"])
     shortest_edge = processor.size["shortest_edge"]
     thumbnail = image.resize((shortest_edge, shortest_edge))
-    views = [processor.preprocess(view, return_tensors="pt")["pixel_values"][0] for view in [thumbnail, *crops]]
-    return torch.stack(views, dim=0)
+    return processor.preprocess([thumbnail, *crops], return_tensors="pt")["pixel_values"]
 
 
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg):
@@ -218,6 +217,8 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg):
         ]
     else:
         return image_processor.preprocess(images, return_tensors="pt")["pixel_values"]
+    if len(new_images) == 1:  # no copy (stacking one preprocessed image costs milliseconds)
+        return new_images[0].unsqueeze(0)
     if all(x.shape == new_images[0].shape for x in new_images):
         return torch.stack(new_images, dim=0)
     return new_images

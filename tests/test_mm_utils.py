@@ -120,6 +120,19 @@ def test_process_images_anyres_shapes(tiny):
     assert process_images(images, processor, _Config("pad")).shape == (2, 3, 336, 336)
 
 
+def test_one_image_is_its_views_preprocessed_one_by_one(tiny):
+    """One preprocess call for all views, and no stacking copy for one image: the same values as each
+    view preprocessed alone."""
+    _, _, processor = tiny
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (500, 800, 3), dtype=np.uint8))
+    pixel_values = process_images([image], processor, _Config("anyres"))
+    crops = divide_to_patches(resize_and_pad_image(image, select_best_resolution(image.size, V16)), 336)
+    views = [image.resize((336, 336)), *crops]
+    alone = torch.stack([processor.preprocess(view, return_tensors="pt")["pixel_values"][0] for view in views])
+    assert pixel_values.shape == (1, 5, 3, 336, 336) and torch.equal(pixel_values[0], alone)
+    assert pixel_values.is_contiguous()
+
+
 def test_thumbnail_is_the_squashed_image(tiny):
     _, _, processor = tiny
     image = Image.new("RGB", (800, 500))
