@@ -122,7 +122,7 @@ def test_process_images_anyres_shapes(tiny):
 
 def test_one_image_is_its_views_preprocessed_one_by_one(tiny):
     """One preprocess call for all views, and no stacking copy for one image: the same values as each
-    view preprocessed alone."""
+    view preprocessed alone, C-contiguous (numpy's `astype` keeps a transposed layout unless told)."""
     _, _, processor = tiny
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (500, 800, 3), dtype=np.uint8))
     pixel_values = process_images([image], processor, _Config("anyres"))

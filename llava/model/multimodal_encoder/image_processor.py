@@ -92,7 +92,7 @@ class CLIPImagePreprocessor:
             image = image.crop((left, top, left + crop_w, top + crop_h))
         pixels = np.asarray(image, dtype=np.float64) * self.rescale_factor
         pixels = (pixels - np.asarray(self.image_mean)) / np.asarray(self.image_std)
-        return pixels.transpose(2, 0, 1).astype(np.float32)
+        return pixels.transpose(2, 0, 1).astype(np.float32, order="C")  # channels-first in memory too
 
     def preprocess(self, images, return_tensors: str | None = "pt", **unused) -> dict:
         """`{"pixel_values": [N, 3, crop, crop]}` for one image or a list of images."""
