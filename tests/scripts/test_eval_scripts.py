@@ -232,3 +232,31 @@ def test_in_llm_method_through_a_benchmark_script(eval_dir, tiny_checkpoint, scr
     title = " ".join([method, *(f"{key}={value}" for key, value in sorted(recorded_args.items()))])
     [table_row] = [_table_cells(line) for line in lines if line.startswith(f"| {100 * float(ratio):g}% | {title} |")]
     assert table_row[header.index("Eq. tokens")] == f"{mean_equivalent:.0f}"
+
+
+def _without_ids(rows):
+    return [{key: value for key, value in row.items() if key != "answer_id"} for row in rows]
+
+
+def test_a_sweep_writes_what_single_runs_write(tmp_path, tiny_checkpoint):
+    """RETENTION_RATIOS x METHODS through one script, split over two 'GPUs': one answers file and one
+    results record per setting, named as single runs name them; a single run of one setting then
+    writes the same answers (apart from their ids), and a single run over the sweep's file resumes it
+    without answering anything again."""
+    sweep_dir = ensure_sample_suite(str(tmp_path / "sweep" / "eval"))
+    result = _script("pope", sweep_dir, tiny_checkpoint, RETENTION_RATIOS="1,0.25", METHODS="globalcom2,fastv",
+                     CUDA_VISIBLE_DEVICES="0,1")
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    names = ["tiny-R1", "tiny-R0.25", "tiny-fastv-R1", "tiny-fastv-R0.25"]
+    answers = pathlib.Path(sweep_dir) / "pope" / "answers"
+    assert sorted(path.name for path in answers.glob("*.jsonl")) == sorted(f"{name}.jsonl" for name in names)
+    for name, method, ratio in zip(names, ["globalcom2", "globalcom2", "fastv", "fastv"], [1, 0.25, 1, 0.25]):
+        record = json.load(open(os.path.join(sweep_dir, "results", "pope", f"{name}.json")))
+        assert (record["method"], record["retention_ratio"]) == (method, ratio)
+    single_dir = ensure_sample_suite(str(tmp_path / "single" / "eval"))
+    assert _script("pope", single_dir, tiny_checkpoint, METHOD="fastv", RETENTION_RATIO="0.25").returncode == 0
+    single = read_jsonl(os.path.join(single_dir, "pope", "answers", "tiny-fastv-R0.25.jsonl"))
+    swept = read_jsonl(answers / "tiny-fastv-R0.25.jsonl")
+    assert _without_ids(swept) == _without_ids(single)
+    assert _script("pope", sweep_dir, tiny_checkpoint, METHOD="fastv", RETENTION_RATIO="0.25").returncode == 0
+    assert read_jsonl(answers / "tiny-fastv-R0.25.jsonl") == swept  # resumed: nothing answered again
