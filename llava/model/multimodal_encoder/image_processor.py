@@ -90,9 +90,10 @@ class CLIPImagePreprocessor:
         top, left = (new_size[1] - crop_h) // 2, (new_size[0] - crop_w) // 2
         if (top, left) != (0, 0) or new_size != (crop_w, crop_h):
             image = image.crop((left, top, left + crop_w, top + crop_h))
-        pixels = np.asarray(image, dtype=np.float64) * self.rescale_factor
-        pixels = (pixels - np.asarray(self.image_mean)) / np.asarray(self.image_std)
-        return pixels.transpose(2, 0, 1).astype(np.float32, order="C")  # channels-first in memory too
+        # transformers' rounding: rescaled in float64 and cast, then normalised in float32
+        pixels = (np.asarray(image) * self.rescale_factor).astype(np.float32)
+        pixels = (pixels - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     def preprocess(self, images, return_tensors: str | None = "pt", **unused) -> dict:
         """`{"pixel_values": [N, 3, crop, crop]}` for one image or a list of images."""
