@@ -22,6 +22,7 @@ class SeparatorStyle(enum.Enum):
     MPT = enum.auto()
     PLAIN = enum.auto()
     LLAMA_2 = enum.auto()
+    CHATML = enum.auto()
 
 
 def _text_of(message):
@@ -71,6 +72,7 @@ class Conversation:
             SeparatorStyle.MPT: self._render_mpt,
             SeparatorStyle.LLAMA_2: self._render_llama_2,
             SeparatorStyle.PLAIN: self._render_plain,
+            SeparatorStyle.CHATML: self._render_chatml,
         }.get(self.sep_style)
         if render is None:
             raise ValueError(f"Unknown separator style: {self.sep_style!r}")
@@ -145,6 +147,13 @@ class Conversation:
         for i, (_role, text) in enumerate(messages):
             if text:
                 ret += text + seps[i % 2]
+        return ret
+
+    def _render_chatml(self, messages: list) -> str:
+        # LLaVA-NeXT (LLaVA-VL)'s ChatML: each turn "role\ntext<|im_end|>\n", the system turn only if non-empty.
+        ret = f"{self.system}{self.sep}\n" if self.system else ""
+        for role, text in messages:
+            ret += f"{role}\n{text}{self.sep}\n" if text else f"{role}\n"
         return ret
 
 
@@ -245,6 +254,16 @@ conv_mpt = Conversation(
     version="mpt",
 )
 
+# LLaVA-OneVision's template (LLaVA-VL's `qwen_1_5`, also its `qwen_2`): Qwen's default system prompt.
+conv_qwen = Conversation(
+    system="<|im_start|>system\nYou are a helpful assistant.",
+    roles=("<|im_start|>user", "<|im_start|>assistant"),
+    messages=[],
+    sep_style=SeparatorStyle.CHATML,
+    sep="<|im_end|>",
+    version="qwen",
+)
+
 conv_llava_plain = Conversation(
     system="",
     roles=("", ""),
@@ -309,6 +328,8 @@ conv_templates: dict[str, Conversation] = {
     "v1_mmtag": conv_llava_v1_mmtag,
     "llava_llama_2": conv_llava_llama_2,
     "mpt": conv_mpt,
+    "qwen_1_5": conv_qwen,
+    "qwen_2": conv_qwen,
 }
 
 

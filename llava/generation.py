@@ -31,6 +31,8 @@ def infer_conv_mode(model_path: str, config) -> str:
         return "llava_llama_2"
     if "mistral" in name or "mistral" in model_type:
         return "mistral_instruct"
+    if "qwen" in name or "qwen" in model_type:  # LLaVA-OneVision (LlavaQwenForCausalLM)
+        return "qwen_1_5"
     if "34b" in name:
         return "chatml_direct"
     if "mpt" in name:

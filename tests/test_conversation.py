@@ -52,6 +52,23 @@ def test_chatml_direct():
     )
 
 
+def test_qwen_1_5_as_llava_onevision_prompts():
+    # LLaVA-VL's CHATML: "<system><|im_end|>\n", then "<role>\n<text><|im_end|>\n" per turn, "<role>\n" when open.
+    assert render("qwen_1_5", "<image>\nWhat is shown?", None) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert render("qwen_2", "Q1", "A1", "Q2", None) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n"
+        "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"
+    )
+    conv = get_conv_template("qwen_1_5")
+    conv.system = ""  # no system turn at all, not an empty one
+    conv.append_message(conv.roles[0], ("What is shown?", None, "Default"))  # the image moved to the front
+    conv.append_message(conv.roles[1], None)
+    assert conv.get_prompt() == "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_plain():
     assert render("plain", "<image>", None) == "<image>\n"
 

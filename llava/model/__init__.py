@@ -7,6 +7,8 @@ _CLASSES = {
     "LlavaLlamaForCausalLM": "llava.model.language_model.llava_llama",
     "LlavaMistralConfig": "llava.model.language_model.llava_mistral",
     "LlavaMistralForCausalLM": "llava.model.language_model.llava_mistral",
+    "LlavaQwenConfig": "llava.model.language_model.llava_qwen",
+    "LlavaQwenForCausalLM": "llava.model.language_model.llava_qwen",
 }
 
 __all__ = list(_CLASSES)

@@ -1,8 +1,9 @@
-"""`load_pretrained_model`: load an original-layout LLaVA checkpoint (v1.5 / v1.6 / the tiny one).
+"""`load_pretrained_model`: load an original-layout LLaVA checkpoint (v1.5 / v1.6 / OneVision / the tiny one).
 
-The model class is chosen from `config.json` (LLaVA keys, `architectures`, `model_type`), not
-from the directory name. v1.6 checkpoints carry their own fine-tuned CLIP weights; the tower's
-architecture comes from constants or a local directory, so loading needs no network.
+The model class is chosen from `config.json` (`architectures`, else `model_type`), not from the
+directory name; a family outside `FAMILIES` is refused before any weight is read. v1.6 checkpoints
+carry their own fine-tuned CLIP weights; the tower's architecture comes from constants or a local
+directory, so loading needs no network.
 """
 
 from __future__ import annotations
@@ -18,9 +19,21 @@ from transformers import AutoTokenizer
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from llava.model.language_model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# The language-model families: the architecture name the original config.json writes -> (config class, model
+# class). Vicuna and Yi-34B are Llama-shaped; OneVision is Qwen2 (attention biases Llama lacks).
+FAMILIES = {
+    "LlavaLlamaForCausalLM": (LlavaConfig, LlavaLlamaForCausalLM),
+    "LlavaMistralForCausalLM": (LlavaMistralConfig, LlavaMistralForCausalLM),
+    "LlavaQwenForCausalLM": (LlavaQwenConfig, LlavaQwenForCausalLM),
+}
+# For a config.json without `architectures`: its model_type. The bare `llava` of LLaVA-1.5's configs is Llama
+# (OneVision's configs also write `llava`, but always name their architecture).
+MODEL_TYPES = {"llava": "LlavaLlamaForCausalLM", "llava_llama": "LlavaLlamaForCausalLM",
+               "llava_mistral": "LlavaMistralForCausalLM", "llava_qwen": "LlavaQwenForCausalLM"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -67,11 +80,16 @@ def read_llava_config(model_path: str) -> dict:
 
 
 def llava_classes(config: dict):
-    """(config class, model class) for a LLaVA `config.json`: Mistral or Llama (Vicuna, Yi-34B)."""
-    names = " ".join(config.get("architectures") or []) + " " + str(config.get("model_type", ""))
-    if "mistral" in names.lower():
-        return LlavaMistralConfig, LlavaMistralForCausalLM
-    return LlavaConfig, LlavaLlamaForCausalLM
+    """(config class, model class) for a LLaVA `config.json`: its first `architectures` entry, or
+    without one its `model_type`, looked up in `FAMILIES`; anything else is a CheckpointError."""
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    name = architectures[0] if architectures else MODEL_TYPES.get(model_type)
+    if name not in FAMILIES:
+        what = f"architecture {name!r}" if architectures else f"model_type {model_type!r} (no architectures)"
+        raise CheckpointError(f"unsupported LLaVA language-model family: {what}; supported architectures: "
+                              f"{', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def load_tokenizer(model_path: str):
@@ -175,12 +193,12 @@ def load_pretrained_model(
         raise NotImplementedError("8-bit / 4-bit loading is not supported")
     model_path = resolve_local_checkpoint(model_path)
     raw_config = read_llava_config(model_path)
+    config_class, model_class = llava_classes(raw_config)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(torch_dtype, device)
     if use_flash_attn:
         kwargs["attn_implementation"] = "flash_attention_2"
 
-    config_class, model_class = llava_classes(raw_config)
     # From the dict: original configs say model_type 'llava', which transformers maps to its own class.
     config = config_class.from_dict({key: value for key, value in raw_config.items() if key != "model_type"})
     config._name_or_path = model_path  # the vision tower resolves a relative mm_vision_tower against it

@@ -3,14 +3,15 @@
 import json
 import os
 import shutil
+import types
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llava.generation import infer_conv_mode
-from llava.model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM
-from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM
+from llava.model.builder import CheckpointError, llava_classes, load_pretrained_model
 from llava.tiny import build_tiny_checkpoint
 
 # These compare against vanilla LLaVA-NeXT (transformers' model, upstream token counts).
@@ -105,6 +106,50 @@ def test_conv_mode_rules(tiny):
     assert infer_conv_mode("liuhaotian/llava-v1.6-vicuna-7b", config) == "llava_v1"
     assert infer_conv_mode("liuhaotian/llava-v1.6-34b", config) == "chatml_direct"
     assert infer_conv_mode("./liuhaotian/llava-next-7b", config) == "vicuna_v1"
+
+
+def test_family_from_the_original_configs():
+    """Each family's config.json as its checkpoints write it; a OneVision config (model_type `llava`, as
+    LLaVA-1.5's) is Qwen, no longer Llama (which dropped its attention biases)."""
+    def model_class(architectures, model_type):
+        return llava_classes({"architectures": architectures, "model_type": model_type})[1]
+
+    assert model_class(["LlavaLlamaForCausalLM"], "llava") is LlavaLlamaForCausalLM  # v1.5, v1.6 Vicuna, 34B
+    assert model_class(["LlavaMistralForCausalLM"], "llava_mistral") is LlavaMistralForCausalLM
+    assert model_class(["LlavaQwenForCausalLM"], "llava") is LlavaQwenForCausalLM  # lmms-lab OneVision
+    assert model_class(None, "llava_qwen") is LlavaQwenForCausalLM and model_class([], "llava") is LlavaLlamaForCausalLM
+
+
+@pytest.mark.parametrize("identity, named", [
+    ({"architectures": ["LlavaGemmaForCausalLM"], "model_type": "llava_gemma"}, "architecture 'LlavaGemmaForCausalLM'"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "architecture 'LlamaForCausalLM'"),
+    ({"model_type": "llava_phi3"}, "model_type 'llava_phi3' (no architectures)"),
+])
+def test_unknown_family_is_refused_before_any_weight_is_read(tiny_checkpoint, tmp_path, identity, named):
+    target = tmp_path / "llava-unknown"
+    shutil.copytree(tiny_checkpoint, target, ignore=lambda directory, names: [  # its weights, not the CLIP dir's
+        name for name in names if directory == tiny_checkpoint and name.startswith("model.")])
+    (target / "model.safetensors").write_bytes(b"not a safetensors file")  # reading it would fail differently
+    config = {key: value for key, value in json.loads((target / "config.json").read_text()).items()
+              if key not in ("architectures", "model_type")}
+    (target / "config.json").write_text(json.dumps({**config, **identity}))
+    with pytest.raises(CheckpointError) as refused:
+        load_pretrained_model(str(target), device="cpu")
+    message = str(refused.value)
+    assert named in message and "\n" not in message
+    assert "supported architectures: LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM" in message
+    (target / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaLlamaForCausalLM"]}))
+    with pytest.raises(Exception) as read:  # a known family does reach the (unreadable) weights
+        load_pretrained_model(str(target), device="cpu")
+    assert not isinstance(read.value, CheckpointError)
+
+
+def test_conv_mode_for_qwen_checkpoints():
+    qwen = types.SimpleNamespace(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"])
+    assert infer_conv_mode("lmms-lab/llava-onevision-qwen2-7b-ov", qwen) == "qwen_1_5"
+    assert infer_conv_mode("./checkpoints/my-ov-run", qwen) == "qwen_1_5"  # from the config, whatever the name
+    llama = types.SimpleNamespace(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"])
+    assert infer_conv_mode("lmms-lab/llava-onevision-qwen2-0.5b-ov", llama) == "qwen_1_5"  # or the name
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -8,7 +8,7 @@ image tokens survive. This module runs the decoder and does everything else
 1. `PruningRequest`: what the glue (`llava_arch.splice_image_features`) hands the next prefill:
    each image's row, span start and span length in the padded sequence, and its schedule
    (the method's `args.schedule`: `(layer, image tokens kept from that layer on)` stages).
-2. `decoder_forward` replaces the backbone's forward (Llama, Mistral: the same layer API) with a
+2. `decoder_forward` replaces the backbone's forward (Llama, Mistral, Qwen2: the same layer API) with a
    copy of its loop that stops before each pruning layer `l`. The layers before the first stage
    get the model's own causal mask and RoPE tables, so nothing changes until a prune happens,
    and a schedule with no stage (R = 1) is the vanilla model exactly.
@@ -97,7 +97,7 @@ class PrunedCache:
 
 
 def _rope(attention_module):
-    """The RoPE function of the attention's own modelling module (Llama and Mistral share it)."""
+    """The RoPE function of the attention's own modelling module (Llama, Mistral and Qwen2 share it)."""
     return sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
 
 
@@ -370,13 +370,17 @@ def _prune_by_raters(request: PruningRequest, layer_index, hidden_states, key_va
 
 def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
-    """The backbone's forward (the transformers 5 Llama/Mistral loop) with in-LLM pruning, at a
+    """The backbone's forward (the transformers 5 Llama/Mistral/Qwen2 loop) with in-LLM pruning, at a
     prefill with a pending `model.pruning_request` and at the decode steps after a pruned prefill
     (the cache carries `PrunedCache`); otherwise `vanilla_forward`, the model's own."""
     request = getattr(model, "pruning_request", None)
     state = getattr(cache, "pruned", None)
     length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
     pruning_now = request is not None and length > 1 and bool(request.stage_layers())
+    if pruning_now and "sliding_attention" in (getattr(model.config, "layer_types", None) or ()):
+        # The loop below gives every layer the full causal mask, and a sliding layer's cache drops old keys.
+        raise NotImplementedError("in-LLM pruning is not supported on sliding-window attention layers "
+                                  "(Qwen2's use_sliding_window); LLaVA-OneVision's configs have none")
     if length > 1:
         model.pruning_request = None  # a request serves one prefill
     if not pruning_now and (state is None or length > 1):
