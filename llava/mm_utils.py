@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -82,11 +83,46 @@ def set_max_image_pixels(limit: int | None) -> None:
 # AnyRes geometry
 # ----------------------------------------------------------------------------------------------
 
-def parse_pinpoints(grid_pinpoints) -> list[tuple[int, int]]:
-    """Config pinpoints (a list, or its string form) as `[(width, height), ...]`."""
+# The form LLaVA-VL's training scripts write pinpoints in: `"(1x1),...,(6x6)"`, a range of crop grids.
+_GRID_RANGE = re.compile(r"\((\d+)x(\d+)\)")
+
+
+def grid_range_pinpoints(first: tuple[int, int], last: tuple[int, int], crop_size: int) -> list[tuple[int, int]]:
+    """Pinpoints `(width, height)` of every crop grid from `first` to `last` (`(grid_w, grid_h)`, inclusive),
+    widths in the outer loop: the order LLaVA-VL expands `"(1x1),...,(6x6)"` in and OneVision's configs list."""
+    return [(grid_w * crop_size, grid_h * crop_size)
+            for grid_w in range(first[0], last[0] + 1) for grid_h in range(first[1], last[1] + 1)]
+
+
+def parse_pinpoints(grid_pinpoints, crop_size: int | None = None) -> list[tuple[int, int]]:
+    """Config pinpoints as `[(width, height), ...]`: a list, its string form, or LLaVA-VL's grid range
+    `"(1x1),...,(6x6)"` (only its first and last grids count, as there), which needs `crop_size`."""
+    if isinstance(grid_pinpoints, str) and "x" in grid_pinpoints:
+        grids = [(int(w), int(h)) for w, h in _GRID_RANGE.findall(grid_pinpoints)]
+        if not grids or crop_size is None:
+            raise ValueError(f"grid pinpoints {grid_pinpoints!r}: a range of grids like '(1x1),...,(6x6)' "
+                             "needs the crop size (and at least one '(WxH)')")
+        return grid_range_pinpoints(grids[0], grids[-1], crop_size)
     if isinstance(grid_pinpoints, str):
         grid_pinpoints = ast.literal_eval(grid_pinpoints)
     return [(int(w), int(h)) for w, h in grid_pinpoints]
+
+
+# OneVision's pinpoints as `lmms-lab/llava-onevision-qwen2-{0.5b,7b}-ov`'s config.json lists them (each pair is
+# `(width, height)` for LLaVA-VL, `(height, width)` for transformers; the list is the same either way).
+ONEVISION_GRID_PINPOINTS = grid_range_pinpoints((1, 1), (6, 6), 384)
+_ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
+
+
+def is_anyres(image_aspect_ratio) -> bool:
+    """Whether images are split into AnyRes views: `anyres` (LLaVA-NeXT) or `anyres_max_N` (OneVision)."""
+    return image_aspect_ratio == "anyres" or anyres_max_num_patches(image_aspect_ratio) is not None
+
+
+def anyres_max_num_patches(image_aspect_ratio) -> int | None:
+    """N of `anyres_max_N` (the crop canvas is downsampled to about N views' tokens), else None."""
+    matched = _ANYRES_MAX.fullmatch(image_aspect_ratio) if isinstance(image_aspect_ratio, str) else None
+    return int(matched.group(1)) if matched else None
 
 
 def select_best_resolution(original_size: tuple[int, int], possible_resolutions) -> tuple[int, int]:
@@ -108,8 +144,9 @@ def select_best_resolution(original_size: tuple[int, int], possible_resolutions)
 
 
 def get_anyres_image_grid_shape(image_size: tuple[int, int], grid_pinpoints, patch_size: int) -> tuple[int, int]:
-    """Crop grid `(num_patch_width, num_patch_height)` for an image of PIL size `(w, h)`."""
-    width, height = select_best_resolution(image_size, grid_pinpoints)
+    """Crop grid `(num_patch_width, num_patch_height)` for an image of PIL size `(w, h)`; `patch_size` is
+    the crop's side in pixels (the tower's image size)."""
+    width, height = select_best_resolution(image_size, parse_pinpoints(grid_pinpoints, patch_size))
     return width // patch_size, height // patch_size
 
 
@@ -136,15 +173,57 @@ def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.T
     return tensor[:, top:bottom, left:right]
 
 
-def anyres_visual_token_count(image_size: tuple[int, int], grid_pinpoints, crop_size: int = 336, side: int = 24) -> int:
-    """Upstream LLaVA-NeXT's visual token count for one image (`spatial_unpad`, no compression).
+def downsampled_canvas_shape(rows: int, cols: int, side: int, max_num_patches: int | None) -> tuple[int, int]:
+    """`(rows, cols)` of the unpadded crop canvas after `anyres_max_N`'s bilinear downsampling.
 
-    `side*side` thumbnail tokens plus the unpadded crop canvas with one newline per row.
-    Example: 800x500 -> 2x2 grid -> 30 rows x 48 columns -> 576 + 30*49 = 2046.
+    LLaVA-VL's rule (`llava_arch`, `spatial_unpad` with `anyres_max_N`): `times = sqrt(rows * cols /
+    (N * side**2))`; only when `times > 1.1` is the canvas resized to `(int(rows // times), int(cols //
+    times))` (float floor division, as there). So a canvas of up to 1.21 N views' tokens goes unchanged.
+    `max_num_patches` None (plain `anyres`): never downsampled.
     """
+    if max_num_patches is None:
+        return rows, cols
+    times = math.sqrt(rows * cols / (max_num_patches * side**2))
+    if times > 1.1:
+        return int(rows // times), int(cols // times)
+    return rows, cols
+
+
+def downsample_canvas(canvas: torch.Tensor, side: int, max_num_patches: int | None) -> torch.Tensor:
+    """The unpadded crop canvas `[D, H, W]` as `anyres_max_N` sends it: bilinearly resized (no corner
+    alignment, as `F.interpolate`'s default) to `downsampled_canvas_shape`, or itself when small enough."""
+    shape = downsampled_canvas_shape(canvas.shape[1], canvas.shape[2], side, max_num_patches)
+    if shape == tuple(canvas.shape[1:]):
+        return canvas
+    return torch.nn.functional.interpolate(canvas[None], size=shape, mode="bilinear")[0]
+
+
+def anyres_canvas_shape(image_size: tuple[int, int], grid_pinpoints, crop_size: int, side: int,
+                        max_num_patches: int | None = None) -> tuple[int, int]:
+    """`(rows, cols)` of the crop canvas the LLM receives (newlines excluded) for an image of PIL size
+    `(w, h)`: the grid's canvas, unpadded, then downsampled under `anyres_max_N` (`max_num_patches`)."""
     grid_width, grid_height = get_anyres_image_grid_shape(image_size, grid_pinpoints, crop_size)
     top, bottom, left, right = unpadded_bounds(image_size, grid_height * side, grid_width * side)
-    return side * side + (bottom - top) * (right - left + 1)
+    return downsampled_canvas_shape(bottom - top, right - left, side, max_num_patches)
+
+
+def anyres_visual_token_count(image_size: tuple[int, int], grid_pinpoints, crop_size: int = 336, side: int = 24,
+                              max_num_patches: int | None = None) -> int:
+    """Upstream's visual token count for one image (`spatial_unpad`, no compression).
+
+    `side*side` thumbnail tokens plus the unpadded (under `anyres_max_N`, possibly downsampled) crop
+    canvas with one newline per row.
+    Example (LLaVA-NeXT): 800x500 -> 2x2 grid -> 30 rows x 48 columns -> 576 + 30*49 = 2046.
+    """
+    rows, cols = anyres_canvas_shape(image_size, grid_pinpoints, crop_size, side, max_num_patches)
+    return side * side + rows * (cols + 1)
+
+
+def onevision_visual_token_count(image_size: tuple[int, int], grid_pinpoints=ONEVISION_GRID_PINPOINTS,
+                                 max_num_patches: int = 9) -> int:
+    """LLaVA-OneVision's visual token count (SigLIP-384: 27x27 per view, `anyres_max_9`) for PIL `(w, h)`.
+    Example: 2304x2304 -> 6x6 grid -> 162x162 canvas, times 2 -> 81x81 -> 729 + 81*82 = 7371."""
+    return anyres_visual_token_count(image_size, grid_pinpoints, 384, 27, max_num_patches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,10 +267,19 @@ def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Imag
 
 
 def process_anyres_image(image: Image.Image, processor, grid_pinpoints) -> torch.Tensor:
-    """AnyRes views `[1 + n_crops, 3, S, S]`: the squashed thumbnail first, then the crops row-major."""
-    best_resolution = select_best_resolution(image.size, grid_pinpoints)
-    crops = divide_to_patches(resize_and_pad_image(image, best_resolution), processor.crop_size["height"])
-    shortest_edge = processor.size["shortest_edge"]
+    """AnyRes views `[1 + n_crops, 3, S, S]`: the squashed thumbnail first, then the crops row-major.
+
+    The thumbnail's side is the processor's `size`: its `shortest_edge` (CLIP), else its smaller side
+    (LLaVA-VL's SigLIP processor has `size=(384, 384)`; transformers' `{"height", "width"}`).
+    """
+    crop_size = processor.crop_size["height"]
+    best_resolution = select_best_resolution(image.size, parse_pinpoints(grid_pinpoints, crop_size))
+    crops = divide_to_patches(resize_and_pad_image(image, best_resolution), crop_size)
+    size = processor.size
+    if isinstance(size, dict):
+        shortest_edge = size["shortest_edge"] if "shortest_edge" in size else min(size["height"], size["width"])
+    else:
+        shortest_edge = min(size)
     thumbnail = image.resize((shortest_edge, shortest_edge))
     return processor.preprocess([thumbnail, *crops], return_tensors="pt")["pixel_values"]
 
@@ -199,15 +287,15 @@ def process_anyres_image(image: Image.Image, processor, grid_pinpoints) -> torch
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg):
     """Pixel values for a list of PIL images, following `model_cfg.image_aspect_ratio`.
 
-    `anyres` gives one `[1 + n_crops, 3, S, S]` tensor per image (stacked into a 5-D tensor when
-    all images have the same number of views, else returned as a list, as upstream); `pad` and
-    anything else give `[N, 3, S, S]`.
+    `anyres` and `anyres_max_N` give one `[1 + n_crops, 3, S, S]` tensor per image (stacked into a
+    5-D tensor when all images have the same number of views, else returned as a list, as upstream);
+    `pad` and anything else give `[N, 3, S, S]`.
     """
     image_aspect_ratio = getattr(model_cfg, "image_aspect_ratio", None)
     # Other modes go through as upstream passes them: PIL resizes palette images with nearest
     # neighbour and RGBA premultiplied, and the processor converts to RGB afterwards.
     images = [to_rgb(image) if _high_bit_depth(image) else image for image in images]
-    if image_aspect_ratio == "anyres":
+    if is_anyres(image_aspect_ratio):
         new_images = [process_anyres_image(image, image_processor, model_cfg.image_grid_pinpoints) for image in images]
     elif image_aspect_ratio == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)
