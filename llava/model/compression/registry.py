@@ -78,6 +78,12 @@ SIGNALS = {
     "keys_last": Signal(("V", "P", "C"), "last layer's patch keys (PruMerge)"),
     "tower_features": Signal(("V", "1+P", "C"), "the selected hidden state with its [CLS] row, before the projector "
                                                 "(methods that merge in CLIP space)"),
+    "neg_cos_mean": Signal(("V", "P"), "-cos(x_i, g) of each patch's tower output feature (the selected hidden state, "
+                                       "before the projector) against g, its view's mean patch feature; float32 "
+                                       "(GlobalCom2 without [CLS], the paper's s_i^sim)"),
+    "neg_attn": Signal(("V", "P"), "minus the mean attention a patch receives in the last encoder layer (SigLIP: the "
+                                   "last kept one), over every query and head, softmax over all tokens; float32, no "
+                                   "full maps (GlobalCom2 without [CLS], the paper's s_i^attn)"),
     "patch_embeds": Signal(("V", "P", "E"), "the selected layer's patches through the tower's post_layernorm, then in "
                                             "float32 through CLIP's visual projection (CDPruner)", source="text_tower"),
     "instruction_embeds": Signal(("M", "E"), "CLIP text embeddings of the image's instruction, one per 77-token "

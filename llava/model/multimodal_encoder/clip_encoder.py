@@ -19,12 +19,18 @@ attention (SDPA/flash) everywhere:
 - `keys_last`: the last layer's patch keys `[V, P, C]` (PruMerge's neighbours).
 - `tower_features`: the selected layer's hidden state with its [CLS] row `[V, 1 + P, C]`, before
   the projector (for methods that merge in CLIP space).
+- `neg_cos_mean`, `neg_attn`: the [CLS]-free scores (GlobalCom2 on encoders without [CLS]; here
+  on CLIP for the paper's comparison with the [CLS] score): `-cos(x_i, g)` of the selected patch
+  features against their view mean, and minus the mean attention each patch receives in the last
+  layer (queries: every token, [CLS] included; softmax over all `1 + P` keys; patch columns).
+  Both float32 `[V, P]`; the SigLIP tower offers them too (`siglip_encoder`).
 
 Keys are the raw `k_proj` outputs (bias included, unscaled).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple
 
@@ -128,7 +134,7 @@ class CLIPVisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor, signals=frozenset()) -> VisionTowerOutput:
         """`images` `[V, 3, S, S]` -> features `[V, P, C]` (P = (S/14)^2) and the named `signals`."""
-        offered = {*SIGNAL_LAYERS, TOWER_FEATURES}
+        offered = {*SIGNAL_LAYERS, TOWER_FEATURES, NEG_COS_MEAN}
         unknown = set(signals) - offered
         if unknown:
             raise ValueError(f"the CLIP tower cannot compute {sorted(unknown)}; it offers {sorted(offered)}")
@@ -149,6 +155,8 @@ class CLIPVisionTower(nn.Module):
         computed = {name: SIGNAL_FUNCTIONS[name](layers[layer], states[layer]) for name, layer in signal_layer.items()}
         if TOWER_FEATURES in signals:
             computed[TOWER_FEATURES] = states[select_index]
+        if NEG_COS_MEAN in signals:
+            computed[NEG_COS_MEAN] = negative_cosine_to_mean(states[select_index][:, 1:])
         return VisionTowerOutput(features, computed)
 
     @property
@@ -253,20 +261,96 @@ def patch_keys(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
     return layer.self_attn.k_proj(layer.layer_norm1(layer_input[:, 1:]))
 
 
+def negative_cosine_to_mean(features: torch.Tensor) -> torch.Tensor:
+    """`-cos(x_i, g)` `[V, P]` float32 of each patch feature `x_i` of `features` `[V, P, C]`
+    against `g`, the mean of its view's P patch features (the paper's score for encoders without
+    [CLS]: patches least like the view's average score highest). float32, since fp16 sums of
+    squares over C = 1152 lose the last digits that separate near-equal patches."""
+    features = features.float()
+    return -torch.nn.functional.cosine_similarity(features, features.mean(dim=1, keepdim=True), dim=-1)
+
+
+# Query rows per block of `mean_received_attention` are chosen so one block's probabilities hold
+# at most this many float32 values (64 MiB): 37 views of SigLIP so400m (16 heads, 729 tokens)
+# take 38 rows per block, instead of the 1.26 GB of the full maps.
+RECEIVED_ATTENTION_BLOCK_ELEMENTS = 2**24
+
+
+def mean_received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float,
+                            block_elements: int = RECEIVED_ATTENTION_BLOCK_ELEMENTS) -> torch.Tensor:
+    """The attention each key receives, averaged over queries and heads: `[V, T]` float32 with
+    entry j the mean over heads h and queries i of `softmax_j(scale q_hi . k_hj)`.
+
+    queries, keys: `[V, H, T, d]`. The logits are taken in the inputs' dtype, scaled after the
+    product and soft-maxed in float32, as transformers' eager attention does. Queries go in blocks
+    of B rows (`B = block_elements // (V H T)`, at least 1), each block's `[V, H, B, T]`
+    probabilities summed over its rows at once, so peak extra memory is about
+    `max(block_elements, V H T)` floats, never the `[V, H, T, T]` maps.
+    """
+    num_views, num_heads, num_tokens, _ = queries.shape
+    rows_per_block = max(1, block_elements // (num_views * num_heads * num_tokens))
+    received = torch.zeros(num_views, num_heads, num_tokens, dtype=torch.float32, device=queries.device)
+    keys_transposed = keys.transpose(-1, -2)                                     # [V, H, d, T]
+    for first_row in range(0, num_tokens, rows_per_block):
+        logits = torch.matmul(queries[:, :, first_row:first_row + rows_per_block], keys_transposed) * scale
+        received += logits.float().softmax(dim=-1).sum(dim=2)                    # [V, H, T]
+    return received.mean(dim=1) / num_tokens
+
+
+def negative_received_attention(layer: nn.Module, layer_input: torch.Tensor, first_patch: int) -> torch.Tensor:
+    """Minus the mean attention `[V, P]` float32 each patch receives in one encoder layer (CLIP's
+    or SigLIP's: `layer_norm1`, `self_attn.{q,k}_proj`), over all its queries and heads, the
+    softmax over all tokens; the patches are the tokens `first_patch..` (1: CLIP, 0: SigLIP).
+
+    layer_input: `[V, T, C]`, the layer's input (before its `layer_norm1`)."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(layer_input)
+    num_views, num_tokens, _ = normed.shape
+    heads_shape = (num_views, num_tokens, attention.num_heads, -1)
+    queries = attention.q_proj(normed).view(heads_shape).transpose(1, 2)        # [V, H, T, d]
+    keys = attention.k_proj(normed).view(heads_shape).transpose(1, 2)           # [V, H, T, d]
+    return -mean_received_attention(queries, keys, attention.scale)[:, first_patch:]
+
+
+def cls_model_negative_attention(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """`negative_received_attention` of the patches of a CLIP layer (its token 0 is [CLS])."""
+    return negative_received_attention(layer, layer_input, first_patch=1)
+
+
 # Each signal: the encoder layer it is computed in (negative: from the end; -2 is layer 22 of
 # 24, whose output is LLaVA's feature layer) and how.
 SIGNAL_LAYERS = {"cls_logits_last": -1, "cls_attn_penultimate": -2, "cls_attn_heads_first": 0,
                  "cls_attn_heads_penultimate": -2, "keys_head_mean_penultimate": -2, "cls_attn_full_width_last": -1,
-                 "keys_last": -1}
+                 "keys_last": -1, "neg_attn": -1}
 SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores, "cls_attn_penultimate": cls_attention_probabilities,
                     "cls_attn_heads_first": cls_attention_heads, "cls_attn_heads_penultimate": cls_attention_heads,
                     "keys_head_mean_penultimate": head_mean_keys, "cls_attn_full_width_last": full_width_cls_attention,
-                    "keys_last": patch_keys}
+                    "keys_last": patch_keys, "neg_attn": cls_model_negative_attention}
 TOWER_FEATURES = "tower_features"  # the selected hidden state itself, [CLS] row included
+NEG_COS_MEAN = "neg_cos_mean"      # from the selected hidden state's patches, not from a layer's input
 
 
-def build_vision_tower(config, model_path: str | None = None) -> CLIPVisionTower:
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+
+
+def build_vision_tower(config, model_path: str | None = None) -> nn.Module:
+    """The tower `mm_vision_tower` names: SigLIP (`siglip_encoder.SigLipVisionTower`) for a local
+    directory whose config is SigLIP's or, as the LLaVA-OneVision code dispatches, a name containing
+    `siglip`; CLIP otherwise. A local directory of another model type is refused."""
+    from llava.model.multimodal_encoder.siglip_encoder import SIGLIP_MODEL_TYPES, SigLipVisionTower  # imports us
+
     name = getattr(config, "mm_vision_tower", getattr(config, "vision_tower", None))
     if name is None:
         raise ValueError("config has no mm_vision_tower")
-    return CLIPVisionTower(name, args=config, model_path=model_path)
+    local_dir = _local_tower_dir(name, model_path)
+    if local_dir is None:
+        is_siglip = "siglip" in name.lower()
+    else:
+        with open(os.path.join(local_dir, "config.json")) as handle:
+            model_type = json.load(handle).get("model_type")
+        if model_type not in (*CLIP_MODEL_TYPES, *SIGLIP_MODEL_TYPES):
+            raise ValueError(f"vision tower {local_dir!r} (mm_vision_tower) has model_type {model_type!r}; "
+                             f"supported: {', '.join((*CLIP_MODEL_TYPES, *SIGLIP_MODEL_TYPES))}")
+        is_siglip = model_type in SIGLIP_MODEL_TYPES
+    tower_class = SigLipVisionTower if is_siglip else CLIPVisionTower
+    return tower_class(name, args=config, model_path=model_path)
