@@ -43,14 +43,19 @@ Multi-stage methods (PDrop) give several stages; methods whose scores are not a 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from torch.profiler import record_function
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+
+# The KV cache's keyword in the installed transformers' decoders and outputs: `past_key_values` up to 5.17,
+# `cache` in later 5.x releases (as `llava_arch.CACHE_KEY`).
+CACHE_KEY = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 # Profiler ranges around a prefill's scoring and its keep rule + shrink: `tools/benchmark_efficiency.py` reads
 # their share of the prefill from one profiled run (a range costs microseconds when no profiler listens).
@@ -368,11 +373,12 @@ def _prune_by_raters(request: PruningRequest, layer_index, hidden_states, key_va
             (rows, rater_positions, rater_valid))
 
 
-def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None, position_ids=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
     """The backbone's forward (the transformers 5 Llama/Mistral/Qwen2 loop) with in-LLM pruning, at a
     prefill with a pending `model.pruning_request` and at the decode steps after a pruned prefill
     (the cache carries `PrunedCache`); otherwise `vanilla_forward`, the model's own."""
+    cache = kwargs.pop(CACHE_KEY, None)
     request = getattr(model, "pruning_request", None)
     state = getattr(cache, "pruned", None)
     length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
@@ -385,7 +391,7 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
         model.pruning_request = None  # a request serves one prefill
     if not pruning_now and (state is None or length > 1):
         return vanilla_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                               inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_KEY: cache}, **kwargs)
     use_cache = model.config.use_cache if use_cache is None else use_cache
     if inputs_embeds is None:
         inputs_embeds = model.embed_tokens(input_ids)
@@ -394,15 +400,14 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
     past = cache.get_seq_length() if cache is not None else 0
     if position_ids is None:
         position_ids = (torch.arange(length, device=inputs_embeds.device) + past)[None]
-    causal_mask = create_causal_mask(config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     cache=cache, position_ids=position_ids)
+    causal_mask = create_causal_mask(model.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
     hidden_states = inputs_embeds
     position_embeddings = model.rotary_emb(hidden_states, position_ids=position_ids)
     layers = model.layers[: model.config.num_hidden_layers]
     batch = hidden_states.shape[0]
     full_valid = (attention_mask.bool() if attention_mask is not None
                   else torch.ones(batch, past + length, dtype=torch.bool, device=hidden_states.device))
-    run = dict(cache=cache, use_cache=use_cache, **kwargs)
+    run = dict(use_cache=use_cache, **{CACHE_KEY: cache}, **kwargs)
 
     if pruning_now:
         stage_layers = request.stage_layers()
@@ -462,4 +467,4 @@ def decoder_forward(model, vanilla_forward, input_ids=None, attention_mask=None,
                     position_embeddings = model.rotary_emb(hidden_states, position_ids=position_ids - dropped[:, None])
             hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
                                           position_embeddings=position_embeddings, position_ids=position_ids, **run)
-    return BaseModelOutputWithPast(last_hidden_state=model.norm(hidden_states), cache=cache)
+    return BaseModelOutputWithPast(last_hidden_state=model.norm(hidden_states), **{CACHE_KEY: cache})
