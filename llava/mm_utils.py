@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 from transformers import StoppingCriteria
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
@@ -60,6 +60,8 @@ def load_image(image_file: str | os.PathLike, question: str | None = None, rgb: 
     path = os.fspath(image_file)
     if path.startswith(("http://", "https://")):
         raise ImageLoadError(f"image {path}{where}: URLs are not fetched; download the file and pass its path")
+    loads_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a damaged file is an error here, whatever another library set
     try:
         with Image.open(path) as image:
             image.load()
@@ -72,6 +74,8 @@ def load_image(image_file: str | os.PathLike, question: str | None = None, rgb: 
         raise ImageLoadError(f"image {path}{where} is too large: {err} (raise the limit with --max-image-pixels)") from None
     except Exception as err:  # a decoder can fail in any way on a damaged file
         raise ImageLoadError(f"cannot read image {path}{where}: {type(err).__name__}: {err}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = loads_truncated
 
 
 def set_max_image_pixels(limit: int | None) -> None:
