@@ -1,33 +1,43 @@
 """GlobalCom2: the thumbnail commands the compression of LLaVA-NeXT's AnyRes crops.
 
 Pure tensor functions, no model state. For one image with a thumbnail and `C = grid_w * grid_h`
-crops, each `side x side` patches (`P = side**2`, 576 for CLIP-336), from each view's [CLS]
-scores (signal `cls_logits_last`):
+crops, each `side x side` patches (`P = side**2`: 576 for CLIP-336, 729 for SigLIP-384; any grid,
+up to OneVision's 6x6), from each view's importance scores `[1 + C, P]` (higher = more important;
+the signal `score` picks, see below):
 
-1. `compress_thumbnail`: keep the `int(P * R)` thumbnail patches with the highest [CLS] scores.
+1. `compress_thumbnail`: keep the `int(P * R)` thumbnail patches with the highest scores.
 2. `generate_scale_for_crop_features`: give each crop a retention ratio, a softmax (temperature
    10) over the thumbnail's score mass in that crop's share of the thumbnail (`crop_ratios`
-   holds the other allocation strategies of the paper's Table 2).
-3. `interpolate_and_split_cls_attn_scores`: resize the thumbnail's scores to the unpadded crop
-   canvas and cut out each crop's part (the "global" scores).
+   holds the other allocation strategies of the paper's Table 2). The shares are the released
+   code's equal partition: `side // grid` patches per share, the last share taking the remainder
+   (side 27 on a 6-wide grid: five shares of 4 columns and one of 7).
+3. `interpolate_and_split_cls_attn_scores`: resize the thumbnail's `side x side` score map to the
+   unpadded crop canvas and cut out each crop's part (the "global" scores).
 4. `select_crop_tokens`: per crop, keep the `int(N_c * ratio_c)` tokens with the highest
-   L2-normalised own [CLS] scores plus L2-normalised global scores.
+   L2-normalised own scores plus L2-normalised global scores.
 5. `common.arrange_tokens` lays the kept tokens out: `official` is the released code's sequence
    (arrangement `packed`), `spatial` true raster order.
 
-Budget. `R` (`--retention-ratio`) is the published method's ratio: `int(576 R)` thumbnail tokens
+Scores (`score`, `SCORE_SIGNALS`): `cls` is the released code's, the last CLIP layer's
+pre-softmax [CLS]->patch logits (signal `cls_logits_last`); encoders without [CLS] (SigLIP, in
+LLaVA-OneVision) use the paper's `neg_cos_mean`, `-cos(x_i, g)` of each patch's tower output
+(before the projector) against its view's mean patch feature `g`, or `neg_attn`, minus the mean
+attention a patch receives in the last encoder layer. The chosen signal is every view's: the
+thumbnail's (steps 1-3) and each crop's own (step 4). The SigLIP tower refuses `cls`.
+
+Budget. `R` (`--retention-ratio`) is the published method's ratio: `int(P R)` thumbnail tokens
 and `int(N_c r_c)` per crop, the `r_c` averaging R, so about R of the image tokens are kept
 (newlines excluded; slightly more where padding cuts crops). `--visual-tokens N` sets
 `R = N / vanilla image tokens`. With `budget=exact` the kept image tokens are exactly
 `round(R * vanilla)` (or N), shared between thumbnail and crops in proportion to the released
-counts `576 R` and `N_c r_c` (largest remainder, capped at each view's image tokens), so the
+counts `P R` and `N_c r_c` (largest remainder, capped at each view's image tokens), so the
 sequence length is known from the image size before the tower runs (`visual_token_count`).
 
 Ablations (arguments, defaults reproduce the released code): `temperature`; `alpha`, the weight
 of the global score (0.5 = the released plain sum; 0 = local only, 1 = global only, as the
 paper's Table 3, also reachable as `scores=local|global`); `allocation` (Table 2); `views`
 (the thumbnail-only / crops-only analysis); `drop_crop` (the most/least important crop analysis,
-run at R = 1).
+run at R = 1); `score` (the paper's [CLS]-free scores, its section on encoders without [CLS]).
 
 Follows the released code exactly, quirks included (`shared/spec/globalcom2-official-behaviour.md`);
 R = 1 with default arguments keeps everything: LLaVA-NeXT's own sequence. Steps 1-4 keep the
@@ -53,6 +63,9 @@ from llava.model.compression.registry import arg, register
 
 TEMPERATURE = 10.0
 
+# The tower signal behind each `score` (`registry.SIGNALS`), every one `[V, P]`, higher = keep.
+SCORE_SIGNALS = {"cls": "cls_logits_last", "neg_cos_mean": "neg_cos_mean", "neg_attn": "neg_attn"}
+
 
 @dataclasses.dataclass(frozen=True)
 class GlobalCom2Args:
@@ -63,11 +76,18 @@ class GlobalCom2Args:
                        "thumbnail's top-k, or R for every crop")
     scores: Literal["both", "local", "global"] = arg(
         "both", "which scores rank crop tokens: both (weighted by alpha), the crop's own, or the thumbnail's")
-    views: Literal["all", "thumbnail", "crops"] = arg("all", "send every view, or only the thumbnail, or only the crops")
+    views: Literal["all", "thumbnail", "crops"] = arg(
+        "all", "send every view, or only the thumbnail, or only the crops")
     drop_crop: Literal["none", "most", "least"] = arg(
         "none", "drop the crop with the largest or smallest thumbnail score sum")
     budget: Literal["released", "exact"] = arg(
-        "released", "released: int(576 R) + int(N_c r_c) tokens; exact: round(R x vanilla image tokens)")
+        "released", "released: int(P R) + int(N_c r_c) tokens (P = side^2 patches per view); "
+                    "exact: round(R x vanilla image tokens)")
+    score: Literal["cls", "neg_cos_mean", "neg_attn"] = arg(
+        "cls", "each view's patch importance, thumbnail and crops alike: cls, the last CLIP layer's [CLS] logits "
+               "(released; CLIP only); neg_cos_mean, -cos(patch, view's mean patch) of the tower output before "
+               "the projector (the paper's score without [CLS]); neg_attn, minus the mean attention a patch "
+               "receives in the last encoder layer")
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -84,6 +104,15 @@ class GlobalCom2Args:
     def keeps_everything(self) -> bool:
         """Whether a full budget keeps every token without looking at any score."""
         return self.views == "all" and self.drop_crop == "none"
+
+    @property
+    def signal(self) -> str:
+        """The tower signal `score` names."""
+        return SCORE_SIGNALS[self.score]
+
+    def signals(self) -> frozenset:
+        """The tower signals a run with these arguments reads (`registry.Method.signals_for`)."""
+        return frozenset({self.signal})
 
 
 def compress_thumbnail(thumbnail_scores: torch.Tensor, retention_ratio: float) -> torch.Tensor:
@@ -139,7 +168,7 @@ def select_crop_tokens(crop_scores: torch.Tensor, global_scores: list[torch.Tens
                        counts: list[int], global_weight: float = 0.5) -> tuple[torch.Tensor, list[int]]:
     """Keep mask `[C, P]` of crop tokens at their real positions, and the kept count per crop.
 
-    `crop_scores`: `[C, P]` each crop's own [CLS] scores; `global_scores[c]`: `[N_c]` from
+    `crop_scores`: `[C, P]` each crop's own scores; `global_scores[c]`: `[N_c]` from
     `interpolate_and_split_cls_attn_scores`. Crop c keeps the `counts[c]` (at most `N_c`) of its
     `N_c` image tokens with the largest combined score over its packed (raster, image-only)
     scores: `l/|l| + g/|g|` at `global_weight` 0.5 (the released sum, computed as released),
@@ -183,7 +212,7 @@ def crop_block_scores(thumbnail_scores: torch.Tensor, num_patch_width: int, num_
     sizes = torch.bincount(block_of_patch, minlength=blocks.shape[0])
     values = np.array(blocks.tolist())
     if not np.isfinite(values).all():
-        raise ValueError("the thumbnail's [CLS] scores contain NaN or inf")
+        raise ValueError("the thumbnail's scores contain NaN or inf")
     return values, np.array(sizes.tolist())
 
 
@@ -195,7 +224,8 @@ def softmax_ratios(block_scores: np.ndarray, base_scale: float, temperature: flo
     return np.clip(base_scale * (1 + softmax_scores - np.mean(softmax_scores)), None, 1.0).tolist()
 
 
-def crop_ratios(thumbnail_scores: torch.Tensor, grid: tuple[int, int], ratio: float, args: GlobalCom2Args) -> list[float]:
+def crop_ratios(thumbnail_scores: torch.Tensor, grid: tuple[int, int], ratio: float,
+                args: GlobalCom2Args) -> list[float]:
     """Each crop's retention ratio under `args.allocation` (paper Table 2):
 
     - `softmax-sum`: the released rule, `generate_scale_for_crop_features`;
@@ -223,7 +253,8 @@ def crop_ratios(thumbnail_scores: torch.Tensor, grid: tuple[int, int], ratio: fl
     return np.clip(ratio * shares, None, 1.0).tolist()
 
 
-def kept_counts(geometry: CropGeometry, budget: Budget, ratios: list[float], args: GlobalCom2Args) -> tuple[int, list[int]]:
+def kept_counts(geometry: CropGeometry, budget: Budget, ratios: list[float],
+                args: GlobalCom2Args) -> tuple[int, list[int]]:
     """Tokens kept by the thumbnail and by each crop. `released`: `int(P R)` and `int(N_c r_c)`.
     `exact`: `round(R x` the image tokens of the views sent`)` (or N) apportioned in proportion to
     the released shares `P R` and `N_c r_c`, capped at each view's image tokens."""
@@ -243,7 +274,8 @@ def kept_counts(geometry: CropGeometry, budget: Budget, ratios: list[float], arg
 
 def select_tokens(cls_attn_scores: torch.Tensor, geometry: CropGeometry, budget: Budget,
                   args: GlobalCom2Args = GlobalCom2Args()) -> Selection:
-    """Steps 1-4 for one image. `cls_attn_scores`: `[1 + C, P]`, thumbnail first."""
+    """Steps 1-4 for one image. `cls_attn_scores`: `[1 + C, P]`, thumbnail first: each view's
+    scores from the signal `args.score` names (the released [CLS] logits by default)."""
     if budget.keeps_all and args.keeps_everything():
         return everything_at_ratio_one(geometry, cls_attn_scores.device)
     thumbnail_scores, crop_scores = cls_attn_scores[0], cls_attn_scores[1:]
@@ -261,7 +293,8 @@ def select_tokens(cls_attn_scores: torch.Tensor, geometry: CropGeometry, budget:
     thumbnail_indices = compress_thumbnail(thumbnail_scores, 1.0)[:thumbnail_count]
     top, bottom, left, right = geometry.bounds
     global_scores = interpolate_and_split_cls_attn_scores(
-        thumbnail_scores, right - left, bottom - top, *geometry.grid, geometry.crop_dimensions) if geometry.crop_boxes else []
+        thumbnail_scores, right - left, bottom - top, *geometry.grid,
+        geometry.crop_dimensions) if geometry.crop_boxes else []
     keep, crop_counts = select_crop_tokens(crop_scores, global_scores, geometry, crop_counts, args.global_weight)
     return Selection(geometry, thumbnail_indices, keep, crop_counts, arrangement="packed",
                      send_crops=args.views != "thumbnail", extra=dict(crop_ratios=[round(r, 6) for r in ratios]))
@@ -274,14 +307,14 @@ def everything_at_ratio_one(geometry: CropGeometry, device) -> Selection:
     return selection
 
 
-@register("globalcom2", needs={"cls_logits_last"}, args=GlobalCom2Args)
+@register("globalcom2", needs=set(SCORE_SIGNALS.values()), args=GlobalCom2Args)
 def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: Budget,
            args: GlobalCom2Args = GlobalCom2Args()) -> Selection:
     """GlobalCom2 for one image: `views` `[1 + C, P, D]` (unused: the scores decide),
-    `signals["cls_logits_last"]` `[1 + C, P]`."""
+    `signals[args.signal]` `[1 + C, P]` (only that one is read: `args.signals()`)."""
     if budget.keeps_all and args.keeps_everything():
         return everything_at_ratio_one(geometry, views.device)
-    return select_tokens(signals["cls_logits_last"], geometry, budget, args)
+    return select_tokens(signals[args.signal], geometry, budget, args)
 
 
 def visual_token_count(image_size: tuple[int, int], grid_pinpoints, retention_ratio: float | None = None,
@@ -289,7 +322,9 @@ def visual_token_count(image_size: tuple[int, int], grid_pinpoints, retention_ra
                        crop_size: int = 336, unpad: bool = True) -> int:
     """Visual tokens (image tokens plus newlines) GlobalCom2 with `budget=exact` sends for an
     image of PIL size `(width, height)`, from the size and the budget alone (no tower): what an
-    engine that expands image placeholders before encoding needs. Default arguments otherwise."""
+    engine that expands image placeholders before encoding needs. Default arguments otherwise.
+    `side` and `crop_size`: the tower's patches per side and view size in pixels (24 and 336 for
+    CLIP-336, 27 and 384 for SigLIP-384)."""
     grid = get_anyres_image_grid_shape(image_size, grid_pinpoints, crop_size)
     geometry = crop_geometry(image_size, grid, side, unpad)
     budget = Budget.resolve(geometry, retention_ratio, visual_tokens)
@@ -306,7 +341,8 @@ def compress_image_features(image_feature: torch.Tensor, cls_attn_scores: torch.
 
     `image_feature`: `[1 + C, P, D]` projected views, thumbnail first, then the
     `C = grid_w * grid_h` crops row-major, patches in raster order (`P = side**2`).
-    `cls_attn_scores`: `[1 + C, P]` each view's [CLS]->patch scores. `image_size`: PIL
+    `cls_attn_scores`: `[1 + C, P]` each view's scores (the [CLS]->patch logits as released, or a
+    [CLS]-free signal: `SCORE_SIGNALS`). `image_size`: PIL
     `(width, height)`. `grid`: `(grid_w, grid_h)`. `image_newline`: `[D]` (None: no unpadding
     and no newlines, merge type `spatial`). `layout`: `official` or `spatial`.
     """

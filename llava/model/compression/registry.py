@@ -4,7 +4,8 @@ A method module registers its entry point with `@register(name, needs=..., args=
 point takes `(views, signals, geometry, budget, args)`:
 
 - `views`: `[V, P, D]` projected features, thumbnail first (`V = 1 + C`);
-- `signals`: the tower signals named in `needs` (see `SIGNALS` for their shapes), and nothing else;
+- `signals`: the tower signals named in `needs` (see `SIGNALS` for their shapes), and nothing else
+  (where the args choose among them, `args.signals()`, only the chosen ones);
 - `geometry`: `common.CropGeometry` (grid, unpadding); `budget`: `common.Budget`, resolved;
 - `args`: the method's frozen dataclass of arguments;
 
@@ -142,13 +143,24 @@ class Method:
 
     def signals_for(self, args, budget_keeps_all: bool) -> frozenset:
         """What the tower must compute for one run: nothing when the method keeps everything at a
-        full budget without looking (its `keeps_everything` says so), else `needs`; never anything
-        for an in-LLM method (its signals are the decoder's)."""
+        full budget without looking (its `keeps_everything` says so), else the signals its args
+        choose (`args.signals()`, a subset of `needs`, where the args define it: GlobalCom2's
+        `score`) or else `needs`; a composition's pre-LLM part's; never anything for an in-LLM
+        method (its signals are the decoder's)."""
+        if self.parts:
+            return self.parts[0].signals_for(args.pre, budget_keeps_all)
         if self.stage == "in-llm":
             return frozenset()
         if budget_keeps_all and getattr(args, "keeps_everything", lambda: True)():
             return frozenset()
-        return self.needs
+        chosen = getattr(args, "signals", None)
+        if chosen is None:
+            return self.needs
+        signals = frozenset(chosen())
+        if not signals <= self.needs:
+            raise ValueError(f"method {self.name}: its arguments ask for {sorted(signals - self.needs)}, which it "
+                             f"did not register (needs: {sorted(self.needs)})")
+        return signals
 
 
 _METHODS: dict[str, Method] = {}
@@ -158,6 +170,9 @@ def register(name: str, needs=(), args: type = NoArgs, stage: str = "pre-llm",
              input_changes: Callable[[object], dict] | None = None):
     """Decorator registering a method's entry point under `name` (the module's name).
 
+    `needs`: every signal the entry point may read; where its args pick among them per run
+    (a `signals()` method, as GlobalCom2's `score`), the glue computes only the picked ones
+    (`Method.signals_for`).
     `stage="pre-llm"`: the entry point selects from the views (see the module docstring).
     `stage="in-llm"`: it is a keep rule `(scores [I, N], image_tokens [I], targets [I], args) ->
     [I, N] bool` over each image's span, called by the decoder mechanism
@@ -279,8 +294,10 @@ def row_args(args) -> dict:
 def describe(name: str) -> str:
     """Several lines: the method's name, stage, summary, signals and arguments with defaults."""
     method = get_method(name)
+    chosen = f" (its arguments choose; by default {', '.join(sorted(method.args().signals()))})" \
+        if hasattr(method.args, "signals") else ""
     lines = [f"{method.name} ({method.stage}): {method.summary}",
-             f"  signals: {', '.join(sorted(method.needs)) or 'none'}"]
+             f"  signals: {', '.join(sorted(method.needs)) or 'none'}{chosen}"]
     for field_name, kind, default, help_text in argument_fields(method):
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         kind_text = "|".join(choices) if choices else kind.__name__

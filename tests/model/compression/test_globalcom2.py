@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
+from llava.mm_utils import ONEVISION_GRID_PINPOINTS, get_anyres_image_grid_shape, unpad_image
 from llava.mm_utils import process_images
+from llava.model.compression import describe, get_method, parse_method_args
 from llava.model.compression.common import Budget, Selection, arrange_tokens, crop_geometry
 from llava.model.compression.globalcom2 import (
+    SCORE_SIGNALS,
     GlobalCom2Args,
     compress_image_features,
     compress_thumbnail,
+    crop_block_scores,
     crop_ratios,
     generate_scale_for_crop_features,
     interpolate_and_split_cls_attn_scores,
@@ -28,6 +31,8 @@ from llava.model.compression.globalcom2 import (
     visual_token_count,
 )
 from llava.model.globalcom2_released import released_compress_image
+from llava.model.llava_arch import CompressionSettings
+from llava.model.multimodal_encoder.clip_encoder import negative_cosine_to_mean
 from llava.tiny import V16_PINPOINTS
 
 NEWLINE = -1.0
@@ -473,3 +478,180 @@ def test_exact_budget_count_equals_the_models_sequence(tiny):
                                                            layout="spatial")
     finally:
         model.set_compression()
+
+
+# --- any side and grid (SigLIP-384: 27 x 27 views, OneVision's grids up to 6x6) --------------
+
+def test_three_by_two_grid_on_side_four_by_hand():
+    # 1200x800 on a 3x2 grid, side 4: an 8x12 canvas of exactly the image's aspect, so every crop
+    # is whole (16 cells). Thumbnail scores 1000 + cell / 100, and +20 on cells 2, 3, 6, 7.
+    size, grid = (1200, 800), (3, 2)
+    thumbnail = 1000 + torch.arange(16, dtype=torch.float32) / 100
+    thumbnail[[2, 3, 6, 7]] += 20
+    # Crop c's own scores rank its cells by index (the highest last), crop 4's the other way round.
+    local = torch.arange(16, dtype=torch.float32).repeat(6, 1)
+    local[4] = 15 - local[4]
+    selection = _select(torch.cat([thumbnail[None], local]), size, grid, 0.5)
+    assert selection.geometry.valid_counts == [16] * 6
+    # Thumbnail: int(16 * 0.5) = 8, best first: the +20 cells, then the highest of the rest.
+    assert selection.thumbnail_indices.tolist() == [7, 6, 3, 2, 15, 14, 13, 12]
+    # Shares (released partition, blocks 4 // 3 = 1 column and 4 // 2 = 2 rows wide, the last column
+    # block taking columns 2-3): crop 2 holds cells 2, 3, 6, 7 (sum 4080.18), crop 5 cells 10, 11,
+    # 14, 15 (4000.50), the others two cells each (about 2000). softmax(S / 10) = about [0, 0,
+    # .99965, 0, 0, .00035], so r = .5 (1 + s - 1/6): .9165 for crop 2 -> int(16 r) = 14, and
+    # .4167-.4168 for the rest -> 6.
+    assert selection.crop_kept_counts == [6, 6, 14, 6, 6, 6]
+    # Per crop the local ranking decides: normalised local scores are 1 / 35.2 = .028 apart, while
+    # the interpolated thumbnail scores (1000..1020.15) differ by under 20.2 / 4020 = .005 in a crop.
+    top_six, bottom_six = set(range(10, 16)), set(range(6))
+    expected = [top_six, top_six, set(range(2, 16)), top_six, bottom_six, top_six]
+    assert [set(torch.nonzero(row)[:, 0].tolist()) for row in selection.crop_keep_mask] == expected
+
+
+def test_split_of_the_interpolated_thumbnail_on_a_three_by_two_grid_by_hand():
+    # Side 4 thumbnail t(y, x) = x + 10 y resized (bilinear, no corner alignment) to the 8x12 canvas
+    # of a 3x2 grid: output column j samples x = (j + .5) / 3 - .5 and row i samples y = (i + .5) / 2
+    # - .5, each clamped to [0, 3]; t is affine, so the result is X(j) + 10 Y(i).
+    thumbnail = (torch.arange(4.0)[None, :] + 10 * torch.arange(4.0)[:, None]).flatten()
+    columns = [0, 0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2, 7 / 3, 8 / 3, 3, 3]
+    rows = [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3]
+    canvas = torch.tensor(columns)[None, :] + 10 * torch.tensor(rows)[:, None]
+    geometry = crop_geometry((1200, 800), (3, 2), 4)
+    pieces = interpolate_and_split_cls_attn_scores(thumbnail, 12, 8, 3, 2, geometry.crop_dimensions)
+    for crop, piece in enumerate(pieces):
+        row, col = divmod(crop, 3)
+        assert torch.allclose(piece, canvas[4 * row:4 * row + 4, 4 * col:4 * col + 4].flatten(), atol=1e-5)
+
+
+def _released_partition_ratios(thumbnail, grid, ratio):
+    """Crop ratios by the rule, patch by patch: a side-s thumbnail cut into shares of s // grid
+    patches (the last share taking the remainder), the softmax of the share sums over T = 10."""
+    grid_w, grid_h = grid
+    side = math.isqrt(thumbnail.shape[0])
+    sums = [0.0] * (grid_w * grid_h)
+    for index, value in enumerate(thumbnail.tolist()):
+        y, x = divmod(index, side)
+        sums[min(y // (side // grid_h), grid_h - 1) * grid_w + min(x // (side // grid_w), grid_w - 1)] += value
+    return _expected_scales(sums, ratio)
+
+
+def test_side_27_shares_of_a_six_by_six_grid():
+    # 27 // 6 = 4: five shares 4 patches wide and a last one of 27 - 20 = 7, in both directions.
+    _, sizes = crop_block_scores(torch.ones(729), 6, 6)
+    widths = torch.tensor([4, 4, 4, 4, 4, 7])
+    assert sizes.tolist() == (widths[:, None] * widths[None, :]).flatten().tolist()
+
+
+@pytest.mark.parametrize("size, grid, valid", [
+    ((2304, 2304), (6, 6), 729),  # the canvas is the image: 162 x 162
+    ((1152, 384), (3, 1), 729),
+    ((384, 1920), (1, 5), 729),
+    ((1152, 300), (3, 1), 567),   # new_h = int(300 * 81 / 1152) = 21, pad 3: rows [3, 24), 21 x 27 per crop
+])
+@pytest.mark.parametrize("ratio, thumbnail_kept", [(0.25, 182), (0.1, 72)])  # int(729 R)
+@pytest.mark.parametrize("score", ["cls", "neg_cos_mean", "neg_attn"])
+def test_side_27_counts_follow_the_rule(size, grid, valid, ratio, thumbnail_kept, score):
+    assert get_anyres_image_grid_shape(size, ONEVISION_GRID_PINPOINTS, 384) == grid
+    num_views = 1 + grid[0] * grid[1]
+    scores = torch.randn(num_views, 729, generator=torch.Generator().manual_seed(num_views)) * 0.3 - 0.5
+    args = GlobalCom2Args(score=score)
+    geometry = crop_geometry(size, grid, 27)
+    selection = get_method("globalcom2").select(torch.zeros(num_views, 729, 1), {args.signal: scores}, geometry,
+                                                Budget.resolve(geometry, ratio), args)
+    assert geometry.valid_counts == [valid] * (num_views - 1)
+    assert int(selection.thumbnail_indices.shape[0]) == thumbnail_kept
+    expected_ratios = _released_partition_ratios(scores[0], grid, ratio)
+    assert selection.extra["crop_ratios"] == pytest.approx(expected_ratios, abs=1e-6)
+    assert selection.crop_kept_counts == [int(valid * r) for r in expected_ratios]
+    assert selection.crop_keep_mask.sum(dim=1).tolist() == selection.crop_kept_counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("size, ratio", [((2304, 2304), 0.25), ((1000, 700), 0.1), ((700, 1000), 0.5),
+                                         ((1152, 300), 0.75), ((384, 1920), 0.15), ((1500, 1100), 0.25)])
+def test_side_27_official_layout_equals_the_released_code(size, ratio, dtype):
+    """The released logic at side 27 on OneVision's grids (6x6, 3x2, 2x3, 3x1, 1x5, 4x3), element for element."""
+    grid = get_anyres_image_grid_shape(size, ONEVISION_GRID_PINPOINTS, 384)
+    generator = torch.Generator().manual_seed(grid[0] * 7 + grid[1])
+    views = torch.randn(1 + grid[0] * grid[1], 729, 4, generator=generator).to(dtype)
+    scores = (torch.randn(views.shape[:2], generator=generator) * 2 + 5).to(dtype)
+    newline = torch.randn(4, generator=generator).to(dtype)
+    ours = compress_image_features(views, scores, size, grid, newline, ratio)
+    released = released_compress_image(views, scores, size, grid, newline, ratio, cast_to_fp16=dtype == torch.float16)
+    assert torch.equal(ours, released)
+
+
+@pytest.mark.parametrize("size", [(1152, 300), (384, 1920), (1000, 700), (2304, 2304)])
+def test_side_27_ratio_one_is_vanilla(size):
+    grid = get_anyres_image_grid_shape(size, ONEVISION_GRID_PINPOINTS, 384)
+    num_views = 1 + grid[0] * grid[1]
+    views, scores, newline = torch.randn(num_views, 729, 3), torch.randn(num_views, 729), torch.randn(3)
+    ours = compress_image_features(views, scores, size, grid, newline, 1.0)
+    assert torch.equal(ours, _vanilla(views, size, grid, newline))
+
+
+# --- the score: [CLS] logits or a [CLS]-free signal ----------------------------------------------
+
+def _outlier_features(outliers):
+    """Tower features `[16, 3]` of a 4x4 view: every patch along e0 (tilted by 0.01 * index along
+    e2, so none tie) except the `outliers`, along e1. The view's mean is nearly e0, so the outliers
+    have the lowest cosine to it: `neg_cos_mean` ranks them first."""
+    features = torch.zeros(16, 3)
+    features[:, 0], features[:, 2] = 1.0, 0.01 * torch.arange(16)
+    features[outliers] = torch.tensor([0.0, 1.0, 0.0])
+    return features
+
+
+def _peaked(cells, low=0.0, high=1.0):
+    """A `[16]` signal, `high` at `cells` and `low` elsewhere, plus 1e-3 * index against ties."""
+    signal = torch.full((16,), low) + 1e-3 * torch.arange(16)
+    signal[cells] = high
+    return signal
+
+
+# Each score's signal for a thumbnail and one crop (side 4), preferring known cells: the [CLS]
+# logits peak at thumbnail cells 0, 1 and crop cells 2, 7; `neg_cos_mean` (from hand-made tower
+# features) at 5, 10 and 6, 9; `neg_attn` (minus attention received: 1/16 for most patches, .01
+# for the least attended) at 3, 12 and 8, 13.
+SCORE_CASES = {
+    "cls": (torch.stack([_peaked([0, 1], high=9.0), _peaked([2, 7], high=9.0)]), {0, 1}, {2, 7}),
+    "neg_cos_mean": (negative_cosine_to_mean(torch.stack([_outlier_features([5, 10]), _outlier_features([6, 9])])),
+                     {5, 10}, {6, 9}),
+    "neg_attn": (torch.stack([_peaked([3, 12], -1 / 16, -0.01), _peaked([8, 13], -1 / 16, -0.01)]), {3, 12}, {8, 13}),
+}
+
+
+@pytest.mark.parametrize("score", list(SCORE_CASES))
+def test_the_score_decides_which_tokens_are_kept(score):
+    # One whole crop (400x400 on 1x1, side 4); R = 0.15 keeps int(16 R) = 2 thumbnail and 2 crop
+    # tokens (a lone crop's ratio is R up to an ulp, so int(16 R) at R = 0.125 could be 1: released).
+    signal, thumbnail_cells, crop_cells = SCORE_CASES[score]
+    geometry = crop_geometry((400, 400), (1, 1), 4)
+    budget = Budget.resolve(geometry, 0.15)
+    method = get_method("globalcom2")
+    kept = {}
+    for scores in ("local", "global"):
+        args = parse_method_args("globalcom2", [f"score={score}", f"scores={scores}"])
+        # Only the chosen signal is handed over: a read of another would raise KeyError.
+        selection = method.select(torch.zeros(2, 16, 1), {SCORE_SIGNALS[score]: signal}, geometry, budget, args)
+        assert set(selection.thumbnail_indices.tolist()) == thumbnail_cells
+        kept[scores] = set(torch.nonzero(selection.crop_keep_mask[0])[:, 0].tolist())
+    # The crop's own signal (local) and the thumbnail's (global: a 4x4 map resized to the crop's
+    # 4x4 canvas is itself) both come from the chosen source.
+    assert kept == {"local": crop_cells, "global": thumbnail_cells}
+
+
+def test_the_score_chooses_the_signal_the_tower_computes():
+    method = get_method("globalcom2")
+    assert method.needs == {"cls_logits_last", "neg_cos_mean", "neg_attn"}  # what it may read
+    for score, signal in SCORE_SIGNALS.items():
+        args = parse_method_args("globalcom2", [f"score={score}"])
+        assert method.signals_for(args, budget_keeps_all=False) == {signal}
+        assert method.signals_for(args, budget_keeps_all=True) == frozenset()  # vanilla, unlooked
+        composed = parse_method_args("globalcom2+fastv", [f"globalcom2.score={score}"])
+        assert get_method("globalcom2+fastv").signals_for(composed, budget_keeps_all=False) == {signal}
+        assert CompressionSettings("globalcom2", args, 0.25, "official").signals == {signal}
+    assert method.signals_for(GlobalCom2Args(), False) == {"cls_logits_last"}  # the released default
+    assert "by default cls_logits_last" in describe("globalcom2")
+    with pytest.raises(ValueError, match="score='cls_attn' is not one of cls, neg_cos_mean, neg_attn"):
+        parse_method_args("globalcom2", ["score=cls_attn"])
