@@ -21,6 +21,7 @@ import os
 import sys
 
 import pandas as pd
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
 if __name__ == "__main__":  # run as a file: make the repository's `llava` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,12 +56,23 @@ def submission_table(benchmark: pd.DataFrame, texts: dict) -> pd.DataFrame:
     return table
 
 
+def spreadsheet_safe(texts: dict) -> tuple[dict, int]:
+    """The answer texts without the control characters an .xlsx cell cannot hold (a model may emit
+    them; openpyxl refuses the whole file), and how many texts held any."""
+    cleaned = {key: ILLEGAL_CHARACTERS_RE.sub("", text) for key, text in texts.items()}
+    return cleaned, sum(cleaned[key] != text for key, text in texts.items())
+
+
 def convert(annotation_file: str, result_dir: str, upload_dir: str, experiment: str) -> None:
     answers_path = os.path.join(result_dir, f"{experiment}.jsonl")
     upload_path = os.path.join(upload_dir, f"{experiment}.xlsx")
     benchmark = pd.read_table(annotation_file)
     texts = answer_texts(answers_path)
+    texts, cleaned = spreadsheet_safe(texts)
     table = submission_table(benchmark, texts)
+    if cleaned:
+        print(f"warning: {cleaned} prediction(s) held control characters a spreadsheet cannot store; they were "
+              "removed", file=sys.stderr)
 
     # Upstream drops these silently; they usually mean the wrong TSV or a partial run.
     unmatched = len(texts.keys() - set(benchmark["index"].tolist()))

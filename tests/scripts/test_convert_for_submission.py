@@ -211,6 +211,18 @@ def test_mmbench_spreadsheet_columns_and_raw_predictions(tmp_path, capsys):
     ]
 
 
+def test_mmbench_predictions_with_control_characters_are_written_without_them(tmp_path, capsys):
+    """A model can emit characters an .xlsx cell cannot hold (openpyxl then refuses the whole file)."""
+    write_lines(tmp_path / "answers" / "exp.jsonl", [{"question_id": 0, "prompt": "p", "text": "B\x04\x04 ok"},
+                                                      {"question_id": 1, "prompt": "p", "text": "C"}])
+    args = ["--annotation-file", str(mmbench_tsv(tmp_path)), "--result-dir", str(tmp_path / "answers"),
+            "--upload-dir", str(tmp_path / "upload"), "--experiment", "exp"]
+    assert mmbench.main(args) == 0
+    assert "1 prediction(s) held control characters" in capsys.readouterr().err
+    sheet = openpyxl.load_workbook(tmp_path / "upload" / "exp.xlsx").active
+    assert [row[6] for row in sheet.iter_rows(min_row=2, values_only=True)] == ["B ok", "C", None]
+
+
 def test_mmbench_table_without_an_mmbench_column_is_a_user_error():
     with pytest.raises(UserError, match="lacks the column"):
         mmbench.submission_table(pd.DataFrame({"index": [0], "question": ["q"]}), {})
