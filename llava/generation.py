@@ -11,7 +11,8 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from llava.mm_utils import get_anyres_image_grid_shape, get_model_name_from_path, process_images, tokenizer_image_token
+from llava.mm_utils import (get_anyres_image_grid_shape, get_model_name_from_path, is_anyres, process_images,
+                            tokenizer_image_token)
 from llava.model import llava_arch
 from llava.model.compression import parse_method_args
 from llava.model.compression.registry import get_method, method_choices
@@ -153,7 +154,7 @@ def expected_visual_tokens(model, image_size: tuple[int, int], settings=None) ->
     settings = settings or model.compression_settings()
     config = model.input_config(settings)
     tower = model.get_vision_tower()
-    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
+    anyres = is_anyres(getattr(config, "image_aspect_ratio", None))
     grid = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, tower.config.image_size) if anyres \
         else (0, 0)
     num_views = 1 + grid[0] * grid[1]
@@ -165,7 +166,7 @@ def expected_visual_tokens(model, image_size: tuple[int, int], settings=None) ->
     vanilla = model.vanilla_geometry(geometry, one_view_each=not anyres)
     budget = Budget.resolve(geometry, settings.retention_ratio, settings.visual_tokens, vanilla.vanilla_image_tokens)
     if budget.keeps_all or get_method(settings.method).stage == "in-llm":
-        return vanilla.vanilla_image_tokens + vanilla.newline_count("raster")
+        return vanilla.vanilla_image_tokens + vanilla.newline_count(vanilla.vanilla_arrangement)
     return budget.image_tokens
 
 
@@ -314,7 +315,7 @@ def answer_prepared(model, tokenizer, prompts: list[str], prepared: list[Prepare
     steps = int(output_ids.shape[1])
     first = timer.first_token_time or end
     config = model.config
-    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
+    anyres = is_anyres(getattr(config, "image_aspect_ratio", None))
     patch = model.get_vision_tower().config.image_size if image_sizes else None
     grids = [get_anyres_image_grid_shape(size, config.image_grid_pinpoints, patch) if anyres else None
              for size in image_sizes]

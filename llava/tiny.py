@@ -10,7 +10,15 @@ The CLIP directory it names (`mm_vision_tower`) is a whole tiny CLIP checkpoint,
 byte-level BPE tokenizer trained here, so text-conditioned methods (CDPruner) run end to end.
 Same seed, same files.
 
+`--family onevision` writes a tiny checkpoint in the `lmms-lab/llava-onevision-qwen2-0.5b-ov`
+layout instead: `LlavaQwenForCausalLM` (Qwen2 with its attention biases, tied embeddings), a
+SigLIP tower at 384 px with 14 px patches (27x27 tokens per view) written as a whole tiny
+`SiglipModel` (one encoder layer more than the LLaVA model keeps, and its pooling head),
+`anyres_max_9` with the (1x1)..(6x6) pinpoints, `spatial_unpad`, `mlp2x_gelu`, and a Qwen-style
+byte-level BPE tokenizer with the ChatML special tokens, trained here.
+
     python -m llava.tiny --out checkpoints/llava-next-tiny
+    python -m llava.tiny --family onevision --out checkpoints/llava-onevision-tiny
 """
 
 from __future__ import annotations
@@ -23,15 +31,23 @@ import os
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizerFast, CLIPVisionConfig, LlamaTokenizer
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizerFast, CLIPVisionConfig, LlamaTokenizer,
+                          Qwen2Tokenizer, SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig)
 
 from llava import conversation
-from llava.model import LlavaConfig, LlavaLlamaForCausalLM, LlavaMistralConfig, LlavaMistralForCausalLM
+from llava.mm_utils import ONEVISION_GRID_PINPOINTS
+from llava.model import (LlavaConfig, LlavaLlamaForCausalLM, LlavaMistralConfig, LlavaMistralForCausalLM,
+                         LlavaQwenConfig, LlavaQwenForCausalLM)
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor
+from llava.model.multimodal_encoder.siglip_encoder import SigLipImagePreprocessor
 
 DEFAULT_OUT = os.path.join("checkpoints", "llava-next-tiny")
+ONEVISION_OUT = os.path.join("checkpoints", "llava-onevision-tiny")
 TOWER_DIR = "clip-vit-tiny-patch14-336"
+SIGLIP_TOWER_DIR = "siglip-tiny-patch14-384"
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# Qwen2's special tokens after its BPE vocabulary, in its order (ids 151643-151645 in the real one).
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{value:02X}>" for value in range(256)]
 CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]  # the last ids, as in CLIP's vocabulary
@@ -284,6 +300,116 @@ def build_tiny_clip(out: str, vision_config: CLIPVisionConfig, seed: int = 0) ->
     return out
 
 
+def build_qwen_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
+    """A Qwen2-style tokenizer: byte-level BPE over Qwen2's pre-tokeniser (its split pattern, NFC), its
+    merges learned here from the corpus (`_learn_merges`, so ties never depend on hash order); the
+    vocabulary is the 256 byte symbols, the merges, then `<|endoftext|> <|im_start|> <|im_end|>`.
+    As OneVision's tokenizer: no BOS, `<|im_end|>` ends a turn (EOS), `<|endoftext|>` pads."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pipeline = Qwen2Tokenizer(vocab={symbol: index for index, symbol in enumerate(alphabet)}, merges=[])
+    pipeline = pipeline.backend_tokenizer
+    words = collections.Counter()
+    for line in _corpus() + [conversation.conv_templates["qwen_1_5"].system]:
+        for piece, _ in pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(line)):
+            words[tuple(piece)] += 1
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    merges = _learn_merges(words, vocab_size - len(vocab) - len(QWEN_SPECIAL_TOKENS))
+    for token in ["".join(pair) for pair in merges] + QWEN_SPECIAL_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=32768, padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    return tokenizer
+
+
+def onevision_configs(vocab_size: int) -> tuple[dict, SiglipVisionConfig]:
+    """`config.json` contents (the keys of `lmms-lab/llava-onevision-qwen2-0.5b-ov`'s, Qwen2's at top
+    level) and the tiny SigLIP vision config as published (3 layers: the LLaVA model keeps 2)."""
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                                image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    language = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "max_window_layers": 2,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "attention_dropout": 0.0,
+        "vocab_size": vocab_size,
+        "bos_token_id": vocab_size - 3,  # <|endoftext|>, as the original's 151643
+        "eos_token_id": vocab_size - 1,  # <|im_end|>
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    multimodal = {
+        "image_aspect_ratio": "anyres_max_9",
+        "image_crop_resolution": None,
+        "image_grid_pinpoints": [list(pinpoint) for pinpoint in ONEVISION_GRID_PINPOINTS],
+        "image_split_resolution": None,
+        "mm_hidden_size": vision.hidden_size,
+        "mm_newline_position": "grid",
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": SIGLIP_TOWER_DIR,
+        "tokenizer_model_max_length": 32768,
+        "tokenizer_padding_side": "right",
+        "use_mm_proj": True,
+    }
+    identity = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava"}
+    return {**identity, **language, **multimodal, "torch_dtype": "float32"}, vision
+
+
+def build_tiny_siglip(out: str, vision_config: SiglipVisionConfig, seed: int = 0) -> str:
+    """Write a whole tiny SigLIP checkpoint to `out` (the layout of `google/siglip-so400m-patch14-384`:
+    a `SiglipModel` with both towers, the vision side with all its layers and its pooling head,
+    and the SigLIP preprocessor config); return `out`. The LLaVA model drops the last layer and the
+    head (`siglip_encoder.without_last_layer`); its own tower weights replace these."""
+    os.makedirs(out, exist_ok=True)
+    text = SiglipTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                            num_hidden_layers=1, max_position_embeddings=16, pad_token_id=1, bos_token_id=62,
+                            eos_token_id=63)
+    vision = SiglipVisionConfig(**{**vision_config.to_dict(), "vision_use_head": True})
+    model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    _seeded_init(model, seed)
+    model.save_pretrained(out)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as handle:
+        json.dump(SigLipImagePreprocessor(size=vision.image_size).to_dict(), handle, indent=2, sort_keys=True)
+    return out
+
+
+def build_tiny_onevision_checkpoint(out: str = ONEVISION_OUT, seed: int = 0, max_shard_size: str = "500KB") -> str:
+    """Write the tiny OneVision checkpoint to `out` (sharded safetensors, config, Qwen-style
+    tokenizer, and the SigLIP checkpoint its tower names); return `out`."""
+    tokenizer = build_qwen_tokenizer()
+    config_dict, vision_config = onevision_configs(len(tokenizer))
+    build_tiny_siglip(os.path.join(out, SIGLIP_TOWER_DIR), vision_config, seed)
+    config = LlavaQwenConfig(**{key: value for key, value in config_dict.items()
+                                if key not in ("architectures", "model_type")})
+    config._name_or_path = out
+    torch.manual_seed(seed)
+    model = LlavaQwenForCausalLM(config)
+    _seeded_init(model, seed)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    # The original checkpoints' config.json: model_type 'llava', LLaVA keys at top level.
+    with open(os.path.join(out, "config.json"), "w") as handle:
+        json.dump(config_dict, handle, indent=2, sort_keys=True)
+    return out
+
+
 def ensure_tiny_checkpoint(out: str = DEFAULT_OUT) -> str:
     """Build the default tiny checkpoint unless `out` already holds a whole one (one built before
     its CLIP directory held the text tower too, which text-conditioned methods read, is rebuilt)."""
@@ -295,12 +421,19 @@ def ensure_tiny_checkpoint(out: str = DEFAULT_OUT) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    parser.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT}, or {ONEVISION_OUT} for OneVision)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--llm", choices=["vicuna", "mistral"], default="vicuna", help="language model family")
+    parser.add_argument("--llm", choices=["vicuna", "mistral"], default="vicuna",
+                        help="language model of the LLaVA-NeXT family (default: %(default)s)")
+    parser.add_argument("--family", choices=["next", "onevision"], default="next",
+                        help="LLaVA-NeXT (CLIP-336, anyres) or LLaVA-OneVision (Qwen2, SigLIP-384, anyres_max_9)")
     args = parser.parse_args(argv)
-    build_tiny_checkpoint(args.out, seed=args.seed, llm=args.llm)
-    print(f"wrote tiny LLaVA-NeXT checkpoint ({args.llm}, seed {args.seed}) to {args.out}")
+    if args.family == "onevision":
+        out = build_tiny_onevision_checkpoint(args.out or ONEVISION_OUT, seed=args.seed)
+        print(f"wrote tiny LLaVA-OneVision checkpoint (qwen2, seed {args.seed}) to {out}")
+        return
+    out = build_tiny_checkpoint(args.out or DEFAULT_OUT, seed=args.seed, llm=args.llm)
+    print(f"wrote tiny LLaVA-NeXT checkpoint ({args.llm}, seed {args.seed}) to {out}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from llava.eval.jsonl import read_jsonl
 from llava.files import atomic_write, make_parent_dir
 from llava.generation import (add_compression_arguments, add_input_arguments, compression_arguments, compression_label,
                               configure_model)
-from llava.mm_utils import process_images, resize_and_pad_image, select_best_resolution
+from llava.mm_utils import is_anyres, process_images, resize_and_pad_image, select_best_resolution
 from llava.model.compression import common, globalcom2
 
 DIM = 0.25                  # brightness left to a dropped patch
@@ -107,8 +107,8 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
                                        visual_tokens=None)
     if layout is not None:
         settings = dataclasses.replace(settings, token_layout=common.check_layout(layout))
-    if getattr(model.config, "image_aspect_ratio", None) != "anyres":
-        raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres')")
+    if not is_anyres(getattr(model.config, "image_aspect_ratio", None)):
+        raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres' or 'anyres_max_N')")
     image = image.convert("RGB")
     views = process_images([image], image_processor, model.input_config(settings))[0].to(model.device, model.dtype)
     model.encode_image_sequences([views], [image.size], settings, None if instruction is None else [instruction])

@@ -1,10 +1,17 @@
-"""The tiny checkpoint: reproducible, real geometry, Llama-style tokenizer."""
+"""The tiny checkpoints: reproducible, real geometry, their own tokenizers (Llama-style for LLaVA-NeXT,
+Qwen-style ChatML for OneVision); the OneVision one loads, generates and runs through run_llava."""
 
 import hashlib
 import json
 import os
 
-from llava.tiny import build_tiny_checkpoint
+import pytest
+from PIL import Image
+
+from llava.conversation import conv_templates
+from llava.mm_utils import onevision_visual_token_count
+from llava.model.builder import load_pretrained_model
+from llava.tiny import build_tiny_checkpoint, build_tiny_onevision_checkpoint
 
 
 def _digest(path):
@@ -46,3 +53,117 @@ def test_tokenizer_is_llama_style(tiny):
     # BOS, word-start marker, 'é' as two UTF-8 bytes (not in the tiny vocabulary), newline byte.
     assert tokenizer.convert_ids_to_tokens(ids[:5]) == ["<s>", "▁", "<0xC3>", "<0xA9>", "<0x0A>"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "é\nx"
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny OneVision checkpoint (`python -m llava.tiny --family onevision`)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onevision_checkpoint(tmp_path_factory):
+    return build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
+
+
+@pytest.fixture(scope="module")
+def onevision(onevision_checkpoint):
+    tokenizer, model, processor, _ = load_pretrained_model(onevision_checkpoint, device="cpu", torch_dtype="float32")
+    return tokenizer, model, processor
+
+
+def test_onevision_same_seed_same_files(onevision_checkpoint, tmp_path):
+    again = build_tiny_onevision_checkpoint(str(tmp_path / "again"))
+    other_seed = build_tiny_onevision_checkpoint(str(tmp_path / "other"), seed=1)
+    first = _digest(onevision_checkpoint)
+    assert first == _digest(again)
+    changed = {name for name, digest in _digest(other_seed).items() if first[name] != digest}
+    assert changed and all(name.endswith(".safetensors") for name in changed)
+
+
+def test_onevision_original_layout_and_geometry(onevision_checkpoint):
+    with open(os.path.join(onevision_checkpoint, "config.json")) as handle:
+        config = json.load(handle)
+    assert config["architectures"] == ["LlavaQwenForCausalLM"] and config["model_type"] == "llava"
+    assert (config["image_aspect_ratio"], config["mm_patch_merge_type"], config["mm_projector_type"]) == \
+        ("anyres_max_9", "spatial_unpad", "mlp2x_gelu")
+    # The (1x1)..(6x6) grids of 384 px, widths in the outer loop, as the ov config.json lists them.
+    assert config["image_grid_pinpoints"][:7] == [[384, 384], [384, 768], [384, 1152], [384, 1536], [384, 1920],
+                                                  [384, 2304], [768, 384]]
+    assert len(config["image_grid_pinpoints"]) == 36 and config["image_grid_pinpoints"][-1] == [2304, 2304]
+    assert config["tie_word_embeddings"] is True and config["use_sliding_window"] is False
+    tower_dir = os.path.join(onevision_checkpoint, config["mm_vision_tower"])
+    with open(os.path.join(tower_dir, "config.json")) as handle:
+        tower = json.load(handle)
+    vision = tower["vision_config"]
+    assert tower["model_type"] == "siglip" and vision["vision_use_head"] is True
+    assert (vision["image_size"], vision["patch_size"], config["mm_hidden_size"]) == (384, 14, vision["hidden_size"])
+    with open(os.path.join(onevision_checkpoint, "model.safetensors.index.json")) as handle:
+        names = set(json.load(handle)["weight_map"])
+    kept_layers = vision["num_hidden_layers"] - 1  # the published tower has one layer more than LLaVA keeps
+    prefix = "model.vision_tower.vision_tower.vision_model.encoder.layers"
+    assert f"{prefix}.{kept_layers - 1}.mlp.fc1.weight" in names
+    assert f"{prefix}.{kept_layers}.mlp.fc1.weight" not in names
+    assert not any("head" in name for name in names if "vision_tower" in name)
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.image_newline", "model.mm_projector.2.weight"} <= names
+
+
+def test_onevision_tokenizer_is_chatml(onevision):
+    tokenizer, model, _ = onevision
+    size = len(tokenizer)
+    assert tokenizer.convert_ids_to_tokens([size - 3, size - 2, size - 1]) == ["<|endoftext|>", "<|im_start|>",
+                                                                               "<|im_end|>"]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (None, size - 1, size - 3)
+    assert model.config.eos_token_id == size - 1 and model.config.vocab_size == size
+    ids = tokenizer("<|im_start|>user\né<|im_end|>").input_ids
+    assert ids[0] == size - 2 and ids[-1] == size - 1  # the special tokens stay whole
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user\né"
+
+
+def test_onevision_loads_and_generates_with_the_qwen_template(onevision, onevision_checkpoint):
+    from llava.generation import answer, answer_batch, infer_conv_mode
+
+    tokenizer, model, processor = onevision
+    assert type(model).__name__ == "LlavaQwenForCausalLM" and infer_conv_mode(onevision_checkpoint, model.config) \
+        == "qwen_1_5"
+    conversation = conv_templates["qwen_1_5"].copy()
+    conversation.append_message(conversation.roles[0], "<image>\nWhat is it?")
+    conversation.append_message(conversation.roles[1], None)
+    prompt = conversation.get_prompt()
+    images = [Image.new("RGB", size, color) for size, color in [((800, 500), "red"), ((2304, 2304), "blue")]]
+    model.set_compression(retention_ratio=1.0)
+    try:
+        alone = [answer(model, tokenizer, processor, prompt, [image], max_new_tokens=4) for image in images]
+        together = answer_batch(model, tokenizer, processor, [prompt, prompt], [[image] for image in images],
+                                max_new_tokens=4)
+    finally:
+        model.set_compression()
+    assert [reply.visual_tokens for reply in alone] == [onevision_visual_token_count(image.size) for image in images]
+    assert [reply.grids for reply in alone] == [[(3, 2)], [(6, 6)]]
+    assert all(reply.new_tokens > 0 for reply in alone)
+    assert [(reply.text, reply.accounting, reply.prompt_tokens) for reply in together] == \
+        [(reply.text, reply.accounting, reply.prompt_tokens) for reply in alone]
+
+
+@pytest.mark.parametrize("arguments, shown", [(["--retention-ratio", "1"], "visual tokens 4829 of 4829 (100.0%)"),
+                                              (["--retention-ratio", "0.25", "--method", "random"], "random R 0.25"),
+                                              (["--retention-ratio", "0.25", "--method", "pooling"], "pooling R 0.25")])
+def test_onevision_run_llava_prints_the_summary(onevision_checkpoint, arguments, shown, capsys):
+    from llava.eval import run_llava
+
+    run_llava.main(["--model-path", onevision_checkpoint, "--image-file", "images/shapes-800x500.png",
+                    "--query", "What is shown?", "--max-new-tokens", "2", *arguments])
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[summary]")]
+    assert len(summary) == 1 and "grid 3x2" in summary[0] and shown in summary[0]
+
+
+def test_onevision_run_llava_refuses_globalcom2_in_one_line(onevision_checkpoint, capsys):
+    from llava.eval import run_llava
+    from llava.model.compression import get_method, parse_method_args
+    from llava.model.multimodal_encoder.siglip_encoder import OFFERED_SIGNALS
+
+    if get_method("globalcom2").signals_for(parse_method_args("globalcom2", []), False) <= OFFERED_SIGNALS:
+        pytest.skip("GlobalCom2's default score no longer needs [CLS]")
+    with pytest.raises(SystemExit):
+        run_llava.main(["--model-path", onevision_checkpoint, "--image-file", "images/shapes-800x500.png",
+                        "--query", "What is shown?", "--max-new-tokens", "2", "--retention-ratio", "0.25"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "globalcom2 needs cls_logits_last" in error[0] and "SigLIP" in error[0]

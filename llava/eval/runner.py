@@ -83,7 +83,8 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.generation import (PreparedImages, add_compression_arguments, add_input_arguments, answer_prepared,
                               compression_arguments, compression_label, configure_model, expected_visual_tokens,
                               prepare_images)
-from llava.mm_utils import ImageLoadError, get_model_name_from_path, set_max_image_pixels, tokenizer_image_token
+from llava.mm_utils import (ImageLoadError, get_model_name_from_path, is_anyres, set_max_image_pixels,
+                            tokenizer_image_token)
 from llava.model import llava_arch
 from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
 from llava.model.compression.__main__ import run_name
@@ -759,10 +760,10 @@ def _load_model(args, local_rank: int):
     tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=device,
                                                                  torch_dtype=args.dtype)
     configure_model(model, args)
-    if getattr(args, "reverse_crops", False) and getattr(model.config, "image_aspect_ratio", None) != "anyres":
+    if getattr(args, "reverse_crops", False) and not is_anyres(getattr(model.config, "image_aspect_ratio", None)):
         raise UserError(f"--reverse-crops: {args.model_path} sends one view per image (image_aspect_ratio "
-                        f"{getattr(model.config, 'image_aspect_ratio', None)!r}, not 'anyres'): there are no crops "
-                        "to reverse")
+                        f"{getattr(model.config, 'image_aspect_ratio', None)!r}, not 'anyres'/'anyres_max_N'): there "
+                        "are no crops to reverse")
     return tokenizer, model, image_processor
 
 

@@ -21,12 +21,13 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.mm_utils import get_anyres_image_grid_shape
+from llava.mm_utils import anyres_max_num_patches, get_anyres_image_grid_shape, is_anyres
 from llava.model.compression import common, get_method, globalcom2, parse_method_args
 from llava.model.compression.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
 from llava.model.compression.registry import INPUT_CHANGES, SIGNALS, ComposedArgs, in_llm_part, method_args_dict
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_encoder.clip_text import load_text_tower, resolve_text_tower
+from llava.model.multimodal_encoder.siglip_encoder import OFFERED_SIGNALS as SIGLIP_SIGNALS, SigLipVisionTower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.utils import LlavaWarning
 
@@ -193,8 +194,16 @@ class LlavaMetaForCausalLM:
             common.check_layout(token_layout)
         if method is not None or method_args is not None:
             method_args = _method_args(method or compression_method, method_args)
+        previous = self._compression_override
         self._compression_override = dict(retention_ratio=retention_ratio, token_layout=token_layout, method=method,
                                           method_args=method_args, visual_tokens=visual_tokens)
+        if all(value is None for value in self._compression_override.values()):
+            return  # back to the module defaults, checked when used (at R < 1 GlobalCom2's are refused on SigLIP)
+        try:
+            self.compression_settings()  # a method the tower cannot serve is refused now, not mid-run
+        except ValueError:
+            self._compression_override = previous
+            raise
 
     def compression_settings(self) -> CompressionSettings:
         """The settings in force now, validated. The module globals are looked up here, at call
@@ -208,8 +217,22 @@ class LlavaMetaForCausalLM:
         ratio = override.get("retention_ratio")
         ratio = 1.0 if visual_tokens is not None else (retention_ratio if ratio is None else ratio)
         layout = override.get("token_layout") or token_layout
-        return CompressionSettings(method, method_args, common.check_retention_ratio(ratio),
-                                   common.check_layout(layout), visual_tokens)
+        settings = CompressionSettings(method, method_args, common.check_retention_ratio(ratio),
+                                       common.check_layout(layout), visual_tokens)
+        self.check_tower_signals(settings)
+        return settings
+
+    def check_tower_signals(self, settings: CompressionSettings) -> None:
+        """Refuse, in one line, settings whose method needs signals this model's vision tower cannot
+        give: the SigLIP tower (OneVision, no [CLS]) offers only `siglip_encoder.OFFERED_SIGNALS`, and
+        its features are no CLIP text tower's input either. CLIP towers serve every registered signal."""
+        if not isinstance(self.get_vision_tower(), SigLipVisionTower):
+            return
+        missing = settings.signals - SIGLIP_SIGNALS
+        if missing:
+            raise ValueError(f"method {settings.method} needs {', '.join(sorted(missing))}, which the SigLIP vision "
+                             f"tower ({self.get_vision_tower().vision_tower_name}, no [CLS]) does not offer; it offers "
+                             f"{', '.join(sorted(SIGLIP_SIGNALS))} (R = 1 needs none)")
 
     def set_text_tower(self, path: str | None) -> None:
         """Use the CLIP checkpoint `path` (a directory, or a hub id in the local cache) for the text
@@ -306,8 +329,9 @@ class LlavaMetaForCausalLM:
         if num_views == 1:
             return common.crop_geometry(image_size or (0, 0), (0, 0), side, unpad)
         config = config or self.config
-        if getattr(config, "image_aspect_ratio", None) != "anyres":
-            raise ValueError("several views per image need image_aspect_ratio 'anyres'")
+        aspect_ratio = getattr(config, "image_aspect_ratio", None)
+        if not is_anyres(aspect_ratio):
+            raise ValueError("several views per image need image_aspect_ratio 'anyres' or 'anyres_max_N'")
         if image_size is None:
             raise ValueError("image_sizes are required for AnyRes images (PIL (width, height) of each image)")
         grid = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, self.get_vision_tower().config.image_size)
@@ -316,7 +340,7 @@ class LlavaMetaForCausalLM:
                 f"image of size {tuple(image_size)} needs {grid[0]}x{grid[1]} crops but got {num_views - 1}: "
                 "are image_sizes the PIL (width, height) of the images given to process_images?"
             )
-        return common.crop_geometry(image_size, grid, side, unpad)
+        return common.crop_geometry(image_size, grid, side, unpad, anyres_max_num_patches(aspect_ratio))
 
     def merge_type(self, settings: CompressionSettings) -> str:
         """The config's `mm_patch_merge_type`, unless the method's official code changes it."""
@@ -361,7 +385,8 @@ class LlavaMetaForCausalLM:
             return geometry.with_unpad(unpad)
         grid = get_anyres_image_grid_shape(geometry.image_size, self.config.image_grid_pinpoints,
                                            self.get_vision_tower().config.image_size)
-        return common.crop_geometry(geometry.image_size, grid, geometry.side, unpad)
+        return common.crop_geometry(geometry.image_size, grid, geometry.side, unpad,
+                                    anyres_max_num_patches(getattr(self.config, "image_aspect_ratio", None)))
 
     def encode_image_sequences(self, images, image_sizes, settings: CompressionSettings | None = None,
                                instructions=None) -> list[torch.Tensor]:
@@ -373,7 +398,10 @@ class LlavaMetaForCausalLM:
         conditioned on it (the question, not the chat prompt: `llava.eval.instructions`).
         Sets `last_accounting` and `last_selections`.
         """
-        settings = settings or self.compression_settings()
+        if settings is None:
+            settings = self.compression_settings()
+        else:
+            self.check_tower_signals(settings)
         # A 4-D batch is one view per image (LLaVA-1.5 style): upstream sends its features as they
         # are, without the merge step, so without a newline.
         one_view_each = isinstance(images, torch.Tensor) and images.ndim == 4

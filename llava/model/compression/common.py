@@ -4,7 +4,13 @@ sequence, and the accounting.
 
 Pure tensor functions, no model state. Shapes: an AnyRes image has `V = 1 + C` views (thumbnail
 first, then the `C = grid_w * grid_h` crops row-major), each `side x side` patches (`P = side**2`,
-576 for CLIP-336) in raster order. A single-view image (LLaVA-1.5 style) has `C = 0`.
+576 for CLIP-336, 729 for SigLIP-384) in raster order. A single-view image (LLaVA-1.5 style) has `C = 0`.
+
+OneVision (`anyres_max_N`) sends a large unpadded crop canvas bilinearly downsampled
+(`CropGeometry.downsampled_shape`): its vanilla sequence (`keep_everything`, arranged `downsampled`)
+holds interpolated tokens, not cells. Methods still select cells of the full-resolution views; on a
+downsampled canvas their budget is R of the tokens vanilla sends (`Budget.resolve`), and what they
+keep is sent at its full-canvas position (the `raster` arrangement, a newline per image row).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-from llava.mm_utils import unpadded_bounds
+from llava.mm_utils import downsample_canvas, downsampled_canvas_shape, unpadded_bounds
 
 LAYOUTS = ("official", "spatial")
 
@@ -55,7 +61,8 @@ class CropGeometry:
     `bounds`: rows `[top, bottom)` and columns `[left, right)` of the canvas that hold image.
     `crop_boxes[c]`: `(top, left, height, width)` of that area inside crop `c` (row-major),
     crop-local, in patches; `(0, 0, 0, 0)` for a crop that is all padding. A single-view image
-    has grid `(0, 0)` and no crops.
+    has grid `(0, 0)` and no crops. `max_num_patches`: N of OneVision's `anyres_max_N` (the unpadded
+    canvas is downsampled when larger than about N views), None for LLaVA-NeXT's `anyres`.
     """
 
     side: int
@@ -64,10 +71,32 @@ class CropGeometry:
     crop_boxes: tuple[tuple[int, int, int, int], ...]
     unpad: bool
     image_size: tuple[int, int] = (0, 0)  # PIL (width, height) of the image
+    max_num_patches: int | None = None
 
     @property
     def num_crops(self) -> int:
         return len(self.crop_boxes)
+
+    @property
+    def downsampled_shape(self) -> tuple[int, int] | None:
+        """`(rows, cols)` the vanilla model resizes the unpadded canvas to (`anyres_max_N` with
+        unpadding, `mm_utils.downsampled_canvas_shape`); None when it sends the canvas as it is."""
+        if not (self.unpad and self.crop_boxes and self.max_num_patches):
+            return None
+        top, bottom, left, right = self.bounds
+        shape = downsampled_canvas_shape(bottom - top, right - left, self.side, self.max_num_patches)
+        return None if shape == (bottom - top, right - left) else shape
+
+    @property
+    def vanilla_arrangement(self) -> str:
+        """How the vanilla model lays the image out: `downsampled` or `raster` (`arrange_tokens`)."""
+        return "raster" if self.downsampled_shape is None else "downsampled"
+
+    @property
+    def offered_image_tokens(self) -> int:
+        """Cells holding image in the views (the thumbnail's and the crops' image areas): what a
+        method selects from. Equal to `vanilla_image_tokens` unless the canvas is downsampled."""
+        return self.side**2 + sum(self.valid_counts)
 
     @property
     def valid_counts(self) -> list[int]:
@@ -75,8 +104,12 @@ class CropGeometry:
 
     @property
     def vanilla_image_tokens(self) -> int:
-        """Image tokens vanilla LLaVA-NeXT sends for this image (newlines excluded): the budget's base."""
-        return self.side**2 + sum(self.valid_counts)
+        """Image tokens the vanilla model sends for this image (newlines excluded): the budget's base.
+        The thumbnail's and the crops' image cells, or with a downsampled canvas its `rows * cols`."""
+        if self.downsampled_shape is None:
+            return self.offered_image_tokens
+        rows, cols = self.downsampled_shape
+        return self.side**2 + rows * cols
 
     @property
     def crop_dimensions(self) -> list[tuple[int, int]]:
@@ -86,11 +119,14 @@ class CropGeometry:
     def with_unpad(self, unpad: bool) -> CropGeometry:
         """The same image with (or without) LLaVA-NeXT's unpadding: the geometry the model sends
         when a method's official input changes the merge type, or the one it replaces."""
-        return self if unpad == self.unpad else crop_geometry(self.image_size, self.grid, self.side, unpad)
+        return self if unpad == self.unpad else crop_geometry(self.image_size, self.grid, self.side, unpad,
+                                                              self.max_num_patches)
 
     def newline_count(self, arrangement: str) -> int:
-        """Newline tokens in the sequence: one per `newline_rows`, or for a single view the one
-        `spatial_unpad` appends after it."""
+        """Newline tokens in the sequence: one per `newline_rows` (per row of the downsampled
+        canvas for `downsampled`), or for a single view the one `spatial_unpad` appends after it."""
+        if arrangement == "downsampled":
+            return self.downsampled_shape[0]
         return len(self.newline_rows(arrangement)) if self.crop_boxes else int(self.unpad)
 
     def newline_rows(self, arrangement: str) -> range:
@@ -104,15 +140,17 @@ class CropGeometry:
         return range(top, bottom)
 
 
-def crop_geometry(image_size: tuple[int, int], grid: tuple[int, int], side: int, unpad: bool = True) -> CropGeometry:
+def crop_geometry(image_size: tuple[int, int], grid: tuple[int, int], side: int, unpad: bool = True,
+                  max_num_patches: int | None = None) -> CropGeometry:
     """Geometry of an image of PIL size `(width, height)` on a `(grid_w, grid_h)` crop grid.
 
     With `unpad` the letterbox padding is located as LLaVA-NeXT's `unpad_image` does; without
     it (merge type `spatial`) the whole canvas counts as image. Grid `(0, 0)`: a single view.
+    `max_num_patches`: N of `anyres_max_N` (OneVision), whose unpadded canvas may be downsampled.
     """
     grid_w, grid_h = grid
     if grid_w * grid_h == 0:
-        return CropGeometry(side, (0, 0), (0, 0, 0, 0), (), unpad, tuple(image_size))
+        return CropGeometry(side, (0, 0), (0, 0, 0, 0), (), unpad, tuple(image_size), max_num_patches)
     if unpad:
         top, bottom, left, right = unpadded_bounds(image_size, grid_h * side, grid_w * side)
     else:
@@ -124,7 +162,8 @@ def crop_geometry(image_size: tuple[int, int], grid: tuple[int, int], side: int,
             height = max(min(bottom - row * side, side) - box_top, 0)
             width = max(min(right - col * side, side) - box_left, 0)
             boxes.append((box_top, box_left, height, width) if height and width else (0, 0, 0, 0))
-    return CropGeometry(side, (grid_w, grid_h), (top, bottom, left, right), tuple(boxes), unpad, tuple(image_size))
+    return CropGeometry(side, (grid_w, grid_h), (top, bottom, left, right), tuple(boxes), unpad, tuple(image_size),
+                        max_num_patches)
 
 
 def crop_cells(geometry: CropGeometry, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +203,9 @@ class Budget:
     input's, where it changes the input). `model_vanilla_image_tokens` (`N_van`): those the model
     itself sends uncompressed, the base of the methods' `budget=matched` modes; they differ where
     a method's official input drops unpadding or forces a grid. Each method's docstring says how
-    it maps the budget onto its own counts.
+    it maps the budget onto its own counts. On a downsampled OneVision canvas the method's cells
+    outnumber the tokens vanilla sends: R there means `N = round(R N_van)` tokens kept of the
+    cells offered (`vanilla_image_tokens` is then `CropGeometry.offered_image_tokens`).
     """
 
     ratio: float
@@ -176,14 +217,17 @@ class Budget:
     def resolve(cls, geometry: CropGeometry, retention_ratio: float | None = None,
                 visual_tokens: int | None = None, model_vanilla_image_tokens: int | None = None) -> Budget:
         """`model_vanilla_image_tokens`: given by the glue (the model's own geometry); default
-        LLaVA-NeXT's image tokens on `geometry`'s grid (unpadded)."""
-        vanilla = geometry.vanilla_image_tokens
+        the vanilla image tokens on `geometry`'s grid (unpadded). A ratio below 1 on a downsampled
+        canvas becomes `N = max(1, round(R N_van))` tokens, as `visual_tokens` would."""
+        vanilla = geometry.offered_image_tokens
         model_vanilla = model_vanilla_image_tokens or geometry.with_unpad(True).vanilla_image_tokens
+        ratio = 1.0 if retention_ratio is None else check_retention_ratio(retention_ratio)
+        if visual_tokens is None and ratio < 1.0 and geometry.downsampled_shape is not None:
+            visual_tokens = max(1, round(ratio * model_vanilla))
         if visual_tokens is not None:
             tokens = check_visual_tokens(visual_tokens)
             return cls(min(tokens / vanilla, 1.0), vanilla, tokens, model_vanilla)
-        return cls(check_retention_ratio(1.0 if retention_ratio is None else retention_ratio), vanilla,
-                   model_vanilla_image_tokens=model_vanilla)
+        return cls(ratio, vanilla, model_vanilla_image_tokens=model_vanilla)
 
     @property
     def keeps_all(self) -> bool:
@@ -272,15 +316,20 @@ class Selection:
 
     @property
     def image_tokens(self) -> int:
-        """Visual tokens sent other than newlines: kept patches plus extra tokens."""
+        """Visual tokens sent other than newlines: kept patches plus extra tokens (everything kept on
+        a downsampled canvas: the thumbnail and the downsampled canvas's tokens)."""
+        if self.keeps_all and self.geometry.downsampled_shape is not None:
+            return self.geometry.vanilla_image_tokens
         return self.kept_cells + self.extra_tokens
 
     def resolved_arrangement(self, layout: str) -> str:
         """For the `official` layout the method's own: `sequence` when it gives one, else `packed`
-        or `raster`; `raster` for the `spatial` layout. Never other than `raster` when everything
-        is kept (that is always LLaVA-NeXT's own sequence)."""
+        or `raster`; `raster` for the `spatial` layout. When everything is kept, always the vanilla
+        model's own sequence (`raster`, or `downsampled` for OneVision's downsampled canvas)."""
         check_layout(layout)
-        if layout != "official" or self.keeps_all:
+        if self.keeps_all:
+            return self.geometry.vanilla_arrangement
+        if layout != "official":
             return "raster"
         return "sequence" if self.sequence is not None else self.arrangement
 
@@ -307,7 +356,7 @@ class Selection:
         """
         geometry = self.geometry
         vanilla = vanilla or geometry
-        before = vanilla.vanilla_image_tokens + vanilla.newline_count("raster")
+        before = vanilla.vanilla_image_tokens + vanilla.newline_count(vanilla.vanilla_arrangement)
         after = self.tokens_after(layout)
         record = dict(tokens_before=before, tokens_after=after, retained=after / max(before, 1),
                       image_tokens=self.image_tokens, newline_tokens=self.newline_tokens(layout),
@@ -317,6 +366,8 @@ class Selection:
                       grid=list(geometry.grid) if geometry.crop_boxes else None,
                       thumbnail_kept=int(self.thumbnail_indices.shape[0]), crop_valid=geometry.valid_counts,
                       crop_kept=list(self.crop_kept_counts))
+        if self.resolved_arrangement(layout) == "downsampled":
+            record["downsampled_canvas"] = list(geometry.downsampled_shape)
         return dict(record, **self.extra)
 
 
@@ -426,7 +477,9 @@ def arrange_tokens(image_feature: torch.Tensor, selection: Selection, image_newl
     image row (LLaVA-NeXT's layout). `packed` (GlobalCom2's `official`): thumbnail tokens in the
     selection's order (best score first), then the crop canvas row by row with one newline per
     canvas row, each kept crop token placed at the cell numbered by its *packed* index (the
-    released code's sequence, quirks Q2, Q3, Q12). A single view gets its kept tokens, then one
+    released code's sequence, quirks Q2, Q3, Q12). `downsampled` (everything kept on OneVision's
+    downsampled canvas): the thumbnail's tokens, then the unpadded crop canvas bilinearly resized
+    (`downsampled_tokens`), one newline per row. A single view gets its kept tokens, then one
     newline if `image_newline` is given. A `Merge` puts its merged features in place of the kept
     tokens' own. `sequence` (a method's own order): the cells, extra tokens and newlines it
     names; the `spatial` layout of such a selection is the raster arrangement, then its extra
@@ -464,6 +517,8 @@ def _arranged_tokens(image_feature: torch.Tensor, selection: Selection, image_ne
     arrangement = selection.resolved_arrangement(layout)
     if geometry.unpad and image_newline is None:
         raise ValueError("an unpadded selection needs image_newline")
+    if arrangement == "downsampled":
+        return downsampled_tokens(image_feature, geometry, image_newline)
     thumbnail_indices = selection.thumbnail_indices
     if arrangement == "raster":
         thumbnail_indices = thumbnail_indices.sort().values
@@ -504,6 +559,37 @@ def _arranged_tokens(image_feature: torch.Tensor, selection: Selection, image_ne
         newline_positions = thumbnail_indices.shape[0] + _first_true(sequence == num_crop_tokens, newline_count)
         tokens.index_put_((newline_positions,), image_newline.to(tokens.dtype))
     return tokens
+
+
+def downsampled_tokens(image_feature: torch.Tensor, geometry: CropGeometry,
+                       image_newline: torch.Tensor) -> torch.Tensor:
+    """OneVision's vanilla sequence `[side**2 + rows * (cols + 1), D]` for a downsampled canvas: the
+    thumbnail's tokens, then the unpadded crop canvas `[D, H, W]` resized to `(rows, cols) =
+    geometry.downsampled_shape` (`mm_utils.downsample_canvas`: bilinear, as LLaVA-VL's `llava_arch`)
+    with `image_newline` `[D]` after each row, row by row.
+
+    An integer `image_feature` (cell numbers `view * P + patch` in a `[V, P, 1]` tensor, as the
+    selection records and view counts use) is not interpolated: each token gets the cell its
+    sampling point (the centre of its output pixel, mapped onto the canvas) falls in."""
+    grid_w, grid_h = geometry.grid
+    side, dim = geometry.side, image_feature.shape[-1]
+    top, bottom, left, right = geometry.bounds
+    canvas = (image_feature[1:].reshape(grid_h, grid_w, side, side, dim).permute(4, 0, 2, 1, 3)
+              .reshape(dim, grid_h * side, grid_w * side)[:, top:bottom, left:right])
+    if canvas.is_floating_point():
+        canvas = downsample_canvas(canvas, side, geometry.max_num_patches)
+    else:
+        rows, cols = geometry.downsampled_shape
+        sampled_rows = _sampled_cells(rows, bottom - top, canvas.device)
+        canvas = canvas[:, sampled_rows][:, :, _sampled_cells(cols, right - left, canvas.device)]
+    newlines = image_newline.to(canvas.dtype)[:, None, None].expand(dim, canvas.shape[1], 1)
+    rows_with_newlines = torch.cat([canvas, newlines], dim=2).flatten(1).T
+    return torch.cat([image_feature[0], rows_with_newlines])
+
+
+def _sampled_cells(size: int, full: int, device) -> torch.Tensor:
+    """`[size]`: for each of `size` outputs resized from `full` inputs, the input its centre falls in."""
+    return ((torch.arange(size, device=device) + 0.5) * (full / size)).long()
 
 
 def _gather(image_feature: torch.Tensor, selection: Selection, cells: torch.Tensor) -> torch.Tensor:
@@ -552,7 +638,9 @@ def selection_record(selection: Selection, layout: str) -> dict:
     `arrangement`, `send_crops`, and `kept[v]`: the patch indices (`0..P-1`) of view `v` (thumbnail
     first) in the order the sequence holds them; `image_tokens` and `newline_tokens` counted in
     that sequence. A `Merge` adds `sources[v][i]`: the cells (`view * P + patch`) merged into the
-    i-th kept token of view `v`. `selection_from_record` inverts it (without merged features).
+    i-th kept token of view `v`. `max_num_patches`: OneVision's N (None otherwise); for the
+    `downsampled` arrangement each interpolated token is recorded as the cell its sampling point
+    falls in (`downsampled_tokens`). `selection_from_record` inverts it (without merged features).
     """
     geometry = selection.geometry
     num_views, num_patches = 1 + geometry.num_crops, geometry.side**2
@@ -572,7 +660,7 @@ def selection_record(selection: Selection, layout: str) -> dict:
     per_view = torch.bincount(image_cells // num_patches, minlength=num_views).tolist()
     kept_cells = by_view.split(per_view)
     record = dict(image_size=list(geometry.image_size), grid=list(geometry.grid) if geometry.crop_boxes else None,
-                  side=geometry.side, unpad=geometry.unpad, layout=layout,
+                  side=geometry.side, unpad=geometry.unpad, max_num_patches=geometry.max_num_patches, layout=layout,
                   arrangement=arrangement, send_crops=selection.send_crops,
                   kept=[(view_cells % num_patches).tolist() for view_cells in kept_cells],
                   image_tokens=int(image_cells.shape[0]) + selection.extra_tokens,
@@ -600,7 +688,10 @@ def selection_from_record(record: dict, device=None) -> Selection:
     (a `Merge` comes back as a plain selection of its kept cells, without merged or extra
     features: its `sequence` still names the extra tokens)."""
     side = record["side"]
-    geometry = crop_geometry(tuple(record["image_size"]), tuple(record["grid"] or (0, 0)), side, record["unpad"])
+    geometry = crop_geometry(tuple(record["image_size"]), tuple(record["grid"] or (0, 0)), side, record["unpad"],
+                             record.get("max_num_patches"))
+    if record["arrangement"] == "downsampled":  # only ever the vanilla sequence
+        return keep_everything(geometry, device)
     thumbnail, *crops = record["kept"]
     crop_keep_mask = torch.zeros(geometry.num_crops, side**2, dtype=torch.bool, device=device)
     for crop, patches in enumerate(crops):
