@@ -19,6 +19,13 @@ the element-wise ops (without them 79.9 / 58.6 / 38.2 / 18.7 / 7.4, not the prin
     python tools/flops.py --config path/to/config.json --text-tokens 60 --ratios 0.25
     python tools/flops.py --model llava-next-7b --answers answers.jsonl                 # per recorded sample
     python tools/flops.py --model llava-next-7b --layer-tokens 2880x2 288x30           # FastV K=2, 10% after
+    python tools/flops.py --model llava-onevision-7b --ratios 1 0.75 0.5 0.25 0.15 0.1  # 7290 * R tokens
+
+LLaVA-OneVision (Qwen2 language models; their q/k/v biases are not counted, as LLM-Viewer does not
+count element-wise adds) counts `7290 * R` visual tokens by the same convention: a thumbnail and
+anyres_max_9's nine crops' worth of SigLIP-384 views, 27 x 27 = 729 tokens each, newlines not
+counted (LLaVA-NeXT's 2880 is its thumbnail and four crops of 576). `--vanilla-tokens` sets another
+count per image at R = 1.
 
 A method that prunes inside the language model (FastV, PDrop, compositions such as
 `globalcom2+fastv`) runs each layer on its own number of tokens: `--layer-tokens` takes that
@@ -45,6 +52,8 @@ import sys
 
 TOKENS_PER_VIEW = 576
 MAX_VISUAL_TOKENS = 5 * TOKENS_PER_VIEW  # thumbnail + 4 crops: the paper's "2880 tokens"
+ONEVISION_TOKENS_PER_VIEW = 27 * 27  # SigLIP so400m-patch14-384
+ONEVISION_MAX_VISUAL_TOKENS = (1 + 9) * ONEVISION_TOKENS_PER_VIEW  # thumbnail + anyres_max_9's crops: 7290
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +80,13 @@ class LanguageModel:
 PRESETS = {
     "llava-next-7b": LanguageModel(4096, 11008, 32, 32, 32, 32000),    # Vicuna-7B v1.5
     "llava-next-13b": LanguageModel(5120, 13824, 40, 40, 40, 32000),   # Vicuna-13B v1.5
+    "llava-onevision-0.5b": LanguageModel(896, 4864, 24, 14, 2, 151936),  # Qwen2-0.5B
+    "llava-onevision-7b": LanguageModel(3584, 18944, 28, 28, 4, 152064),  # Qwen2-7B
 }
+# Visual tokens per image at R = 1 the ratio rows scale, per preset (a --config counts LLaVA-NeXT's)
+PRESET_VISUAL_TOKENS = {"llava-next-7b": MAX_VISUAL_TOKENS, "llava-next-13b": MAX_VISUAL_TOKENS,
+                        "llava-onevision-0.5b": ONEVISION_MAX_VISUAL_TOKENS,
+                        "llava-onevision-7b": ONEVISION_MAX_VISUAL_TOKENS}
 
 
 def linear_flops_per_token(model: LanguageModel) -> int:
@@ -152,9 +167,10 @@ def cost(model: LanguageModel, visual_tokens: int, text_tokens: int = 0, element
 
 
 def ratio_rows(model: LanguageModel, ratios: list[float], text_tokens: int = 0, elementwise: bool = False,
-               bytes_per_value: int = 2) -> list[dict]:
-    """One row per retention ratio, `2880 * R` visual tokens (the paper's upper bound per ratio)."""
-    rows = [dict(ratio=ratio, **cost(model, int(MAX_VISUAL_TOKENS * ratio), text_tokens, elementwise, bytes_per_value))
+               bytes_per_value: int = 2, vanilla_tokens: int = MAX_VISUAL_TOKENS) -> list[dict]:
+    """One row per retention ratio, `vanilla_tokens * R` visual tokens (the paper's upper bound per
+    ratio: 2880 * R on LLaVA-NeXT)."""
+    rows = [dict(ratio=ratio, **cost(model, int(vanilla_tokens * ratio), text_tokens, elementwise, bytes_per_value))
             for ratio in ratios]
     baseline = rows[0]["prefill_tflops"] if rows and rows[0]["ratio"] == 1 else None
     for row in rows:
@@ -211,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", choices=sorted(PRESETS), default="llava-next-7b")
     source.add_argument("--config", help="a language model's config.json instead of a preset")
     parser.add_argument("--ratios", type=float, nargs="+", default=[1, 0.75, 0.5, 0.25, 0.1])
+    parser.add_argument("--vanilla-tokens", type=int, default=None, metavar="N",
+                        help="visual tokens per image at R = 1 (default: the preset's, 2880 for LLaVA-NeXT and a "
+                             "--config, 7290 for OneVision)")
     parser.add_argument("--text-tokens", type=int, default=0, help="text tokens in the prompt (paper: 0)")
     parser.add_argument("--elementwise", action="store_true", help="also count softmax, norms, SiLU, residuals")
     parser.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (fp16: 2)")
@@ -234,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.answers:
             rows = answers_rows(model, args.answers, args.elementwise, args.kv_bytes)
         else:
-            rows = ratio_rows(model, args.ratios, args.text_tokens, args.elementwise, args.kv_bytes)
+            vanilla_tokens = args.vanilla_tokens or (MAX_VISUAL_TOKENS if args.config
+                                                     else PRESET_VISUAL_TOKENS[args.model])
+            rows = ratio_rows(model, args.ratios, args.text_tokens, args.elementwise, args.kv_bytes, vanilla_tokens)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -122,3 +122,23 @@ def test_answers_with_per_layer_counts(tmp_path, capsys):
     # recorded on the 2-layer model, read with the 32-layer preset: refused in one line
     assert flops.main(["--answers", str(tmp_path / "answers.jsonl")]) == 2
     assert "recorded on a model with 2 layers" in capsys.readouterr().err
+
+
+def test_onevision_presets_by_hand(capsys):
+    # Qwen2-0.5B: h = 896, I = 4864, 24 layers, 14 heads of 64, 2 KV heads (k, v 128 wide); one token:
+    # linear 2 * (896 * (2 * 896 + 2 * 128) + 3 * 896 * 4864), attention 2 * 2 * 1 * 64 * 14
+    small = flops.PRESETS["llava-onevision-0.5b"]
+    assert flops.prefill_flops(small, 1) == 24 * (2 * (896 * 2048 + 3 * 896 * 4864) + 4 * 64 * 14)
+    # Qwen2-7B: h = 3584, 28 heads of 128, 4 KV heads (k, v 512 wide), I = 18944, 28 layers, vocab 152064
+    large = flops.PRESETS["llava-onevision-7b"]
+    assert flops.linear_flops_per_token(large) == 2 * (3584 * (2 * 3584 + 2 * 512) + 3 * 3584 * 18944)
+    assert flops.decode_flops_per_token(large, 0) - 28 * flops.linear_flops_per_token(large) \
+        == 28 * 4 * 128 * 28 + 2 * 3584 * 152064
+    # the ratio rows count int(7290 R) tokens: a thumbnail and 9 crops of 27 x 27
+    assert flops.main(["--model", "llava-onevision-0.5b", "--ratios", "1", "0.75", "0.5", "0.25", "0.15", "0.1",
+                       "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["visual_tokens"] for row in rows] == [7290, 5467, 3645, 1822, 1093, 729]
+    assert rows[-1]["prefill_tflops"] == pytest.approx(flops.prefill_flops(small, 729) / 1e12)
+    assert flops.main(["--model", "llava-onevision-7b", "--vanilla-tokens", "1000", "--ratios", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["visual_tokens"] == 500
