@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import typing
 import warnings
 
 import torch
@@ -24,7 +25,9 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_max_num_patches, get_anyres_image_grid_shape, is_anyres
 from llava.model.compression import common, get_method, globalcom2, parse_method_args
 from llava.model.compression.globalcom2 import interpolate_and_split_cls_attn_scores  # noqa: F401  (released name)
-from llava.model.compression.registry import INPUT_CHANGES, SIGNALS, ComposedArgs, in_llm_part, method_args_dict
+from llava.model.compression.registry import (
+    INPUT_CHANGES, SIGNALS, ComposedArgs, argument_fields, in_llm_part, method_args_dict,
+)
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_encoder.clip_text import load_text_tower, resolve_text_tower
 from llava.model.multimodal_encoder.siglip_encoder import OFFERED_SIGNALS as SIGLIP_SIGNALS, SigLipVisionTower
@@ -225,14 +228,23 @@ class LlavaMetaForCausalLM:
     def check_tower_signals(self, settings: CompressionSettings) -> None:
         """Refuse, in one line, settings whose method needs signals this model's vision tower cannot
         give: the SigLIP tower (OneVision, no [CLS]) offers only `siglip_encoder.OFFERED_SIGNALS`, and
-        its features are no CLIP text tower's input either. CLIP towers serve every registered signal."""
+        its features are no CLIP text tower's input either. CLIP towers serve every registered signal.
+
+        A method whose arguments choose its signal (GlobalCom2's `score`, default `cls` as released)
+        is refused too, never switched silently: the message names the arguments that choose an
+        offered one (`--method-arg score=neg_cos_mean`, the paper's score without [CLS]), so the
+        choice is in the run's arguments, its metadata and its results row name."""
         if not isinstance(self.get_vision_tower(), SigLipVisionTower):
             return
         missing = settings.signals - SIGLIP_SIGNALS
         if missing:
+            choosers = [f"--method-arg {name}={signal}"
+                        for name, kind, _, _ in argument_fields(get_method(settings.method))
+                        for signal in sorted(SIGLIP_SIGNALS) if signal in typing.get_args(kind)]
+            remedy = f"; pass {' or '.join(choosers)}" if choosers else ""
             raise ValueError(f"method {settings.method} needs {', '.join(sorted(missing))}, which the SigLIP vision "
                              f"tower ({self.get_vision_tower().vision_tower_name}, no [CLS]) does not offer; it offers "
-                             f"{', '.join(sorted(SIGLIP_SIGNALS))} (R = 1 needs none)")
+                             f"{', '.join(sorted(SIGLIP_SIGNALS))} (R = 1 needs none){remedy}")
 
     def set_text_tower(self, path: str | None) -> None:
         """Use the CLIP checkpoint `path` (a directory, or a hub id in the local cache) for the text

@@ -160,8 +160,73 @@ def test_globalcom2_is_refused_naming_the_cls_signal(onevision):
     _, model, _ = onevision
     if _runs_on_siglip("globalcom2"):
         pytest.skip("GlobalCom2's default score no longer needs [CLS]")
-    with pytest.raises(ValueError, match=r"globalcom2 needs cls_logits_last.*SigLIP"):
+    with pytest.raises(ValueError, match=r"globalcom2 needs cls_logits_last.*SigLIP.*--method-arg score=neg_cos_mean"):
         model.set_compression(retention_ratio=0.25, method="globalcom2")
+    with pytest.raises(ValueError, match=r"--method-arg globalcom2.score=neg_cos_mean"):
+        model.set_compression(retention_ratio=0.25, method="globalcom2+fastv")
+
+
+NEG_COS_MEAN = ["score=neg_cos_mean"]
+
+
+@pytest.mark.parametrize("size, scale, vanilla", [((2304, 2304), 81 * 81 / (162 * 162), 729 + 81 * 81),
+                                                  ((800, 500), 1.0, 729 + 50 * 81)])
+def test_globalcom2_keeps_its_rule_on_a_downsampled_and_a_whole_canvas(onevision, size, scale, vanilla):
+    """GlobalCom2 at R = 0.25: int(729 R) = 182 thumbnail tokens; crop c keeps int(N_c r_c f), r_c the
+    released softmax ratios of the thumbnail's neg_cos_mean scores and f the canvas's downsampling factor
+    (2304x2304: 162x162 cells sent as 81x81, f = 1/4; 800x500 sent whole, f = 1)."""
+    from llava.model.compression.globalcom2 import generate_scale_for_crop_features
+    _, model, _ = onevision
+    views = _views(size)
+    model.set_compression(retention_ratio=0.25, method="globalcom2", method_args=NEG_COS_MEAN)
+    try:
+        (tokens,) = model.encode_image_sequences([views], [size])
+        scores = model.encode_images(views, {"neg_cos_mean"}).signals["neg_cos_mean"]
+    finally:
+        model.set_compression()
+    record = model.last_accounting[0]
+    grid_w, grid_h = get_anyres_image_grid_shape(size, ONEVISION_GRID_PINPOINTS, 384)
+    ratios = generate_scale_for_crop_features(scores[0], grid_w, grid_h, 0.25)
+    assert record["crop_ratios"] == [round(ratio, 6) for ratio in ratios]
+    assert record["thumbnail_kept"] == int(729 * 0.25) == 182
+    assert record["crop_kept"] == [int(valid * ratio * scale) for valid, ratio in zip(record["crop_valid"], ratios)]
+    assert record.get("canvas_scale", 1.0) == scale and tokens.shape[0] == record["tokens_after"]
+    # Sent image tokens against R x vanilla's: each view's int() floors less than one token; on
+    # 2304x2304 every crop is whole, so sum N_c r_c f is exactly R * 81 * 81 (no ratio clips at 1);
+    # 800x500's padding-cut crops weigh the ratios unequally: within 1% there.
+    assert record["vanilla_image_tokens"] == vanilla
+    if scale < 1.0:
+        assert 0.25 * vanilla - (1 + grid_w * grid_h) < record["image_tokens"] <= 0.25 * vanilla
+    assert abs(record["image_tokens"] - 0.25 * vanilla) <= 0.01 * vanilla
+
+
+@pytest.mark.parametrize("size", [(2304, 2304), (800, 500)])
+def test_globalcom2_exact_budget_sends_round_r_of_vanilla(onevision, size):
+    from llava.model.compression.globalcom2 import visual_token_count
+    _, model, _ = onevision
+    (tokens,) = _encode(model, [size], retention_ratio=0.25, method="globalcom2",
+                        method_args=NEG_COS_MEAN + ["budget=exact"])
+    record = model.last_accounting[0]
+    assert record["image_tokens"] == round(0.25 * record["vanilla_image_tokens"])
+    assert tokens.shape[0] == visual_token_count(size, ONEVISION_GRID_PINPOINTS, 0.25, side=27, crop_size=384,
+                                                 max_num_patches=9)
+
+
+def test_globalcom2_batched_equals_per_sample_and_full_budget_is_vanilla(onevision):
+    _, model, _ = onevision
+    sizes = [(2304, 2304), (800, 500), (1500, 1100)]
+    views = [_views(size, index) for index, size in enumerate(sizes)]
+    model.set_compression(retention_ratio=0.25, method="globalcom2", method_args=NEG_COS_MEAN)
+    try:
+        batched = model.encode_image_sequences(views, sizes)
+        alone = [model.encode_image_sequences([image], [size])[0] for image, size in zip(views, sizes)]
+    finally:
+        model.set_compression()
+    assert all(torch.allclose(ours, theirs, atol=1e-5) for ours, theirs in zip(batched, alone))
+    assert [tokens.shape[0] for tokens in batched] != [onevision_visual_token_count(size) for size in sizes]
+    vanilla = _encode(model, sizes, retention_ratio=1.0)
+    full = _encode(model, sizes, retention_ratio=1.0, method="globalcom2", method_args=NEG_COS_MEAN)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(full, vanilla))
 
 
 @pytest.mark.parametrize("name", ["random", "pooling"])

@@ -205,33 +205,48 @@ class Budget:
     a method's official input drops unpadding or forces a grid. Each method's docstring says how
     it maps the budget onto its own counts. On a downsampled OneVision canvas the method's cells
     outnumber the tokens vanilla sends: R there means `N = round(R N_van)` tokens kept of the
-    cells offered (`vanilla_image_tokens` is then `CropGeometry.offered_image_tokens`).
+    cells offered (`vanilla_image_tokens` is then `CropGeometry.offered_image_tokens`), and
+    `sent_ratio` keeps the budget as a fraction of the tokens vanilla sends (R as stated, or `N /
+    N_van`) for methods whose published rule is written in R (GlobalCom2's `int(P R)`).
     """
 
     ratio: float
     vanilla_image_tokens: int
     tokens: int | None = None  # the absolute budget N, when stated so
     model_vanilla_image_tokens: int | None = None  # N_van; None: LLaVA-NeXT's on the method's grid
+    sent_ratio: float | None = None  # on a downsampled canvas: R of the tokens vanilla sends; else None (= ratio)
 
     @classmethod
     def resolve(cls, geometry: CropGeometry, retention_ratio: float | None = None,
                 visual_tokens: int | None = None, model_vanilla_image_tokens: int | None = None) -> Budget:
         """`model_vanilla_image_tokens`: given by the glue (the model's own geometry); default
         the vanilla image tokens on `geometry`'s grid (unpadded). A ratio below 1 on a downsampled
-        canvas becomes `N = max(1, round(R N_van))` tokens, as `visual_tokens` would."""
+        canvas becomes `N = max(1, round(R N_van))` tokens, as `visual_tokens` would; there
+        `sent_ratio` is R, or `min(N / N_van, 1)` for a stated N."""
         vanilla = geometry.offered_image_tokens
         model_vanilla = model_vanilla_image_tokens or geometry.with_unpad(True).vanilla_image_tokens
         ratio = 1.0 if retention_ratio is None else check_retention_ratio(retention_ratio)
-        if visual_tokens is None and ratio < 1.0 and geometry.downsampled_shape is not None:
-            visual_tokens = max(1, round(ratio * model_vanilla))
+        downsampled = geometry.downsampled_shape is not None
+        sent_ratio = None
+        if downsampled and visual_tokens is not None:
+            sent_ratio = min(check_visual_tokens(visual_tokens) / model_vanilla, 1.0)
+        elif downsampled:
+            sent_ratio = ratio
+            visual_tokens = max(1, round(ratio * model_vanilla)) if ratio < 1.0 else None
         if visual_tokens is not None:
             tokens = check_visual_tokens(visual_tokens)
-            return cls(min(tokens / vanilla, 1.0), vanilla, tokens, model_vanilla)
-        return cls(ratio, vanilla, model_vanilla_image_tokens=model_vanilla)
+            return cls(min(tokens / vanilla, 1.0), vanilla, tokens, model_vanilla, sent_ratio)
+        return cls(ratio, vanilla, model_vanilla_image_tokens=model_vanilla, sent_ratio=sent_ratio)
 
     @property
     def keeps_all(self) -> bool:
         return self.ratio >= 1.0
+
+    @property
+    def vanilla_ratio(self) -> float:
+        """The budget as a fraction of the image tokens the vanilla model sends: `sent_ratio` on a
+        downsampled canvas, else `ratio`."""
+        return self.ratio if self.sent_ratio is None else self.sent_ratio
 
     @property
     def image_tokens(self) -> int:

@@ -33,6 +33,17 @@ and `int(N_c r_c)` per crop, the `r_c` averaging R, so about R of the image toke
 counts `P R` and `N_c r_c` (largest remainder, capped at each view's image tokens), so the
 sequence length is known from the image size before the tower runs (`visual_token_count`).
 
+On OneVision's downsampled canvas (`anyres_max_N`, `CropGeometry.downsampled_shape`: vanilla sends
+the unpadded crop canvas resized to `rows x cols`, fewer tokens than the crops' cells) R stays
+the fraction of the tokens *vanilla* sends (`Budget.vanilla_ratio`), and the rule keeps its form:
+the thumbnail keeps `int(P R)` and the crops get the released ratios `r_c` (averaging R), each
+scaled by the canvas's downsampling factor `f = rows * cols / sum N_c` (downsampled cells over
+the crops' full-resolution image cells): crop c keeps `int(N_c r_c f)` of its full-resolution
+cells. So about `R (P + rows * cols) = R N_van` image tokens are sent, what vanilla sends at R.
+The kept cells go at their full-canvas places (not resized), so the newlines are those of the
+full canvas. `budget=exact` sends exactly `round(R N_van)` (or N), apportioned in proportion to
+`P R` and `N_c r_c f`. `crop_ratios` records the rule's `r_c`, `canvas_scale` records `f`.
+
 Ablations (arguments, defaults reproduce the released code): `temperature`; `alpha`, the weight
 of the global score (0.5 = the released plain sum; 0 = local only, 1 = global only, as the
 paper's Table 3, also reachable as `scores=local|global`); `allocation` (Table 2); `views`
@@ -253,16 +264,28 @@ def crop_ratios(thumbnail_scores: torch.Tensor, grid: tuple[int, int], ratio: fl
     return np.clip(ratio * shares, None, 1.0).tolist()
 
 
+def canvas_scale(geometry: CropGeometry) -> float:
+    """`f`: the crop canvas's tokens vanilla sends per full-resolution image cell of the crops,
+    `rows * cols / sum N_c` on a downsampled canvas (`CropGeometry.downsampled_shape`), else 1."""
+    if geometry.downsampled_shape is None:
+        return 1.0
+    rows, cols = geometry.downsampled_shape
+    return rows * cols / sum(geometry.valid_counts)
+
+
 def kept_counts(geometry: CropGeometry, budget: Budget, ratios: list[float],
                 args: GlobalCom2Args) -> tuple[int, list[int]]:
-    """Tokens kept by the thumbnail and by each crop. `released`: `int(P R)` and `int(N_c r_c)`.
-    `exact`: `round(R x` the image tokens of the views sent`)` (or N) apportioned in proportion to
-    the released shares `P R` and `N_c r_c`, capped at each view's image tokens."""
+    """Tokens kept by the thumbnail and by each crop. `released`: `int(P R)` and `int(N_c r_c f)`
+    (`f = canvas_scale`, 1 unless the canvas is downsampled). `exact`: `round(R x` the image
+    tokens of the views sent`)` (or N) apportioned in proportion to the released shares `P R` and
+    `N_c r_c f`, capped at each view's image tokens."""
     num_patches = geometry.side**2
     send_thumbnail = args.views != "crops"
     send_crops = args.views != "thumbnail" and bool(geometry.crop_boxes)
-    thumbnail_target = num_patches * budget.ratio if send_thumbnail else 0.0
-    crop_targets = [valid * ratio if send_crops else 0.0 for valid, ratio in zip(geometry.valid_counts, ratios)]
+    thumbnail_target = num_patches * budget.vanilla_ratio if send_thumbnail else 0.0
+    scale = canvas_scale(geometry)
+    crop_targets = [valid * ratio * scale if send_crops else 0.0
+                    for valid, ratio in zip(geometry.valid_counts, ratios)]
     if args.budget == "released":
         return int(thumbnail_target), [int(target) for target in crop_targets]
     caps = [num_patches if send_thumbnail else 0] + [valid if send_crops and ratio > 0 else 0
@@ -284,7 +307,8 @@ def select_tokens(cls_attn_scores: torch.Tensor, geometry: CropGeometry, budget:
     if budget.keeps_all:
         ratios = [1.0] * geometry.num_crops
     else:
-        ratios = crop_ratios(thumbnail_scores, geometry.grid, budget.ratio, args) if geometry.crop_boxes else []
+        ratio = budget.vanilla_ratio
+        ratios = crop_ratios(thumbnail_scores, geometry.grid, ratio, args) if geometry.crop_boxes else []
     if args.drop_crop != "none" and geometry.crop_boxes:
         sums, _ = crop_block_scores(thumbnail_scores, *geometry.grid, "sum")
         dropped = int(np.argmax(sums) if args.drop_crop == "most" else np.argmin(sums))
@@ -296,8 +320,11 @@ def select_tokens(cls_attn_scores: torch.Tensor, geometry: CropGeometry, budget:
         thumbnail_scores, right - left, bottom - top, *geometry.grid,
         geometry.crop_dimensions) if geometry.crop_boxes else []
     keep, crop_counts = select_crop_tokens(crop_scores, global_scores, geometry, crop_counts, args.global_weight)
+    extra = dict(crop_ratios=[round(r, 6) for r in ratios])
+    if geometry.downsampled_shape is not None:
+        extra["canvas_scale"] = round(canvas_scale(geometry), 6)
     return Selection(geometry, thumbnail_indices, keep, crop_counts, arrangement="packed",
-                     send_crops=args.views != "thumbnail", extra=dict(crop_ratios=[round(r, 6) for r in ratios]))
+                     send_crops=args.views != "thumbnail", extra=extra)
 
 
 def everything_at_ratio_one(geometry: CropGeometry, device) -> Selection:
@@ -319,19 +346,20 @@ def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: B
 
 def visual_token_count(image_size: tuple[int, int], grid_pinpoints, retention_ratio: float | None = None,
                        visual_tokens: int | None = None, layout: str = "official", side: int = 24,
-                       crop_size: int = 336, unpad: bool = True) -> int:
+                       crop_size: int = 336, unpad: bool = True, max_num_patches: int | None = None) -> int:
     """Visual tokens (image tokens plus newlines) GlobalCom2 with `budget=exact` sends for an
     image of PIL size `(width, height)`, from the size and the budget alone (no tower): what an
     engine that expands image placeholders before encoding needs. Default arguments otherwise.
     `side` and `crop_size`: the tower's patches per side and view size in pixels (24 and 336 for
-    CLIP-336, 27 and 384 for SigLIP-384)."""
+    CLIP-336, 27 and 384 for SigLIP-384). `max_num_patches`: N of OneVision's `anyres_max_N`
+    (a full budget then counts the downsampled canvas's rows of newlines, as vanilla sends)."""
     grid = get_anyres_image_grid_shape(image_size, grid_pinpoints, crop_size)
-    geometry = crop_geometry(image_size, grid, side, unpad)
+    geometry = crop_geometry(image_size, grid, side, unpad, max_num_patches)
     budget = Budget.resolve(geometry, retention_ratio, visual_tokens)
     if budget.keeps_all:
-        return geometry.vanilla_image_tokens + geometry.newline_count("raster")
+        return geometry.vanilla_image_tokens + geometry.newline_count(geometry.vanilla_arrangement)
     arrangement = "packed" if check_layout(layout) == "official" else "raster"
-    return min(budget.image_tokens, geometry.vanilla_image_tokens) + geometry.newline_count(arrangement)
+    return min(budget.image_tokens, geometry.offered_image_tokens) + geometry.newline_count(arrangement)
 
 
 def compress_image_features(image_feature: torch.Tensor, cls_attn_scores: torch.Tensor, image_size: tuple[int, int],

@@ -5,6 +5,7 @@ the thumbnail, crop c is view c + 1), and the newline is -1, so a sequence reads
 token names.
 """
 
+import functools
 import math
 
 import pytest
@@ -655,3 +656,53 @@ def test_the_score_chooses_the_signal_the_tower_computes():
     assert "by default cls_logits_last" in describe("globalcom2")
     with pytest.raises(ValueError, match="score='cls_attn' is not one of cls, neg_cos_mean, neg_attn"):
         parse_method_args("globalcom2", ["score=cls_attn"])
+
+
+# --- OneVision's downsampled canvas (shared/spec issue 15, item 3) ------------------------------------
+
+# 600x600 on a 3x3 grid of side 2 with anyres_max_1: the 6x6 unpadded canvas is sent downsampled to 2x2
+# (times = sqrt(36 / 4) = 3), so vanilla sends 4 + 4 = 8 image tokens of the 40 cells offered.
+DOWNSAMPLED = crop_geometry((600, 600), (3, 3), 2, True, max_num_patches=1)
+
+
+def test_budget_on_a_downsampled_canvas_keeps_r_of_what_vanilla_sends():
+    assert DOWNSAMPLED.downsampled_shape == (2, 2) and DOWNSAMPLED.vanilla_image_tokens == 8
+    budget = Budget.resolve(DOWNSAMPLED, 0.5)
+    # N = round(0.5 * 8) = 4 of the 40 cells offered; R itself kept for rules written in R.
+    assert (budget.tokens, budget.ratio, budget.sent_ratio, budget.vanilla_ratio) == (4, 4 / 40, 0.5, 0.5)
+    stated = Budget.resolve(DOWNSAMPLED, visual_tokens=2)
+    assert (stated.tokens, stated.vanilla_ratio) == (2, 2 / 8)
+    assert Budget.resolve(DOWNSAMPLED, 1.0).keeps_all
+    # A canvas sent as it is: unchanged (no sent_ratio, vanilla_ratio is the ratio).
+    whole = crop_geometry((600, 600), (3, 3), 2, True, max_num_patches=9)
+    assert Budget.resolve(whole, 0.5) == Budget(0.5, 40, model_vanilla_image_tokens=40)
+
+
+@pytest.mark.parametrize("budget, thumbnail, crops", [
+    # released: int(4 * 0.5) = 2 thumbnail tokens; each crop int(4 * 0.5 * f) with f = 4 / 36: 0.
+    ("released", 2, [0] * 9),
+    # exact: 4 tokens shared in proportion to 2 and nine times 4 * 0.5 / 9: thumbnail 2, then the two
+    # largest remainders (equal, so the lowest crops) 1 each.
+    ("exact", 2, [1, 1, 0, 0, 0, 0, 0, 0, 0]),
+])
+def test_counts_on_a_downsampled_canvas_by_hand(budget, thumbnail, crops):
+    scores = torch.rand(10, 4, generator=torch.Generator().manual_seed(0))
+    args = GlobalCom2Args(allocation="uniform", budget=budget)
+    selection = select_tokens(scores, DOWNSAMPLED, Budget.resolve(DOWNSAMPLED, 0.5), args)
+    assert selection.thumbnail_indices.tolist() == torch.argsort(scores[0], descending=True)[:thumbnail].tolist()
+    assert selection.crop_kept_counts == crops
+    assert selection.extra["crop_ratios"] == [0.5] * 9 and selection.extra["canvas_scale"] == round(1 / 9, 6)
+
+
+def test_visual_token_count_on_onevision():
+    count = functools.partial(visual_token_count, grid_pinpoints=ONEVISION_GRID_PINPOINTS, side=27, crop_size=384,
+                              max_num_patches=9)
+    # 2304x2304: 6x6 crops of 27x27 (162x162 cells, no padding) sent as 81x81. R = 1: vanilla's
+    # 729 + 81 * 81 tokens and 81 newlines; R = 0.25: round(0.25 * 7290) = 1822 and a newline per
+    # canvas row (6 * 27, the packed sequence).
+    assert count((2304, 2304), retention_ratio=1.0) == 729 + 81 * 82
+    assert count((2304, 2304), retention_ratio=0.25) == 1822 + 162
+    assert count((2304, 2304), retention_ratio=0.25, layout="spatial") == 1822 + 162
+    # 800x500: 3x2 crops, unpadded to 50 rows of 81 cells, not downsampled.
+    assert count((800, 500), retention_ratio=1.0) == 729 + 50 * 82
+    assert count((800, 500), retention_ratio=0.25) == round(0.25 * (729 + 50 * 81)) + 54
