@@ -44,7 +44,7 @@ _spec.loader.exec_module(convert_to_hf)
 
 QUESTION = "What is in the picture?"
 # PIL (width, height). Every grid by its own pinpoint; then 800x500 (3x2 grid, unpadded to 50 rows of 81),
-# 1500x1100 (4x3, unpadded 108 x 79 = 8532 > 1.21 x 6561: downsampled), thin and tiny images.
+# 1500x1100 (4x3, unpadded to 79 x 108 = 8532 > 1.21 x 6561: downsampled), thin and tiny images.
 GRID_SIZES = [(384 * grid_w, 384 * grid_h) for grid_w in range(1, 7) for grid_h in range(1, 7)]
 SIZES = GRID_SIZES + [(800, 500), (1500, 1100), (1, 2000), (2000, 1), (2000, 3), (10, 10)]
 # Where transformers' rounding keeps more: PIL size -> (ours, transformers') visual tokens.
