@@ -36,7 +36,8 @@ One known difference is not converted away: transformers unpads the crop canvas 
 
 Usage:
     python scripts/convert_to_hf.py --model-path liuhaotian/llava-v1.6-vicuna-7b --out llava-v1.6-vicuna-7b-hf [--dtype float16]
-    python scripts/convert_to_hf.py --model-path lmms-lab/llava-onevision-qwen2-0.5b-ov --out llava-onevision-qwen2-0.5b-ov-hf
+    python scripts/convert_to_hf.py --model-path lmms-lab/llava-onevision-qwen2-0.5b-ov \
+        --out llava-onevision-qwen2-0.5b-ov-hf
 """
 
 from __future__ import annotations

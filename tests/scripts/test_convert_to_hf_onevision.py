@@ -146,7 +146,8 @@ def test_config_tokenizer_and_processor_files(converted):
     tokenizer, ours, image_processor, hf, out = converted
     vocab = ours.get_input_embeddings().weight.shape[0]
     config = hf.config
-    assert (config.image_token_id, config.video_token_id, config.text_config.vocab_size) == (vocab, vocab + 1, vocab + 2)
+    ids = (config.image_token_id, config.video_token_id, config.text_config.vocab_size)
+    assert ids == (vocab, vocab + 1, vocab + 2)
     assert config.text_config.model_type == "qwen2" and config.text_config.tie_word_embeddings
     assert hf.lm_head.weight is hf.get_input_embeddings().weight
     assert hf.model.language_model.layers[0].self_attn.q_proj.bias is not None
