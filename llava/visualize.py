@@ -10,7 +10,8 @@ functions turn it into pictures:
   is the whole image squashed to a square, so each of its patches covers a rectangle of the image);
 - `crops_mask(view)`: the padded AnyRes canvas the crops are cut from, dropped crop patches dimmed,
   letterbox padding striped grey (neither kept nor dropped: it never reaches the model);
-- GlobalCom2 only: `score_heatmaps(view)`: the thumbnail's [CLS] scores, each crop's own scores on
+- GlobalCom2 only: `score_heatmaps(view)`: the thumbnail's scores (the tower signal the run's
+  `score` chose: [CLS] logits, or on OneVision's SigLIP `neg_cos_mean`/`neg_attn`), each crop's own scores on
   the canvas, and the thumbnail's scores resized onto the image area as each crop received them
   (a live run: a selection file holds no scores); `ratio_chart(view)`: per-crop ratios and counts
   (from the `crop_ratios` the method records); `summary_figure(view)`: one page with all.
@@ -54,18 +55,17 @@ from llava.model.compression import common, globalcom2
 
 DIM = 0.25                  # brightness left to a dropped patch
 PADDING_STRIPES = (70, 130)  # grey levels of the padding's stripes
-SCORES = "cls_logits_last"   # the tower signal GlobalCom2 ranks by, drawn by the heatmaps
 
 
 @dataclasses.dataclass
 class CompressionView:
     image: Image.Image             # the original image, RGB
     canvas: Image.Image            # the image resized and padded to the AnyRes resolution (the crops' source)
-    patch_pixels: int              # pixels per patch side in the canvas (14 for CLIP-336)
+    patch_pixels: int              # pixels per patch side in the canvas (14 for CLIP-336 and SigLIP-384)
     selection: common.Selection
     compression: dict              # the settings record: method, method_args, retention_ratio, visual_tokens, layout
     accounting: dict               # the run's accounting of this image (Selection.accounting, against vanilla)
-    cls_scores: torch.Tensor | None = None  # [1 + C, P] float32, CPU: GlobalCom2's scores, live runs only
+    scores: torch.Tensor | None = None  # [1 + C, P] float32, CPU: GlobalCom2's scores (its `score`), live runs only
 
     @property
     def side(self) -> int:
@@ -81,9 +81,15 @@ class CompressionView:
 
     @property
     def retention_ratio(self) -> float:
-        """This image's budget R (from `--visual-tokens N`: N over its vanilla image tokens)."""
+        """This image's budget R of the tokens vanilla sends (from `--visual-tokens N`: N over them)."""
         return common.Budget.resolve(self.selection.geometry, self.compression["retention_ratio"],
-                                     self.compression["visual_tokens"]).ratio
+                                     self.compression["visual_tokens"]).vanilla_ratio
+
+    @property
+    def score_name(self) -> str:
+        """What the heatmaps show: GlobalCom2's `score` (`cls`: the [CLS] logits)."""
+        score = self.compression["method_args"].get("score", "cls")
+        return "[CLS]" if score == "cls" else score
 
     def title(self) -> str:
         record = self.accounting
@@ -99,7 +105,7 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
 
     `retention_ratio`/`layout` replace the model's settings (`model.compression_settings()`) for
     this image. `instruction`: the question, for methods conditioned on it (CDPruner). For
-    GlobalCom2 the tower also gives its [CLS] scores, for the heatmaps.
+    GlobalCom2 the tower also gives the scores its `score` chose (`GlobalCom2Args.signal`), for the heatmaps.
     """
     settings = model.compression_settings()
     if retention_ratio is not None:
@@ -107,13 +113,16 @@ def inspect_compression(model, image_processor, image: Image.Image, retention_ra
                                        visual_tokens=None)
     if layout is not None:
         settings = dataclasses.replace(settings, token_layout=common.check_layout(layout))
+    model.check_tower_signals(settings)  # a ratio given here may need a signal the model's settings did not
     if not is_anyres(getattr(model.config, "image_aspect_ratio", None)):
         raise ValueError("visualisation needs an AnyRes model (image_aspect_ratio 'anyres' or 'anyres_max_N')")
     image = image.convert("RGB")
     views = process_images([image], image_processor, model.input_config(settings))[0].to(model.device, model.dtype)
     model.encode_image_sequences([views], [image.size], settings, None if instruction is None else [instruction])
-    scores = (model.encode_images(views, {SCORES}).signals[SCORES].float().cpu()
-              if settings.method == "globalcom2" else None)
+    scores = None
+    if settings.method == "globalcom2":
+        signal = settings.method_args.signal
+        scores = model.encode_images(views, {signal}).signals[signal].float().cpu()
     canvas = resize_and_pad_image(image, select_best_resolution(image.size, model.input_config(settings).image_grid_pinpoints))
     return CompressionView(image, canvas, model.get_vision_tower().config.patch_size, model.last_selections[0],
                            settings.record(), model.last_accounting[0], scores)
@@ -230,12 +239,24 @@ def canvas_patch_states(view: CompressionView) -> np.ndarray:
     return common.crop_canvas(states, geometry.grid).numpy()
 
 
+def canvas_patch_of_pixels(pixels: int, crops: int, side: int, patch_pixels: int) -> np.ndarray:
+    """`[pixels]`: the canvas patch row (or column) under each pixel row (column) of a canvas of
+    `crops` views of `pixels // crops` px each. A view's last `view px - side * patch_pixels`
+    pixels (SigLIP-384: 6 of 384) lie past its last whole patch, which the tower's stride skips:
+    they are drawn as that last patch."""
+    view_pixels = pixels // crops
+    position = np.arange(pixels)
+    return position // view_pixels * side + np.minimum(position % view_pixels // patch_pixels, side - 1)
+
+
 def crops_mask(view: CompressionView, dim: float = DIM) -> Image.Image:
     """The padded canvas the crops are cut from: dropped patches dimmed, padding striped grey."""
     pixels = np.asarray(view.canvas, dtype=np.float32)
     height, width = pixels.shape[:2]
+    (grid_w, grid_h), side = view.grid, view.side
     states = canvas_patch_states(view)
-    states = states[np.arange(height) // view.patch_pixels][:, np.arange(width) // view.patch_pixels]
+    states = states[canvas_patch_of_pixels(height, grid_h, side, view.patch_pixels)][
+        :, canvas_patch_of_pixels(width, grid_w, side, view.patch_pixels)]
     stripes = np.where((np.add.outer(np.arange(height), np.arange(width)) // 6) % 2 == 0, *PADDING_STRIPES)
     pixels = np.where((states == 0)[..., None], pixels * dim, pixels)
     pixels = np.where((states == -1)[..., None], stripes[..., None].astype(np.float32), pixels)
@@ -270,7 +291,7 @@ def global_score_canvas(view: CompressionView) -> np.ndarray:
     geometry = view.selection.geometry
     top, bottom, left, right = geometry.bounds
     pieces = globalcom2.interpolate_and_split_cls_attn_scores(
-        view.cls_scores[0], right - left, bottom - top, *geometry.grid, geometry.crop_dimensions)
+        view.scores[0], right - left, bottom - top, *geometry.grid, geometry.crop_dimensions)
     side, (grid_w, _) = geometry.side, geometry.grid
     canvas = np.full((geometry.grid[1] * side, grid_w * side), np.nan)
     for crop, ((box_top, box_left, height, width), piece) in enumerate(zip(geometry.crop_boxes, pieces)):
@@ -282,8 +303,8 @@ def global_score_canvas(view: CompressionView) -> np.ndarray:
 
 
 def crop_score_canvas(view: CompressionView) -> np.ndarray:
-    """`[grid_h*side, grid_w*side]`: each crop's own [CLS] scores at their place in the canvas."""
-    return common.crop_canvas(view.cls_scores[1:], view.grid).numpy()
+    """`[grid_h*side, grid_w*side]`: each crop's own scores at their place in the canvas."""
+    return common.crop_canvas(view.scores[1:], view.grid).numpy()
 
 
 def score_heatmaps(view: CompressionView, cell: int = 8) -> list[tuple[str, Image.Image]]:
@@ -291,8 +312,9 @@ def score_heatmaps(view: CompressionView, cell: int = 8) -> list[tuple[str, Imag
     states = canvas_patch_states(view)
     global_scores = global_score_canvas(view)
     return [
-        ("thumbnail [CLS] scores", heatmap(view.cls_scores[0].view(view.side, view.side).numpy(), cell)),
-        ("each crop's own [CLS] scores", heatmap(crop_score_canvas(view), cell // 2 or 1, mask=states >= 0)),
+        (f"thumbnail {view.score_name} scores", heatmap(view.scores[0].view(view.side, view.side).numpy(), cell)),
+        (f"each crop's own {view.score_name} scores", heatmap(crop_score_canvas(view), cell // 2 or 1,
+                                                             mask=states >= 0)),
         ("thumbnail scores resized onto the crops", heatmap(np.nan_to_num(global_scores), cell // 2 or 1,
                                                             mask=~np.isnan(global_scores))),
     ]
@@ -368,12 +390,12 @@ def summary_figure(view: CompressionView):
 
 def missing_figures(view: CompressionView, kinds) -> dict[str, str]:
     """Of the figure `kinds`, those this view has no data for, each with what it needs: the
-    heatmaps GlobalCom2's [CLS] scores (a live GlobalCom2 run), the ratio chart the per-crop ratios
+    heatmaps GlobalCom2's scores (a live GlobalCom2 run), the ratio chart the per-crop ratios
     a method records (GlobalCom2's `crop_ratios`), the summary both."""
     lacking = {"heatmaps": [], "ratios": [], "summary": []}
-    if view.cls_scores is None:
+    if view.scores is None:
         for kind in ("heatmaps", "summary"):
-            lacking[kind].append("GlobalCom2's [CLS] scores (a live globalcom2 run; selection files hold none)")
+            lacking[kind].append("GlobalCom2's scores (a live globalcom2 run; selection files hold none)")
     if "crop_ratios" not in view.accounting:
         for kind in ("ratios", "summary"):
             lacking[kind].append("per-crop ratios (crop_ratios, recorded by globalcom2)")

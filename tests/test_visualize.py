@@ -272,7 +272,7 @@ def test_a_selection_file_draws_the_masks_of_the_live_run(tiny_checkpoint, metho
     assert sorted(path.name for path in out.iterdir()) == sorted(
         f"{stem}_{figure}.png" for stem in ("tall", "wide") for figure in ["thumbnail_mask", "crops_mask", *ratios])
     err = capsys.readouterr().err
-    assert f"note: tall: no summary figure for method {method}" in err and "[CLS] scores" in err
+    assert f"note: tall: no summary figure for method {method}" in err and "GlobalCom2's scores" in err
 
 
 def test_selection_file_lines_pair_with_images_in_order_or_refuse(tmp_path, capsys):
@@ -305,3 +305,54 @@ def test_a_text_conditioned_method_is_drawn_with_the_question(method_model):
     assert view.accounting["method"] == "cdpruner" and np.asarray(crops_mask(view)).shape[:2] == view.canvas.size[::-1]
     with pytest.raises(ValueError, match="cdpruner conditions on the instruction text"):
         inspect_compression(model, processor, image)
+
+
+# --- OneVision (SigLIP, no [CLS]) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    from llava.model.builder import load_pretrained_model
+    from llava.tiny import build_tiny_onevision_checkpoint
+
+    path = build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
+    _, model, processor, _ = load_pretrained_model(path, device="cpu", torch_dtype="float32")
+    model.set_compression(method="globalcom2", method_args=["score=neg_cos_mean"])
+    yield model, processor
+    model.set_compression()
+
+
+@pytest.mark.parametrize("size", [(800, 500), (2304, 2304)])  # 2304x2304: a downsampled canvas
+def test_onevision_heatmaps_draw_the_chosen_score(onevision, tmp_path, size):
+    model, processor = onevision
+    image = _image_with_bright_corner(size)
+    view = inspect_compression(model, processor, image, retention_ratio=0.25)
+    views = process_images([image], processor, model.input_config())[0]
+    assert torch.equal(view.scores, model.encode_images(views, {"neg_cos_mean"}).signals["neg_cos_mean"])
+    (thumbnail_title, thumbnail), (crops_title, _), _ = score_heatmaps(view, cell=2)
+    assert "neg_cos_mean" in thumbnail_title and "neg_cos_mean" in crops_title and thumbnail.size == (54, 54)
+    assert view.retention_ratio == 0.25 and view.accounting["thumbnail_kept"] == 182
+    # SigLIP-384's 27 patches of 14 px cover 378 of a crop's 384 px: the last 6 are drawn as the last patch.
+    mask, canvas = np.asarray(crops_mask(view)), np.asarray(view.canvas)
+    states = canvas_patch_states(view)
+    grid_w, grid_h = view.grid
+    assert mask.shape == (384 * grid_h, 384 * grid_w, 3) and states.shape == (27 * grid_h, 27 * grid_w)
+    for row, y in ((0, 7), (26, 380), (27, 384 + 7)):
+        for col, x in ((0, 7), (26, 383)):
+            if states[row, col] == 0:
+                assert (mask[y, x] == np.round(canvas[y, x] * DIM)).all()
+            elif states[row, col] == 1:
+                assert (mask[y, x] == canvas[y, x]).all()
+    assert (states == 1).sum() == sum(view.accounting["crop_kept"])
+    paths = save_visualizations(view, str(tmp_path), "ov")
+    assert [path.rsplit("_", 1)[-1] for path in paths] == ["mask.png", "mask.png", "heatmaps.png", "ratios.png",
+                                                           "summary.png"]
+
+
+def test_onevision_default_score_is_refused_in_one_line(onevision):
+    model, processor = onevision
+    model.set_compression(retention_ratio=1.0, method="globalcom2")  # R = 1 needs no score
+    try:
+        with pytest.raises(ValueError, match="--method-arg score=neg_cos_mean"):
+            inspect_compression(model, processor, _image_with_bright_corner(), retention_ratio=0.25)
+    finally:
+        model.set_compression(method="globalcom2", method_args=["score=neg_cos_mean"])
