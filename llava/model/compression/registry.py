@@ -342,7 +342,13 @@ class ComposedArgs:
         return ratio ** self.split, ratio ** (1.0 - self.split)
 
     def pre_budget(self, budget: Budget) -> Budget:
-        """The pre-LLM method's budget for one image, from the image's total `budget`."""
+        """The pre-LLM method's budget for one image, from the image's total `budget`. On a downsampled
+        (OneVision) canvas the split is of the tokens vanilla sends (`Budget.sent_ratio`)."""
+        if budget.sent_ratio is not None:
+            pre_sent = self.stage_ratios(budget.sent_ratio)[0]
+            tokens = max(1, round(pre_sent * budget.model_vanilla_image_tokens))
+            return dataclasses.replace(budget, ratio=min(tokens / budget.vanilla_image_tokens, 1.0), tokens=tokens,
+                                       sent_ratio=pre_sent)
         pre_ratio, _ = self.stage_ratios(budget.ratio)
         if budget.tokens is None:
             return dataclasses.replace(budget, ratio=pre_ratio)
@@ -351,7 +357,7 @@ class ComposedArgs:
 
     def in_llm_budget(self, budget: Budget, span_tokens: int) -> Budget:
         """The in-LLM method's budget: the ratio `R_in` of the `span_tokens` the pre-LLM stage sent."""
-        return Budget(self.stage_ratios(budget.ratio)[1], span_tokens)
+        return Budget(self.stage_ratios(budget.vanilla_ratio)[1], span_tokens)
 
     def schedule(self, span_tokens: int, budget: Budget, num_layers: int) -> tuple[tuple[int, int], ...]:
         """The in-LLM part's `(layer, kept)` stages over the span, at its share of `budget` (the image's total)."""

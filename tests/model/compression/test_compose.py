@@ -82,6 +82,18 @@ def test_budget_split_by_hand():
     assert args.schedule_params(1000, quarter, 32) == {}
 
 
+def test_budget_split_on_a_downsampled_canvas_by_hand():
+    """OneVision 2304x2304: 729 + 36 x 729 cells offered, 7290 image tokens sent by vanilla; R = 0.25 there is
+    round(0.25 x 7290) = 1822 tokens of the cells, and the split is of the tokens vanilla sends: sqrt(0.25) = 0.5
+    before the LLM, round(0.5 x 7290) = 3645 tokens, and 0.5 of the span inside it."""
+    offered = 729 + 36 * 729
+    total = Budget(1822 / offered, offered, 1822, 7290, sent_ratio=0.25)
+    args = parse_method_args(NAME)
+    pre = args.pre_budget(total)
+    assert (pre.tokens, pre.sent_ratio, pre.ratio) == (3645, 0.5, 3645 / offered)
+    assert args.in_llm_budget(total, 4000) == Budget(0.5, 4000)
+
+
 def test_token_budget_split_by_hand():
     # --visual-tokens 300 of 2880: r = 300 / 2880; the pre-LLM stage keeps round(2880 sqrt(r)) = round(sqrt(300 * 2880))
     tokens = Budget(300 / 2880, 2880, 300)
