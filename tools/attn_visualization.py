@@ -1,6 +1,7 @@
-"""The [CLS] scores GlobalCom2 decides with, as heatmaps side by side: the thumbnail's, each crop's
-own (placed on the crop canvas), and the thumbnail's resized onto the image area as each crop
-received them; from a real GlobalCom2 run.
+"""The scores GlobalCom2 decides with (its `score` argument: the [CLS] logits by default, a [CLS]-free
+score on OneVision's SigLIP), as heatmaps side by side: the thumbnail's, each crop's own (placed on
+the crop canvas), and the thumbnail's resized onto the image area as each crop received them; from
+a real GlobalCom2 run.
 
     python tools/attn_visualization.py --image-file images/shapes-800x500.png [--model-path ...]
 
