@@ -20,7 +20,12 @@ Models (random weights, nothing downloaded):
 
     python tools/benchmark_efficiency.py                    # CPU preset: tiny CLIP + a 4-layer, 768-wide LLM
     python tools/benchmark_efficiency.py --preset llava-next-7b --device cuda   # full-size LLaVA-NeXT-7B in fp16
+    python tools/benchmark_efficiency.py --preset cpu-onevision        # tiny SigLIP + a 4-layer, 768-wide Qwen2
+    python tools/benchmark_efficiency.py --preset llava-onevision-0.5b --device cuda  # SigLIP so400m + Qwen2-0.5B
     python tools/benchmark_efficiency.py --model-path checkpoints/llava-next-tiny
+
+On a SigLIP tower (OneVision: no [CLS]) GlobalCom2 runs by default with `score=neg_cos_mean`, the
+paper's [CLS]-free score; any `--method-arg` given replaces that default.
 
 Writes `--out` (default `efficiency/`): `efficiency.json`, `efficiency.md` and `efficiency.png`.
 """
@@ -46,13 +51,17 @@ from flops import LanguageModel, prefill_flops  # noqa: E402  (a sibling tool)
 
 from llava.files import atomic_write, write_text  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
+from llava.conversation import get_conv_template  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
+from llava.model.language_model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM  # noqa: E402
 from llava.model.compression.registry import method_choices  # noqa: E402
 from llava.model.language_model import pruning  # noqa: E402
 from llava.model.llava_arch import CACHE_KEY  # noqa: E402
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor  # noqa: E402
-from llava.tiny import TOWER_DIR, V16_PINPOINTS, build_tokenizer, ensure_tiny_checkpoint  # noqa: E402
+from llava.model.multimodal_encoder.siglip_encoder import SigLipImagePreprocessor, SigLipVisionTower  # noqa: E402
+from llava.tiny import (ONEVISION_OUT, SIGLIP_TOWER_DIR, TOWER_DIR, V16_PINPOINTS, build_qwen_tokenizer,  # noqa: E402
+                        build_tiny_onevision_checkpoint, build_tokenizer, ensure_tiny_checkpoint, onevision_configs)
 
 QUESTION = "Describe this image in detail."  # the instruction text-conditioned methods (CDPruner) read
 PROMPT = ("A chat between a curious user and an artificial intelligence assistant. USER: <image>\n"
@@ -61,15 +70,28 @@ LANGUAGE_MODELS = {
     "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12),
     "llava-next-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llava-next-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # Qwen2 language models of LLaVA-OneVision: the CPU one as "cpu" with Qwen2's grouped-query attention
+    "cpu-onevision": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                          num_key_value_heads=2),
+    "llava-onevision-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                 num_key_value_heads=2, vocab_size=151936),  # Qwen2-0.5B
 }
+ONEVISION_PRESETS = ("cpu-onevision", "llava-onevision-0.5b")
+SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
+# A method's arguments when none are given and the tower is SigLIP, which offers no [CLS] signal
+SIGLIP_METHOD_ARGS = {"globalcom2": ["score=neg_cos_mean"]}
 
 
 def build_random_model(preset: str, device: str, dtype: torch.dtype):
-    """(tokenizer, model, image processor) of a LLaVA-NeXT with random weights, built from its config.
+    """(tokenizer, model, image processor) of a LLaVA-NeXT or LLaVA-OneVision with random weights,
+    built from its config.
 
-    The full-size presets use CLIP ViT-L/14-336 (architecture built in, no download); the CPU
-    preset uses the tiny checkpoint's CLIP so that the language model's prefill dominates.
+    The full-size presets use CLIP ViT-L/14-336 or SigLIP so400m-patch14-384 (architectures built
+    in, no download); the CPU presets use the tiny checkpoints' towers so that the language model's
+    prefill dominates.
     """
+    if preset in ONEVISION_PRESETS:
+        return build_random_onevision(preset, device, dtype)
     tower = "openai/clip-vit-large-patch14-336"
     tokenizer = build_tokenizer()
     if preset == "cpu":
@@ -82,14 +104,48 @@ def build_random_model(preset: str, device: str, dtype: torch.dtype):
         mm_projector_type="mlp2x_gelu", mm_vision_select_feature="patch", mm_vision_select_layer=-2,
         mm_vision_tower=tower, tokenizer_model_max_length=4096, tokenizer_padding_side="right",
     )
+    return tokenizer, _instantiate(LlavaLlamaForCausalLM, config, device, dtype), CLIPImagePreprocessor()
+
+
+def build_random_onevision(preset: str, device: str, dtype: torch.dtype):
+    """LLaVA-OneVision with random weights: the tiny checkpoint's config keys (anyres_max_9, its
+    pinpoints, spatial_unpad, mlp2x_gelu) with the preset's Qwen2 and tower."""
+    tokenizer = build_qwen_tokenizer()
+    config_dict, _ = onevision_configs(len(tokenizer))
+    language = dict(LANGUAGE_MODELS[preset])
+    if preset == "cpu-onevision":
+        if not os.path.isfile(os.path.join(ONEVISION_OUT, SIGLIP_TOWER_DIR, "config.json")):
+            build_tiny_onevision_checkpoint(ONEVISION_OUT)
+        tower = os.path.abspath(os.path.join(ONEVISION_OUT, SIGLIP_TOWER_DIR))
+        tower_width = config_dict["mm_hidden_size"]
+    else:
+        tower, tower_width = SIGLIP_SO400M, 1152
+    config_dict.update(language, mm_vision_tower=tower, mm_hidden_size=tower_width,
+                       max_window_layers=language["num_hidden_layers"])
+    config = LlavaQwenConfig(**{key: value for key, value in config_dict.items()
+                                if key not in ("architectures", "model_type", "torch_dtype")})
+    return tokenizer, _instantiate(LlavaQwenForCausalLM, config, device, dtype), SigLipImagePreprocessor()
+
+
+def _instantiate(model_class, config, device: str, dtype: torch.dtype):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a 7B model in fp32 would need 28 GB
     try:
         with torch.device(device):
-            model = LlavaLlamaForCausalLM(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
-    return tokenizer, model.eval(), CLIPImagePreprocessor()
+    return model.eval()
+
+
+def chat_prompt(model) -> str:
+    """The question in the model family's template: OneVision's qwen_1_5, else a Vicuna prompt."""
+    if not isinstance(model, LlavaQwenForCausalLM):
+        return PROMPT
+    conversation = get_conv_template("qwen_1_5")
+    conversation.append_message(conversation.roles[0], f"<image>\n{QUESTION}")
+    conversation.append_message(conversation.roles[1], None)
+    return conversation.get_prompt()
 
 
 class Clock:
@@ -150,7 +206,7 @@ def cache_bytes(cache) -> int:
 def measure_ratio(model, tokenizer, pixel_values, image_size, ratio: float, args, device) -> dict:
     model.set_compression(ratio, args.layout, method=args.method, method_args=args.method_arg)
     settings = model.compression_settings()
-    input_ids = tokenizer_image_token(PROMPT, tokenizer, return_tensors="pt")[None].to(device)
+    input_ids = tokenizer_image_token(chat_prompt(model), tokenizer, return_tensors="pt")[None].to(device)
     views = pixel_values[0]
     samples = {name: [] for name in ("tower_ms", "compression_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")}
     for repeat in range(args.warmup + args.repeats):
@@ -205,7 +261,7 @@ def in_llm_shares(model, tokenizer, pixel_values, image_size, ratio: float, args
     shrink, SparseVLM's recycling); each range's total over the prefill's, CPU time on CPU and device
     time on CUDA, so the profiler's own overhead falls on both sides of the ratio."""
     model.set_compression(ratio, args.layout, method=args.method, method_args=args.method_arg)
-    input_ids = tokenizer_image_token(PROMPT, tokenizer, return_tensors="pt")[None].to(device)
+    input_ids = tokenizer_image_token(chat_prompt(model), tokenizer, return_tensors="pt")[None].to(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as profiler, torch.no_grad():
@@ -288,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratios", type=float, nargs="+", default=[1, 0.75, 0.5, 0.25, 0.1])
     parser.add_argument("--layout", choices=["official", "spatial"], default="official")
     parser.add_argument("--method", choices=method_choices(), default="globalcom2", help="compression method")
-    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="an argument of the method (repeatable)")
+    parser.add_argument("--method-arg", action="append", default=None, metavar="KEY=VALUE",
+                        help="an argument of the method (repeatable; default: none, on a SigLIP tower GlobalCom2's "
+                             "score=neg_cos_mean)")
     parser.add_argument("--image-size", type=int, nargs=2, default=[1000, 1000], metavar=("W", "H"),
                         help="a square image fills the 2x2 grid: 2928 visual tokens at R = 1")
     parser.add_argument("--repeats", type=int, default=3)
@@ -312,8 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tokenizer, model, processor = build_random_model(args.preset, str(device), dtype)
         name = f"{args.preset} (random weights)"
+    if args.method_arg is None:
+        siglip = isinstance(model.get_vision_tower(), SigLipVisionTower)
+        args.method_arg = SIGLIP_METHOD_ARGS.get(args.method, []) if siglip else []
     image = Image.new("RGB", tuple(args.image_size), (120, 160, 200))
-    model.set_compression(method=args.method, method_args=args.method_arg)  # its input changes shape the views
+    try:  # its input changes shape the views; a method the tower cannot serve stops here, in one line
+        model.set_compression(method=args.method, method_args=args.method_arg)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     pixel_values = process_images([image], processor, model.input_config()).to(device, dtype)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine())

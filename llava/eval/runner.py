@@ -86,7 +86,8 @@ from llava.generation import (PreparedImages, add_compression_arguments, add_inp
 from llava.mm_utils import (ImageLoadError, get_model_name_from_path, is_anyres, set_max_image_pixels,
                             tokenizer_image_token)
 from llava.model import llava_arch
-from llava.model.builder import checkpoint_digest, load_pretrained_model, resolve_dtype
+from llava.model.builder import (CheckpointError, checkpoint_digest, llava_classes, load_pretrained_model,
+                                 read_llava_config, resolve_dtype, resolve_local_checkpoint)
 from llava.model.compression.__main__ import run_name
 from llava.model.compression.common import check_layout, check_retention_ratio
 from llava.model.compression.registry import get_method, non_default_args, parse_method_args
@@ -114,6 +115,32 @@ def answer_key(question_id, prompt) -> tuple[str, str]:
     return json.dumps(question_id), prompt
 
 
+class FallbackConvMode(str):
+    """A chat template to use only for a checkpoint whose family has no template of its own
+    (`FAMILY_CONV_MODES`): the default of `--conv-mode`, or `--fallback-conv-mode`'s value. A
+    marked string so that the parsed default still reads as the template upstream's runners use."""
+
+
+# The templates a language-model family is always asked in, by its architecture name in config.json
+# (`builder.FAMILIES`): LLaVA-VL's OneVision scripts use only qwen_1_5. LLaVA-NeXT's Llama (Vicuna)
+# and Mistral checkpoints are asked in whichever template the caller chooses.
+FAMILY_CONV_MODES = {"LlavaQwenForCausalLM": "qwen_1_5"}
+
+
+def resolve_conv_mode(conv_mode: str, model_path: str) -> str:
+    """The template a run asks in: `conv_mode` as given, or for a `FallbackConvMode` the checkpoint
+    family's own template where it has one. A checkpoint that cannot be read keeps the fallback (its
+    load then says what is wrong)."""
+    if not isinstance(conv_mode, FallbackConvMode):
+        return conv_mode
+    try:
+        config = read_llava_config(resolve_local_checkpoint(os.path.expanduser(model_path)))
+        family = llava_classes(config)[1].__name__
+    except CheckpointError:
+        return str(conv_mode)
+    return FAMILY_CONV_MODES.get(family, str(conv_mode))
+
+
 def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2, conv_mode: str = "llava_v1",
                  image_folder: bool = True) -> argparse.ArgumentParser:
     """Upstream's runner arguments (with upstream's defaults), plus compression and error handling."""
@@ -124,7 +151,12 @@ def build_parser(description: str, max_new_tokens: int, temperature: float = 0.2
         parser.add_argument("--image-folder", default="")
     parser.add_argument("--question-file", default="tables/question.jsonl")
     parser.add_argument("--answers-file", default="answer.jsonl")
-    parser.add_argument("--conv-mode", default=conv_mode)
+    parser.add_argument("--conv-mode", default=FallbackConvMode(conv_mode),
+                        help="chat template (default: the checkpoint family's own where it has one, qwen_1_5 for "
+                             "LLaVA-OneVision's Qwen2; else %(default)s, upstream's)")
+    parser.add_argument("--fallback-conv-mode", dest="conv_mode", type=FallbackConvMode, metavar="TEMPLATE",
+                        help="instead of --conv-mode: the checkpoint family's own template where it has one, else "
+                             "TEMPLATE (the benchmark scripts' vicuna_v1 for LLaVA-NeXT)")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=temperature)
@@ -467,6 +499,7 @@ def _run(args, questions: list[Question], prompt_settings: dict) -> int:
     rank, world_size, local_rank = distributed_rank()
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
     share = get_chunk(chunk, world_size, rank)
+    args.conv_mode = resolve_conv_mode(args.conv_mode, args.model_path)  # before the settings record it
     outputs = []
     for setting in sweep_settings(args):
         answers_file = os.path.expanduser(setting.answers_file)

@@ -10,8 +10,12 @@ import sys
 
 import pytest
 
+from PIL import Image
+
 from llava.eval.jsonl import read_jsonl
 from llava.eval.sample_suite import ensure_sample_suite
+from llava.mm_utils import onevision_visual_token_count
+from llava.tiny import build_tiny_onevision_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "v1_5" / "eval"
@@ -57,6 +61,8 @@ def test_script_runs_on_the_sample_suite(eval_dir, tiny_checkpoint, script, answ
         expected = [line["question_id"] for line in read_jsonl(os.path.join(eval_dir, questions))]
         assert [row["question_id"] for row in rows] == expected
     assert rows and all(row["metadata"]["retention_ratio"] == 0.25 for row in rows if "visual_tokens" in row["metadata"])
+    # LLaVA-NeXT keeps the scripts' Vicuna template (CONV_MODE unset: the runner's fallback, the family has none)
+    assert {row["metadata"]["settings"]["conv_mode"] for row in rows} == {"vicuna_v1"}
     if script in LOCAL_SCORES:
         record = json.load(open(os.path.join(eval_dir, "results", script, "tiny-R0.25.json")))
         assert record["model"] == "tiny" and record["retention_ratio"] == 0.25 and record["score"] >= 0
@@ -260,3 +266,47 @@ def test_a_sweep_writes_what_single_runs_write(tmp_path, tiny_checkpoint):
     assert _without_ids(swept) == _without_ids(single)
     assert _script("pope", sweep_dir, tiny_checkpoint, METHOD="fastv", RETENTION_RATIO="0.25").returncode == 0
     assert read_jsonl(answers / "tiny-fastv-R0.25.jsonl") == swept  # resumed: nothing answered again
+
+
+@pytest.fixture(scope="module")
+def onevision_checkpoint(tmp_path_factory):
+    return build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
+
+
+@pytest.mark.parametrize("script, answers, questions, images", [
+    ("pope", "pope/answers/{name}.jsonl", "pope/llava_pope_test.jsonl", "pope/val2014"),
+    ("mme", "MME/answers/{name}.jsonl", "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version"),
+], ids=["pope", "mme"])
+def test_onevision_through_a_script(eval_dir, onevision_checkpoint, script, answers, questions, images):
+    """MODEL_PATH a OneVision checkpoint, CONV_MODE unset: the runner asks in the checkpoint's qwen_1_5
+    template, and each image sends OneVision's tokens (anyres_max_9, 27 x 27 views with newlines)."""
+    result = _script(script, eval_dir, onevision_checkpoint, CKPT="ov", METHOD="random", RETENTION_RATIO="0.25")
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    rows = read_jsonl(os.path.join(eval_dir, answers.format(name="ov-random-R0.25")))
+    lines = read_jsonl(os.path.join(eval_dir, questions))
+    assert [row["question_id"] for row in rows] == [line["question_id"] for line in lines]
+    for row, line in zip(rows, lines):
+        metadata = row["metadata"]
+        assert metadata["settings"]["conv_mode"] == "qwen_1_5" and metadata["settings"]["model"] == "llava-onevision-tiny"
+        image, = metadata["images"]
+        with Image.open(os.path.join(eval_dir, images, line["image"])) as file:
+            assert image["tokens_before"] == onevision_visual_token_count(file.size)
+        # random keeps round(R x vanilla image tokens), vanilla's newlines aside
+        assert abs(image["image_tokens"] - 0.25 * image["vanilla_image_tokens"]) <= 0.5
+        assert image["vanilla_image_tokens"] < image["tokens_before"]
+    assert os.path.isfile(os.path.join(eval_dir, "results", script, "ov-random-R0.25.json"))
+
+
+def test_the_template_the_runner_infers(onevision_checkpoint, tiny_checkpoint):
+    """What common.sh relies on: the runner's default and --fallback-conv-mode give way to a family's own template
+    (OneVision's qwen_1_5); LLaVA-NeXT keeps the fallback (upstream's llava_v1, or the scripts' vicuna_v1), and an
+    explicit --conv-mode is used as given."""
+    from llava.eval.runner import build_parser, resolve_conv_mode
+
+    parser = build_parser("x", max_new_tokens=8)
+    for argv, onevision, llava_next in [([], "qwen_1_5", "llava_v1"),
+                                        (["--fallback-conv-mode", "vicuna_v1"], "qwen_1_5", "vicuna_v1"),
+                                        (["--conv-mode", "vicuna_v1"], "vicuna_v1", "vicuna_v1")]:
+        conv_mode = parser.parse_args(argv).conv_mode
+        assert resolve_conv_mode(conv_mode, onevision_checkpoint) == onevision
+        assert resolve_conv_mode(conv_mode, tiny_checkpoint) == llava_next

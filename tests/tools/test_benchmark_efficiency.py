@@ -42,3 +42,30 @@ def test_an_in_llm_method_reports_its_schedule_and_overheads(tiny_checkpoint, tm
     assert pruned["visual_tokens"] < pruned["equivalent_tokens"] < full["visual_tokens"]
     assert 0 < pruned["scoring_share"] < 1 and 0 < pruned["pruning_share"] < 1
     assert "scoring_share" in (out / "efficiency.md").read_text()
+
+
+def test_onevision_preset_runs_globalcom2_on_siglip(tmp_path):
+    # run in tmp_path: the preset builds the tiny OneVision checkpoint there for its SigLIP tower
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark_efficiency.py"), "--preset", "cpu-onevision",
+                             "--image-size", "384", "384", "--ratios", "1", "0.25", "--repeats", "1", "--warmup", "0",
+                             "--new-tokens", "1", "--out", "eff", "--device", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "eff" / "efficiency.json"))
+    # SigLIP offers no [CLS]: GlobalCom2 runs with the paper's score without it unless told otherwise
+    assert "globalcom2 score=neg_cos_mean" in report["setup"]
+    full, compressed = report["rows"]
+    # a 384 x 384 image is one 384 crop: thumbnail 27 x 27, the crop's 27 rows of 27 and a newline each
+    assert full["visual_tokens"] == 729 + 27 * 28 and compressed["visual_tokens"] < full["visual_tokens"] / 3
+    # Qwen2 preset: 4 layers, 2 KV heads of 768 / 12 = 64, fp32 -> 2 (k, v) * 4 * 2 * 64 * 4 bytes per prompt token
+    for row in report["rows"]:
+        assert row["kv_cache_mb"] * 2**20 == 2 * 4 * 2 * 64 * 4 * row["prompt_tokens"]
+
+
+def test_an_explicit_method_argument_replaces_the_siglip_default(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark_efficiency.py"), "--preset", "cpu-onevision",
+                             "--method-arg", "score=cls", "--ratios", "0.5", "--out", "eff", "--device", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    error = result.stderr.strip().splitlines()[-1]  # after transformers' warnings, one line and no traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert error.startswith("error: method globalcom2 needs cls") and "--method-arg score=neg_cos_mean" in error

@@ -11,7 +11,8 @@
 #   VISUAL_TOKENS    instead of a ratio: image tokens kept per image
 #   TOKEN_LAYOUT     official | spatial (default: llava_arch.token_layout)
 #   PYTHON           the interpreter (default: .venv/bin/python when the install script made it, else python)
-#   CONV_MODE        chat template (default vicuna_v1)
+#   CONV_MODE        chat template (default: the checkpoint family's own where it has one -- qwen_1_5 for
+#                    LLaVA-OneVision -- else vicuna_v1; the runner reads the family from config.json)
 #   CUDA_VISIBLE_DEVICES  one runner process per listed GPU, each on its chunk (default 0)
 #   EVAL_DIR         data root (default ./playground/data/eval; SAMPLE=1: ./playground/sample/eval)
 #   SAMPLE=1         run on the built-in synthetic sample suite (built if missing)
@@ -42,7 +43,8 @@ else
     RUNNER_ARGS=${RUNNER_ARGS:-}
 fi
 CKPT=${CKPT:-$(basename "$MODEL_PATH")}
-CONV_MODE=${CONV_MODE:-vicuna_v1}
+CONV_MODE=${CONV_MODE:-}
+if [ -n "$CONV_MODE" ]; then TEMPLATE=(--conv-mode "$CONV_MODE"); else TEMPLATE=(--fallback-conv-mode vicuna_v1); fi
 # llava_arch's defaults, read from its source (no torch started)
 read -r DEFAULT_RATIO DEFAULT_LAYOUT DEFAULT_METHOD < <("$PYTHON" -m llava.model.defaults)
 TOKEN_LAYOUT=${TOKEN_LAYOUT:-$DEFAULT_LAYOUT}
@@ -138,7 +140,7 @@ run_runner() {
             return
         fi
     fi
-    local common=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE" "${compression[@]}"
+    local common=(--model-path "$MODEL_PATH" --temperature 0 "${TEMPLATE[@]}" "${compression[@]}"
                   --batch-size "${BATCH_SIZE:-1}" ${NUM_WORKERS:+--num-workers "$NUM_WORKERS"})
     mkdir -p "$(dirname "$output")"
     if [ "$CHUNKS" -eq 1 ]; then
