@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an argument of the method (repeatable; default: none, on a SigLIP tower GlobalCom2's "
                              "score=neg_cos_mean)")
     parser.add_argument("--image-size", type=int, nargs=2, default=[1000, 1000], metavar=("W", "H"),
-                        help="a square image fills the 2x2 grid: 2928 visual tokens at R = 1")
+                        help="a square image fills LLaVA-NeXT's 2x2 grid (2928 visual tokens at R = 1) and "
+                             "OneVision's 3x3 (7371)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per repeat")
