@@ -183,7 +183,8 @@ def runner_arguments(args, model_path: str, question_file: str, image_folder: st
                      ratio: float, workers: int, batch_size: int) -> list[str]:
     """The runner's command line for one setting (greedy, as the evaluation scripts run it)."""
     argv = ["--model-path", model_path, "--question-file", question_file, "--image-folder", image_folder,
-            "--answers-file", answers_file, "--temperature", "0", "--conv-mode", args.conv_mode,
+            "--answers-file", answers_file, "--temperature", "0",
+            *(["--conv-mode", args.conv_mode] if args.conv_mode else ["--fallback-conv-mode", "vicuna_v1"]),
             "--max-new-tokens", str(args.max_new_tokens), "--retention-ratio", f"{ratio:g}",
             "--num-workers", str(workers), "--batch-size", str(batch_size)]
     for flag, value in [("--method", args.method), ("--token-layout", args.token_layout), ("--device", args.device),
@@ -291,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an argument of the method (repeatable)")
     parser.add_argument("--token-layout", choices=["official", "spatial"], default=None)
-    parser.add_argument("--conv-mode", default="vicuna_v1", help="as the evaluation scripts (common.sh)")
+    parser.add_argument("--conv-mode", default=None,
+                        help="chat template (default as the evaluation scripts: the checkpoint family's, else "
+                             "vicuna_v1)")
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
