@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llava.model.builder import load_pretrained_model
-from llava.tiny import build_tiny_checkpoint
+from llava.tiny import build_tiny_checkpoint, build_tiny_onevision_checkpoint
 from llava.utils import quiet_transformers
 
 quiet_transformers()
@@ -26,6 +26,12 @@ quiet_transformers()
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llava-next-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_checkpoint(tmp_path_factory) -> str:
+    """The tiny LLaVA-OneVision checkpoint (`python -m llava.tiny --family onevision`)."""
+    return build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,8 @@ def test_tokenizer_is_llama_style(tiny):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def onevision_checkpoint(tmp_path_factory):
-    return build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
+def onevision_checkpoint(tiny_onevision_checkpoint):
+    return tiny_onevision_checkpoint
 
 
 @pytest.fixture(scope="module")

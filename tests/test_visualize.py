@@ -310,12 +310,10 @@ def test_a_text_conditioned_method_is_drawn_with_the_question(method_model):
 # --- OneVision (SigLIP, no [CLS]) -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def onevision(tmp_path_factory):
+def onevision(tiny_onevision_checkpoint):
     from llava.model.builder import load_pretrained_model
-    from llava.tiny import build_tiny_onevision_checkpoint
 
-    path = build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
-    _, model, processor, _ = load_pretrained_model(path, device="cpu", torch_dtype="float32")
+    _, model, processor, _ = load_pretrained_model(tiny_onevision_checkpoint, device="cpu", torch_dtype="float32")
     model.set_compression(method="globalcom2", method_args=["score=neg_cos_mean"])
     yield model, processor
     model.set_compression()

@@ -13,7 +13,6 @@ from llava.mm_utils import ONEVISION_GRID_PINPOINTS, get_anyres_image_grid_shape
 from llava.model.builder import load_pretrained_model
 from llava.model.compression import common
 from llava.model.compression.registry import method_names
-from llava.tiny import build_tiny_onevision_checkpoint
 
 SIDE = 27
 # Every grid 1x1..6x6 (an image of exactly the grid's pinpoint picks it), sizes that unpad, one whose
@@ -24,9 +23,9 @@ OTHER_SIZES = [(800, 500), (2304, 2304), (1500, 1100), (1, 2000), (2000, 1), (20
 
 
 @pytest.fixture(scope="module")
-def onevision(tmp_path_factory):
-    path = build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
-    tokenizer, model, processor, _ = load_pretrained_model(path, device="cpu", torch_dtype="float32")
+def onevision(tiny_onevision_checkpoint):
+    tokenizer, model, processor, _ = load_pretrained_model(tiny_onevision_checkpoint, device="cpu",
+                                                           torch_dtype="float32")
     return tokenizer, model, processor
 
 

@@ -33,7 +33,6 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.mm_utils import ONEVISION_GRID_PINPOINTS, onevision_visual_token_count, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
-from llava.tiny import build_tiny_onevision_checkpoint
 
 pytestmark = pytest.mark.usefixtures("vanilla")
 
@@ -52,11 +51,10 @@ ROUNDING_DIFFERENCES = {(369, 820): (729 + 59 * 28, 729 + 61 * 28), (820, 369): 
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tiny_onevision_checkpoint, tmp_path_factory):
     """(tokenizer, our model, image processor, transformers model, output dir), fp32 on CPU."""
-    root = tmp_path_factory.mktemp("ov-hf")
-    source = build_tiny_onevision_checkpoint(str(root / "llava-onevision-tiny"))
-    out = convert_to_hf.convert(source, str(root / "hf"))
+    source = tiny_onevision_checkpoint
+    out = convert_to_hf.convert(source, str(tmp_path_factory.mktemp("ov-hf") / "hf"))
     tokenizer, ours, image_processor, _ = load_pretrained_model(source, device="cpu", torch_dtype=torch.float32)
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     return tokenizer, ours, image_processor, hf, out

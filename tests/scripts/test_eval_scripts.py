@@ -15,7 +15,6 @@ from PIL import Image
 from llava.eval.jsonl import read_jsonl
 from llava.eval.sample_suite import ensure_sample_suite
 from llava.mm_utils import onevision_visual_token_count
-from llava.tiny import build_tiny_onevision_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "v1_5" / "eval"
@@ -268,19 +267,14 @@ def test_a_sweep_writes_what_single_runs_write(tmp_path, tiny_checkpoint):
     assert read_jsonl(answers / "tiny-fastv-R0.25.jsonl") == swept  # resumed: nothing answered again
 
 
-@pytest.fixture(scope="module")
-def onevision_checkpoint(tmp_path_factory):
-    return build_tiny_onevision_checkpoint(str(tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"))
-
-
 @pytest.mark.parametrize("script, answers, questions, images", [
     ("pope", "pope/answers/{name}.jsonl", "pope/llava_pope_test.jsonl", "pope/val2014"),
     ("mme", "MME/answers/{name}.jsonl", "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version"),
 ], ids=["pope", "mme"])
-def test_onevision_through_a_script(eval_dir, onevision_checkpoint, script, answers, questions, images):
+def test_onevision_through_a_script(eval_dir, tiny_onevision_checkpoint, script, answers, questions, images):
     """MODEL_PATH a OneVision checkpoint, CONV_MODE unset: the runner asks in the checkpoint's qwen_1_5
     template, and each image sends OneVision's tokens (anyres_max_9, 27 x 27 views with newlines)."""
-    result = _script(script, eval_dir, onevision_checkpoint, CKPT="ov", METHOD="random", RETENTION_RATIO="0.25")
+    result = _script(script, eval_dir, tiny_onevision_checkpoint, CKPT="ov", METHOD="random", RETENTION_RATIO="0.25")
     assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
     rows = read_jsonl(os.path.join(eval_dir, answers.format(name="ov-random-R0.25")))
     lines = read_jsonl(os.path.join(eval_dir, questions))
@@ -297,7 +291,7 @@ def test_onevision_through_a_script(eval_dir, onevision_checkpoint, script, answ
     assert os.path.isfile(os.path.join(eval_dir, "results", script, "ov-random-R0.25.json"))
 
 
-def test_the_template_the_runner_infers(onevision_checkpoint, tiny_checkpoint):
+def test_the_template_the_runner_infers(tiny_onevision_checkpoint, tiny_checkpoint):
     """What common.sh relies on: the runner's default and --fallback-conv-mode give way to a family's own template
     (OneVision's qwen_1_5); LLaVA-NeXT keeps the fallback (upstream's llava_v1, or the scripts' vicuna_v1), and an
     explicit --conv-mode is used as given."""
@@ -308,5 +302,5 @@ def test_the_template_the_runner_infers(onevision_checkpoint, tiny_checkpoint):
                                         (["--fallback-conv-mode", "vicuna_v1"], "qwen_1_5", "vicuna_v1"),
                                         (["--conv-mode", "vicuna_v1"], "vicuna_v1", "vicuna_v1")]:
         conv_mode = parser.parse_args(argv).conv_mode
-        assert resolve_conv_mode(conv_mode, onevision_checkpoint) == onevision
+        assert resolve_conv_mode(conv_mode, tiny_onevision_checkpoint) == onevision
         assert resolve_conv_mode(conv_mode, tiny_checkpoint) == llava_next
