@@ -251,3 +251,32 @@ def test_generation_settings_follow_the_task():
 def test_cut_at_stop_takes_the_earliest_stop():
     assert cut_at_stop("yes.\n\nNo", ["\n\n", "."]) == "yes"
     assert cut_at_stop("yes", ["\n\n", ""]) == "yes"
+
+
+def test_onevision_through_simple_evaluate(tiny_onevision_checkpoint, questions, task_dir, stop, tmp_path):
+    """The tiny LLaVA-OneVision checkpoint (Qwen2, SigLIP, anyres_max_9) with GlobalCom2's [CLS]-free
+    score: the `qwen_1_5` template inferred, batch 3 equal to batch 1, and the responses our own `answer`
+    with that template, cut at the task's stop string."""
+    compression = dict(method="globalcom2", method_args="score=neg_cos_mean", retention_ratio=0.25)
+    tokenizer, model, image_processor, _ = load_pretrained_model(tiny_onevision_checkpoint, device="cpu",
+                                                                 torch_dtype=torch.float32)
+    model.set_compression(method="globalcom2", method_args=["score=neg_cos_mean"], retention_ratio=0.25)
+    expected = []
+    for doc in questions:
+        images = [load_image(path) for path in doc["images"]]
+        conv = get_conv_template("qwen_1_5")
+        conv.append_message(conv.roles[0], image_prompt(doc["question"], len(images)))
+        conv.append_message(conv.roles[1], None)
+        text = answer(model, tokenizer, image_processor, conv.get_prompt(), images, max_new_tokens=MAX_NEW_TOKENS).text
+        expected.append(text.split(stop)[0])
+    got = {}
+    for batch_size in (1, 3):
+        with network_guard.guarded() as attempts:
+            plugin = GlobalCom2(pretrained=tiny_onevision_checkpoint, dtype="float32", device="cpu",
+                                batch_size=batch_size, accounting_file=str(tmp_path / f"ov{batch_size}.jsonl"),
+                                **compression)
+            results = simple_evaluate(model=plugin, tasks=[TASK], log_samples=True,
+                                      task_manager=TaskManager("WARNING", include_path=str(task_dir)))
+        assert attempts == []
+        got[batch_size] = responses(results)
+    assert got[1] == got[3] == expected
