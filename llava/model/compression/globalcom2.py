@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression.common import (
-    LAYOUTS, Budget, CropGeometry, Selection, apportion, arrange_tokens, check_layout, check_retention_ratio,
+    Budget, CropGeometry, Selection, apportion, arrange_tokens, check_layout, check_retention_ratio,
     check_shapes, crop_geometry, keep_everything,
 )
 from llava.model.compression.registry import arg, register

@@ -15,7 +15,6 @@ when `24 sqrt(R)` is whole, e.g. 144 of 576 at R = 0.25); `--visual-tokens N` us
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
