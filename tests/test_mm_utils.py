@@ -175,27 +175,20 @@ def test_corrupt_image_names_file(tmp_path):
         load_image(path)
 
 
-def test_truncated_png_names_file(tmp_path):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, format="PNG")
-    path = tmp_path / "cut.png"
-    path.write_bytes(buffer.getvalue()[:60])
-    with pytest.raises(ImageLoadError, match="cut.png"):
-        load_image(path)
-
-
-def test_truncated_png_is_an_error_even_where_another_library_allows_them(tmp_path, monkeypatch):
-    """lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES for the whole process when it is imported."""
+@pytest.mark.parametrize("loads_truncated", [False, True])
+def test_truncated_png_names_file(tmp_path, monkeypatch, loads_truncated):
+    """Also where another library allows truncated files for the whole process (lmms-eval sets PIL's
+    LOAD_TRUNCATED_IMAGES when imported); the flag is left as that library set it."""
     from PIL import ImageFile
 
-    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", loads_truncated)
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, format="PNG")
     path = tmp_path / "cut.png"
     path.write_bytes(buffer.getvalue()[:60])
     with pytest.raises(ImageLoadError, match="cut.png"):
         load_image(path)
-    assert ImageFile.LOAD_TRUNCATED_IMAGES  # left as the other library set it
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is loads_truncated
 
 
 @pytest.mark.parametrize(
