@@ -17,6 +17,7 @@ from llava.model import llava_arch
 from llava.model.compression import parse_method_args
 from llava.model.compression.registry import get_method, method_choices
 from llava.model.compression.common import LAYOUTS, Budget, check_retention_ratio, check_visual_tokens
+from llava.model.multimodal_encoder.clip_encoder import TOWER_NUMERICS
 
 
 def infer_conv_mode(model_path: str, config) -> str:
@@ -386,6 +387,10 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CLIP checkpoint (directory, or a hub id in the local cache) whose text tower and visual "
                              "projection text-conditioned methods (cdpruner) use; loaded only for them (default: the "
                              "CLIP the vision tower came from, mm_vision_tower)")
+    parser.add_argument("--tower-numerics", choices=TOWER_NUMERICS, default="sdpa",
+                        help="CLIP attention numerics: 'sdpa' (transformers' own) or 'released' (the released "
+                             "GlobalCom2 code's: q scaled before q.k, softmax in the tower dtype; bit for bit in fp16, "
+                             "slower) (default: %(default)s)")
 
 
 def compression_arguments(args) -> dict:
@@ -425,6 +430,7 @@ def configure_model(model, args) -> None:
     needs the CLIP text tower gets it loaded now, so a missing one stops the run before any answer."""
     model.set_compression(**compression_arguments(args))
     model.allow_truncation = getattr(args, "allow_truncation", False)
+    model.set_tower_numerics(getattr(args, "tower_numerics", "sdpa"))
     if getattr(args, "text_tower", None) is not None:
         model.set_text_tower(args.text_tower)
     settings = model.compression_settings()

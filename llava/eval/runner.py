@@ -429,13 +429,14 @@ def run_settings(args, prompt_settings: dict, local_rank: int = 0) -> dict:
         # The CLIP text tower text-conditioned methods read (None: the vision tower's own CLIP).
         text_tower=getattr(args, "text_tower", None),
         reverse_crops=getattr(args, "reverse_crops", False),
+        tower_numerics=getattr(args, "tower_numerics", "sdpa"),
         **prompt_settings,
     )
 
 
 # What a setting was before answers recorded it: files from then resume under these values.
 SETTINGS_BEFORE_THEY_WERE_RECORDED = {"method": "globalcom2", "method_args": {}, "visual_tokens": None,
-                                      "text_tower": None, "reverse_crops": False}
+                                      "text_tower": None, "reverse_crops": False, "tower_numerics": "sdpa"}
 
 
 def check_settings(rows: list[dict], settings: dict, answers_file: str) -> None:

@@ -246,6 +246,16 @@ class LlavaMetaForCausalLM:
                              f"tower ({self.get_vision_tower().vision_tower_name}, no [CLS]) does not offer; it offers "
                              f"{', '.join(sorted(SIGLIP_SIGNALS))} (R = 1 needs none){remedy}")
 
+    def set_tower_numerics(self, numerics: str) -> None:
+        """The vision tower's attention numerics (`clip_encoder.TOWER_NUMERICS`): 'sdpa' (default) or
+        'released', the released GlobalCom2 code's fp16 rounding (CLIP towers only)."""
+        tower = self.get_vision_tower()
+        if isinstance(tower, SigLipVisionTower):
+            if numerics != "sdpa":
+                raise ValueError(f"tower numerics {numerics!r} is for CLIP towers; this model's is SigLIP")
+            return
+        tower.set_numerics(numerics)
+
     def set_text_tower(self, path: str | None) -> None:
         """Use the CLIP checkpoint `path` (a directory, or a hub id in the local cache) for the text
         tower; None: the CLIP the vision tower came from (`mm_vision_tower`). Loads nothing."""

@@ -26,17 +26,26 @@ attention (SDPA/flash) everywhere:
   Both float32 `[V, P]`; the SigLIP tower offers them too (`siglip_encoder`).
 
 Keys are the raw `k_proj` outputs (bias included, unscaled).
+
+Tower numerics (`CLIPVisionTower.set_numerics`, `TOWER_NUMERICS`): 'sdpa' (default) runs transformers'
+own attention (SDPA: scale applied inside, fp32 softmax). 'released' runs every attention layer as the
+released GlobalCom2 code's patched CLIP attention does under transformers 4.37 (`released_attention_forward`:
+`q_proj(x) * scale`, bias included, heads folded into the batch, `bmm` with the keys, softmax in the
+tower dtype, `bmm` with the values), and takes the [CLS] signals from the same full products (the
+GlobalCom2 score: the head mean of the last layer's full logits map, row 0, columns 1..). In fp32 the two
+modes differ by rounding only; in fp16 'released' is the one that reproduces the paper's code bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import AttentionInterface, CLIPVisionConfig, CLIPVisionModel
 
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor
 
@@ -152,12 +161,27 @@ class CLIPVisionTower(nn.Module):
         features = states[select_index]
         if self.select_feature == "patch":
             features = features[:, 1:]
-        computed = {name: SIGNAL_FUNCTIONS[name](layers[layer], states[layer]) for name, layer in signal_layer.items()}
+        functions = RELEASED_SIGNAL_FUNCTIONS if self.numerics == "released" else SIGNAL_FUNCTIONS
+        computed = {name: functions[name](layers[layer], states[layer]) for name, layer in signal_layer.items()}
         if TOWER_FEATURES in signals:
             computed[TOWER_FEATURES] = states[select_index]
         if NEG_COS_MEAN in signals:
             computed[NEG_COS_MEAN] = negative_cosine_to_mean(states[select_index][:, 1:])
         return VisionTowerOutput(features, computed)
+
+    def set_numerics(self, numerics: str) -> None:
+        """Run the tower's attention as `numerics` says (`TOWER_NUMERICS`): 'sdpa' or 'released'."""
+        if numerics not in TOWER_NUMERICS:
+            raise ValueError(f"unknown tower numerics {numerics!r}; choose from {', '.join(TOWER_NUMERICS)}")
+        self.vision_tower.vision_model.set_attn_implementation(
+            RELEASED_ATTENTION if numerics == "released" else "sdpa")
+
+    @property
+    def numerics(self) -> str:
+        """'released' while the released attention is set, else 'sdpa' (read from the config, so a
+        later `set_attn_implementation` on the whole model is seen)."""
+        implementation = self.vision_tower.vision_model.config._attn_implementation
+        return "released" if implementation == RELEASED_ATTENTION else "sdpa"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -229,10 +253,10 @@ def cls_attention_heads(layer: nn.Module, layer_input: torch.Tensor) -> torch.Te
     return _patch_probabilities(cls_head_logits(layer, layer_input, first_key=0))
 
 
-def cls_attention_probabilities(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
-    """`cls_attention_heads` averaged over the heads `[V, P]` (FasterVLM's score): the mean of
-    the same rounded values the official code averages."""
-    return cls_attention_heads(layer, layer_input).mean(dim=1)
+def cls_attention_probabilities(layer: nn.Module, layer_input: torch.Tensor, heads=cls_attention_heads) -> torch.Tensor:
+    """`heads` (`cls_attention_heads`, or its released-numerics twin) averaged over the heads `[V, P]`
+    (FasterVLM's score): the mean of the same rounded values the official code averages."""
+    return heads(layer, layer_input).mean(dim=1)
 
 
 def head_mean_keys(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
@@ -317,6 +341,67 @@ def cls_model_negative_attention(layer: nn.Module, layer_input: torch.Tensor) ->
     return negative_received_attention(layer, layer_input, first_patch=1)
 
 
+# The attention implementation name of the released numerics (`AttentionInterface`, registered below).
+RELEASED_ATTENTION = "llava_released_clip"
+TOWER_NUMERICS = ("sdpa", "released")
+
+
+def released_attention_logits(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pre-softmax logits `[V * H, T, S]`, in the inputs' dtype, computed as transformers 4.37's CLIP
+    attention (and the released GlobalCom2 patch of it) does: the query scaled before the product, the
+    heads folded into the batch of contiguous `[V * H, T, d]` operands, one `bmm`.
+
+    queries: `[V, H, T, d]`, keys `[V, H, S, d]`: unscaled projections (bias included) split into heads.
+    Scaling the split query is element-wise the same as scaling `q_proj(x)` before the split."""
+    num_views, num_heads, _, head_dim = queries.shape
+    folded = (num_views * num_heads, -1, head_dim)
+    return torch.bmm((queries * scale).reshape(folded), keys.reshape(folded).transpose(1, 2))
+
+
+def released_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                               **kwargs) -> tuple[torch.Tensor, None]:
+    """Transformers attention interface (`RELEASED_ATTENTION`) with the released code's numerics:
+    `softmax(released_attention_logits)` in the tower dtype (fp16 softmax in fp16, not fp32), then
+    `bmm` with the values. query, key, value: `[V, H, T, d]`; returns `[V, T, H, d]` and no weights."""
+    if attention_mask is not None:
+        raise ValueError("the released CLIP attention is for the vision tower, which has no attention mask")
+    num_views, num_heads, num_tokens, head_dim = query.shape
+    probabilities = torch.softmax(released_attention_logits(query, key, scaling), dim=-1)
+    probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
+    output = torch.bmm(probabilities, value.reshape(num_views * num_heads, -1, head_dim))    # [V * H, T, d]
+    return output.view(num_views, num_heads, num_tokens, head_dim).transpose(1, 2), None
+
+
+AttentionInterface.register(RELEASED_ATTENTION, released_attention_forward)
+
+
+def released_layer_logits(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """The full pre-softmax logits `[V, H, T, T]` of one CLIP encoder layer with released numerics:
+    every token projected (as the released code does), so the products are those its attention makes.
+    layer_input: `[V, T, C]`, before the layer's `layer_norm1`."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(layer_input)
+    num_views, num_tokens, _ = normed.shape
+    heads_shape = (num_views, num_tokens, attention.num_heads, -1)
+    queries = attention.q_proj(normed).view(heads_shape).transpose(1, 2)      # [V, H, T, d]
+    keys = attention.k_proj(normed).view(heads_shape).transpose(1, 2)         # [V, H, T, d]
+    return released_attention_logits(queries, keys, attention.scale).view(num_views, attention.num_heads,
+                                                                           num_tokens, num_tokens)
+
+
+def released_cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """GlobalCom2's score `[V, P]` as the released code takes it: the head mean of the full logits map
+    `[V, T, T]` (in the tower dtype, over the map as it does), then row 0 ([CLS]), columns 1.. (patches)."""
+    return released_layer_logits(layer, layer_input).mean(dim=1)[:, 0, 1:]
+
+
+def released_cls_attention_heads(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """`cls_attention_heads` `[V, H, P]` with released numerics: row 0 of the full logits, soft-maxed in
+    the tower dtype (a softmax is per row, so row 0 alone equals row 0 of the full map's softmax)."""
+    return torch.softmax(released_layer_logits(layer, layer_input)[:, :, 0], dim=-1)[..., 1:]
+
+
 # Each signal: the encoder layer it is computed in (negative: from the end; -2 is layer 22 of
 # 24, whose output is LLaVA's feature layer) and how.
 SIGNAL_LAYERS = {"cls_logits_last": -1, "cls_attn_penultimate": -2, "cls_attn_heads_first": 0,
@@ -326,6 +411,11 @@ SIGNAL_FUNCTIONS = {"cls_logits_last": cls_patch_scores, "cls_attn_penultimate":
                     "cls_attn_heads_first": cls_attention_heads, "cls_attn_heads_penultimate": cls_attention_heads,
                     "keys_head_mean_penultimate": head_mean_keys, "cls_attn_full_width_last": full_width_cls_attention,
                     "keys_last": patch_keys, "neg_attn": cls_model_negative_attention}
+# Released numerics: the [CLS] signals from the released attention's products; the others as above.
+RELEASED_SIGNAL_FUNCTIONS = {
+    **SIGNAL_FUNCTIONS, "cls_logits_last": released_cls_patch_scores,
+    "cls_attn_heads_first": released_cls_attention_heads, "cls_attn_heads_penultimate": released_cls_attention_heads,
+    "cls_attn_penultimate": functools.partial(cls_attention_probabilities, heads=released_cls_attention_heads)}
 TOWER_FEATURES = "tower_features"  # the selected hidden state itself, [CLS] row included
 NEG_COS_MEAN = "neg_cos_mean"      # from the selected hidden state's patches, not from a layer's input
 

@@ -10,6 +10,8 @@
 #                    (default: llava_arch.retention_ratio)
 #   VISUAL_TOKENS    instead of a ratio: image tokens kept per image
 #   TOKEN_LAYOUT     official | spatial (default: llava_arch.token_layout)
+#   TOWER_NUMERICS   sdpa | released (default sdpa): 'released' runs the CLIP attention with the released
+#                    GlobalCom2 code's rounding (bit for bit in fp16, slower); CKPT gets "-released" appended
 #   PYTHON           the interpreter (default: .venv/bin/python when the install script made it, else python)
 #   CONV_MODE        chat template (default: the checkpoint family's own where it has one -- qwen_1_5 for
 #                    LLaVA-OneVision -- else vicuna_v1; the runner reads the family from config.json)
@@ -43,6 +45,7 @@ else
     RUNNER_ARGS=${RUNNER_ARGS:-}
 fi
 CKPT=${CKPT:-$(basename "$MODEL_PATH")}
+TOWER_NUMERICS=${TOWER_NUMERICS:-sdpa}
 CONV_MODE=${CONV_MODE:-}
 if [ -n "$CONV_MODE" ]; then TEMPLATE=(--conv-mode "$CONV_MODE"); else TEMPLATE=(--fallback-conv-mode vicuna_v1); fi
 # llava_arch's defaults, read from its source (no torch started)
@@ -73,6 +76,9 @@ if [ -n "${RETENTION_RATIOS:-}${METHODS:-}" ] && [ -z "${SWEEP_FIRST:-}" ]; then
     exit 0
 fi
 
+# Released-numerics runs get their own answer files and summary rows (after the sweep, which reruns us).
+[ "$TOWER_NUMERICS" = "sdpa" ] || CKPT="$CKPT-$TOWER_NUMERICS"
+
 # The answers-file name part, and the arguments results are recorded under (a method's mode always);
 # default GlobalCom2 has neither, so no Python is started for it.
 METHOD_NAME="" RECORD_ARGS=""
@@ -81,7 +87,7 @@ if [ "$METHOD" != "globalcom2" ] || [ -n "$METHOD_ARGS" ]; then
     { read -r METHOD_NAME; read -r RECORD_ARGS; } < <("$PYTHON" -m llava.model.compression --record-args \
         --run-name "$METHOD" $METHOD_ARGS)
 fi
-COMPRESSION=(--method "$METHOD" --token-layout "$TOKEN_LAYOUT")
+COMPRESSION=(--method "$METHOD" --token-layout "$TOKEN_LAYOUT" --tower-numerics "$TOWER_NUMERICS")
 for pair in $METHOD_ARGS; do
     COMPRESSION+=(--method-arg "$pair")
 done
@@ -122,7 +128,7 @@ run_runner() {
         # A sweep: the first setting's runner answers them all (file names with {run} for each setting's
         # part after "$CKPT-"); the other settings only merge their chunks.
         if [ "$SWEEP_FIRST" = "1" ]; then
-            compression=(--methods "$SWEEP_METHODS" --token-layout "$TOKEN_LAYOUT")
+            compression=(--methods "$SWEEP_METHODS" --token-layout "$TOKEN_LAYOUT" --tower-numerics "$TOWER_NUMERICS")
             for pair in $METHOD_ARGS; do
                 compression+=(--method-arg "$pair")
             done
