@@ -116,7 +116,40 @@ class CLIPVisionHolder(nn.Module):
         self.vision_model = CLIPVisionModel(config)
 
 
-class CLIPVisionTower(nn.Module):
+class VisionTowerBase(nn.Module):
+    """What every tower module exposes about its model, which it keeps at `vision_tower.vision_model`
+    (the original checkpoints' key level): dtype, device, config, widths and patch geometry."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.vision_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.vision_model.device
+
+    @property
+    def config(self):
+        return self.vision_tower.vision_model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+
+class CLIPVisionTower(VisionTowerBase):
     """Upstream LLaVA's tower module (same attribute names, so checkpoint keys match).
 
     The CLIP model is built from its config, not loaded: inside `from_pretrained` of the LLaVA
@@ -182,34 +215,6 @@ class CLIPVisionTower(nn.Module):
         later `set_attn_implementation` on the whole model is seen)."""
         implementation = self.vision_tower.vision_model.config._attn_implementation
         return "released" if implementation == RELEASED_ATTENTION else "sdpa"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vision_tower.vision_model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vision_tower.vision_model.device
-
-    @property
-    def config(self) -> CLIPVisionConfig:
-        return self.vision_tower.vision_model.config
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def num_patches_per_side(self) -> int:
-        return self.config.image_size // self.config.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.num_patches_per_side**2
-
-    @property
-    def dummy_feature(self) -> torch.Tensor:
-        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
 
 
 def cls_head_logits(layer: nn.Module, layer_input: torch.Tensor, first_key: int) -> torch.Tensor:

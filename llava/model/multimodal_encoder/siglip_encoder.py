@@ -27,8 +27,9 @@ from PIL import Image
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from llava.model.multimodal_encoder.clip_encoder import (NEG_COS_MEAN, VisionTowerOutput, _local_tower_dir,
-                                                         negative_cosine_to_mean, negative_received_attention)
+from llava.model.multimodal_encoder.clip_encoder import (NEG_COS_MEAN, VisionTowerBase, VisionTowerOutput,
+                                                         _local_tower_dir, negative_cosine_to_mean,
+                                                         negative_received_attention)
 from llava.model.multimodal_encoder.image_processor import CLIPImagePreprocessor
 
 SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
@@ -125,7 +126,7 @@ class SigLipVisionHolder(nn.Module):
         self.vision_model = SiglipVisionModel(config)
 
 
-class SigLipVisionTower(nn.Module):
+class SigLipVisionTower(VisionTowerBase):
     """LLaVA-OneVision's tower module, with `CLIPVisionTower`'s interface (`forward` returns a
     `VisionTowerOutput`), so the LLaVA model calls either.
 
@@ -169,31 +170,3 @@ class SigLipVisionTower(nn.Module):
         if NEG_ATTN in signals:
             computed[NEG_ATTN] = negative_received_attention(last_layer, last_input, first_patch=0)
         return VisionTowerOutput(features, computed)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vision_tower.vision_model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vision_tower.vision_model.device
-
-    @property
-    def config(self) -> SiglipVisionConfig:
-        return self.vision_tower.vision_model.config
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def num_patches_per_side(self) -> int:
-        return self.config.image_size // self.config.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.num_patches_per_side**2
-
-    @property
-    def dummy_feature(self) -> torch.Tensor:
-        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
