@@ -3,15 +3,11 @@ arguments addressed per part, the budget split by hand, and through the tiny che
 layers, so FastV's K = 1): the in-LLM ratio at 1 is GlobalCom2 alone, the whole budget in-LLM is
 FastV alone, the default split's counts, and the loader runner end to end."""
 
-import json
 import math
 
 import pytest
 import torch
-from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.model.compression import get_method, parse_method_args
 from llava.model.compression.common import Budget
 from llava.model.compression.registry import (ComposedArgs, in_llm_part, method_args_dict, method_choices,
@@ -166,18 +162,8 @@ def test_default_split_counts(tiny):
     assert composed.sequences.shape[0] == 1
 
 
-def test_loader_runner_end_to_end(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (50, 90)]):
-        Image.new("RGB", size, (60 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    with open(tmp_path / "questions.jsonl", "w") as file:
-        file.writelines(json.dumps({"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"}) + "\n"
-                        for index in range(2))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", NAME, "--method-arg", "fastv.k=1",
-                                  "--retention-ratio", "0.25"]) == 0
-    rows = read_jsonl(answers)
+def test_loader_runner_end_to_end(loader_answers):
+    rows = loader_answers([(80, 50), (50, 90)], "--method", NAME, "--method-arg", "fastv.k=1", "--retention-ratio", "0.25")
     assert len(rows) == 2
     meta = rows[0]["metadata"]
     image = meta["images"][0]

@@ -5,16 +5,12 @@ hidden states, and through the tiny checkpoint (2 layers, so K = 1): R = 1 is th
 ragged batch equals each row alone, decode after pruning equals the pruned prompt re-run from
 scratch, the accounting, and the loader runner end to end."""
 
-import json
 import random
 import types
 
 import pytest
 import torch
-from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression import dart, get_method, parse_method_args
 from llava.model.compression.common import Budget, crop_geometry
@@ -303,18 +299,8 @@ def test_ragged_batch_equals_each_row_alone(tiny, budget):
         assert torch.allclose(batched.logits[0][row], alone.logits[0][0], atol=1e-4)
 
 
-def test_loader_runner_end_to_end(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (50, 90)]):
-        Image.new("RGB", size, (60 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    with open(tmp_path / "questions.jsonl", "w") as file:
-        file.writelines(json.dumps({"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"}) + "\n"
-                        for index in range(2))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", "dart", "--method-arg", "k=1",
-                                  "--retention-ratio", "0.25"]) == 0
-    rows = read_jsonl(answers)
+def test_loader_runner_end_to_end(loader_answers):
+    rows = loader_answers([(80, 50), (50, 90)], "--method", "dart", "--method-arg", "k=1", "--retention-ratio", "0.25")
     assert len(rows) == 2
     image = rows[0]["metadata"]["images"][0]
     span = image["in_llm"]["span_tokens"]

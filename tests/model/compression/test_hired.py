@@ -7,7 +7,6 @@ Features are named: value `100 * view + cell` (D = 1; `1000 * view + cell` for s
 newline -1, so a sequence reads as the list of cells the language model receives.
 """
 
-import json
 import math
 
 import pytest
@@ -15,8 +14,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method, parse_method_args
 from llava.model.compression.common import Budget, arrange_tokens, crop_geometry, keep_mask, view_image_areas
@@ -463,18 +460,9 @@ def test_anyres_mode_through_the_model_has_the_models_newlines(tiny, model):
     assert model.compression_settings().signals == frozenset()  # vanilla: no score needed
 
 
-def test_end_to_end_through_the_loader_runner(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (300, 40)]):
-        Image.new("RGB", size, (90 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    with open(tmp_path / "questions.jsonl", "w") as file:
-        for index in range(2):
-            file.write(json.dumps({"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"}) + "\n")
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers),
-                                  "--temperature", "0", "--max_new_tokens", "1", "--method", "hired",
-                                  "--retention-ratio", "0.2", "--method-arg", "partition=crops"]) == 0
-    rows = read_jsonl(answers)
+def test_end_to_end_through_the_loader_runner(loader_answers):
+    rows = loader_answers([(80, 50), (300, 40)], "--method", "hired", "--retention-ratio", "0.2",
+                          "--method-arg", "partition=crops", colour_step=90, max_new_tokens=1)
     assert [row["question_id"] for row in rows] == [0, 1]
     for row in rows:
         meta = row["metadata"]

@@ -6,7 +6,6 @@ Features are named: value `100 * view + cell` (D = 1), newline -1, so a sequence
 of cells the language model receives. Attention is given as `a = 1000 A` (the release scales it so).
 """
 
-import json
 import math
 
 import pytest
@@ -14,8 +13,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, unpad_image
 from llava.model.compression import get_method, parse_method_args
 from llava.model.compression.common import Budget, Merge, arrange_tokens, crop_geometry, keep_mask
@@ -422,17 +419,9 @@ def test_the_model_asks_the_tower_for_the_signal_also_at_a_full_budget(model):
     assert model.compression_settings().signals == frozenset()
 
 
-def test_the_loader_runs_holov_end_to_end(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (300, 40)]):
-        Image.new("RGB", size, (90 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    questions = [{"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"} for index in range(2)]
-    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in questions))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", "holov", "--method-arg", "partitions=8",
-                                  "--retention-ratio", "0.1"]) == 0
-    for row in read_jsonl(answers):
+def test_the_loader_runs_holov_end_to_end(loader_answers):
+    for row in loader_answers([(80, 50), (300, 40)], "--method", "holov", "--method-arg", "partitions=8",
+                              "--retention-ratio", "0.1", colour_step=90):
         meta = row["metadata"]
         image = meta["images"][0]
         assert meta["method"] == "holov" and meta["method_args"] == dict(vars(HoloVArgs(partitions=8)))

@@ -5,15 +5,11 @@ vanilla model, a ragged batch against each row alone, decode after a pruned pref
 pruned sequence run from scratch, and the loader runner end to end."""
 
 import copy
-import json
 import random
 
 import pytest
 import torch
-from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression import get_method, parse_method_args, pdrop
 from llava.model.compression.common import Budget, crop_geometry
@@ -334,18 +330,8 @@ def test_ragged_batch_equals_each_row_alone(tiny, budget):
         assert torch.allclose(batched.logits[0][row], alone.logits[0][0], atol=1e-4)
 
 
-def test_loader_runner_end_to_end(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (50, 90)]):
-        Image.new("RGB", size, (60 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    with open(tmp_path / "questions.jsonl", "w") as file:
-        file.writelines(json.dumps({"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"}) + "\n"
-                        for index in range(2))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", "pdrop", "--method-arg", "convention=post",
-                                  "--retention-ratio", "0.25"]) == 0
-    rows = read_jsonl(answers)
+def test_loader_runner_end_to_end(loader_answers):
+    rows = loader_answers([(80, 50), (50, 90)], "--method", "pdrop", "--method-arg", "convention=post", "--retention-ratio", "0.25")
     assert len(rows) == 2
     image = rows[0]["metadata"]["images"][0]
     assert image["method"] == "pdrop" and image["method_args"]["convention"] == "post"

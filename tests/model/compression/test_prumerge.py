@@ -7,7 +7,6 @@ Tower features are named: value `100 * view + cell` (C = 1), newline -1, and the
 identity, so a merged token reads as its cell's name plus the weighted names of its neighbours.
 """
 
-import json
 
 import numpy as np
 import pytest
@@ -16,8 +15,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method
 from llava.model.compression.common import (
@@ -442,17 +439,9 @@ def test_the_tower_is_asked_for_the_declared_signals_only(model):
     assert model.compression_settings().signals == frozenset()
 
 
-def test_one_run_of_the_loader_runner(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (700, 300)]):
-        Image.new("RGB", size, (60 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    with open(tmp_path / "questions.jsonl", "w") as file:
-        file.writelines(json.dumps({"question_id": index, "image": f"img{index}.jpg", "text": "What is it?"}) + "\n"
-                        for index in range(2))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", "prumerge", "--retention-ratio", "0.1"]) == 0
-    rows = read_jsonl(answers)
+def test_one_run_of_the_loader_runner(loader_answers):
+    rows = loader_answers([(80, 50), (700, 300)], "--method", "prumerge", "--retention-ratio", "0.1",
+                          text="What is it?")
     assert [row["question_id"] for row in rows] == [0, 1]
     for row in rows:
         meta = row["metadata"]

@@ -6,18 +6,14 @@ eager attention, and through the tiny checkpoint (2 layers: sparse layer 0, stag
 is the vanilla model, a ragged batch equals each row alone, decode after pruning equals re-running
 from scratch, the loader runner end to end."""
 
-import json
 import math
 import random
 from fractions import Fraction
 
 import pytest
 import torch
-from PIL import Image
 from transformers import LlamaConfig, LlamaModel
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.model.compression import get_method, parse_method_args, sparsevlm
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.compression.common import Budget, crop_geometry
@@ -400,18 +396,8 @@ def test_decode_after_pruning_equals_running_from_scratch(tiny, monkeypatch):
             token_mask = torch.cat([token_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
 
 
-def test_loader_runner_end_to_end(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (50, 90)]):
-        Image.new("RGB", size, (60 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    with open(tmp_path / "questions.jsonl", "w") as file:
-        file.writelines(json.dumps({"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"}) + "\n"
-                        for index in range(2))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", "sparsevlm", "--method-arg", "layers=0",
-                                  "--retention-ratio", "0.25"]) == 0
-    rows = read_jsonl(answers)
+def test_loader_runner_end_to_end(loader_answers):
+    rows = loader_answers([(80, 50), (50, 90)], "--method", "sparsevlm", "--method-arg", "layers=0", "--retention-ratio", "0.25")
     assert len(rows) == 2
     image = rows[0]["metadata"]["images"][0]
     assert image["method"] == "sparsevlm"

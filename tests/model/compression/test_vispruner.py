@@ -10,7 +10,6 @@ cosine of two cells is the cosine of their angular distance, so "most duplicated
 "nearest in angle".
 """
 
-import json
 import math
 import random
 from fractions import Fraction
@@ -19,8 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.eval import model_vqa_loader
-from llava.eval.jsonl import read_jsonl
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method, parse_method_args
 from llava.model.compression.common import Budget, arrange_tokens, crop_geometry, keep_mask, view_image_areas
@@ -511,16 +508,9 @@ def test_the_tower_is_asked_for_the_declared_signals_only(model):
     assert model.compression_settings().signals == frozenset()
 
 
-def test_one_run_of_the_loader_runner(tiny_checkpoint, tmp_path):
-    for index, size in enumerate([(80, 50), (300, 40)]):
-        Image.new("RGB", size, (90 * index, 100, 50)).save(tmp_path / f"img{index}.jpg")
-    questions = [{"question_id": index, "image": f"img{index}.jpg", "text": "Is there a cat?"} for index in range(2)]
-    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in questions))
-    answers = tmp_path / "answers.jsonl"
-    assert model_vqa_loader.main(["--model-path", tiny_checkpoint, "--question-file", str(tmp_path / "questions.jsonl"),
-                                  "--image-folder", str(tmp_path), "--answers-file", str(answers), "--temperature", "0",
-                                  "--max_new_tokens", "2", "--method", "vispruner", "--visual-tokens", "320"]) == 0
-    for row in read_jsonl(answers):
+def test_one_run_of_the_loader_runner(loader_answers):
+    for row in loader_answers([(80, 50), (300, 40)], "--method", "vispruner", "--visual-tokens", "320",
+                              colour_step=90):
         meta = row["metadata"]
         image = meta["images"][0]
         assert meta["method"] == "vispruner" and meta["method_args"] == dict(vars(VisPrunerArgs()))
