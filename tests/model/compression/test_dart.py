@@ -18,7 +18,7 @@ from llava.model.language_model import pruning
 from llava.model.language_model.pruning import PruningRequest
 from llava.tiny import V16_PINPOINTS
 
-from tests.model.compression.test_fastv import _generate, _inputs
+from tests.model.compression.test_fastv import _generate, _inputs, assert_full_budget_is_vanilla
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=2880):
@@ -255,12 +255,7 @@ def test_decode_after_pruning_equals_the_pruned_prompt_from_scratch(tiny):
 # --- through the tiny checkpoint (2 decoder layers: K = 1) -------------------------------------
 
 def test_full_budget_is_the_vanilla_model(tiny):
-    _, model, _ = tiny
-    ids, mask, pixel_values, sizes = _inputs(tiny, [(800, 500)], ["What is shown?"])
-    vanilla = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="globalcom2")
-    full = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="dart", method_args=["k=1"])
-    assert full.sequences.tolist() == vanilla.sequences.tolist()
-    assert all(torch.equal(ours, theirs) for ours, theirs in zip(full.logits, vanilla.logits))
+    assert_full_budget_is_vanilla(tiny, "dart", ["k=1"])
 
 
 def test_pruning_changes_the_model_and_is_accounted(tiny):

@@ -116,14 +116,20 @@ def _generate(model, ids, mask, pixel_values, sizes, **compression):
         model.set_compression()
 
 
-def test_full_budget_is_the_vanilla_model(tiny):
+def assert_full_budget_is_vanilla(tiny, method, method_args=None):
+    """At R = 1 the in-LLM `method` schedules nothing: the greedy tokens and every step's logits are the
+    vanilla model's exactly (shared by the in-LLM methods' tests)."""
     _, model, _ = tiny
     ids, mask, pixel_values, sizes = _inputs(tiny, [(800, 500)], ["What is shown?"])
     vanilla = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="globalcom2")
-    full = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="fastv",
-                     method_args=["k=1"])
+    full = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method=method,
+                     method_args=method_args)
     assert full.sequences.tolist() == vanilla.sequences.tolist()
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(full.logits, vanilla.logits))
+
+
+def test_full_budget_is_the_vanilla_model(tiny):
+    assert_full_budget_is_vanilla(tiny, "fastv", ["k=1"])
 
 
 def test_pruning_changes_the_model_and_is_accounted(tiny):

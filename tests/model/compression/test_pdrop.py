@@ -16,7 +16,7 @@ from llava.model.compression.common import Budget, crop_geometry
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.pruning import PruningRequest
 from llava.tiny import V16_PINPOINTS
-from tests.model.compression.test_fastv import _generate, _inputs
+from tests.model.compression.test_fastv import _generate, _inputs, assert_full_budget_is_vanilla
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=2880):
@@ -284,12 +284,7 @@ def test_decode_without_the_position_shift_differs(deep):
 # --- through the tiny checkpoint (2 decoder layers: one stage at layer 1) ---------------------------
 
 def test_full_budget_is_the_vanilla_model(tiny):
-    _, model, _ = tiny
-    ids, mask, pixel_values, sizes = _inputs(tiny, [(800, 500)], ["What is shown?"])
-    vanilla = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="globalcom2")
-    full = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="pdrop")
-    assert full.sequences.tolist() == vanilla.sequences.tolist()
-    assert all(torch.equal(ours, theirs) for ours, theirs in zip(full.logits, vanilla.logits))
+    assert_full_budget_is_vanilla(tiny, "pdrop")
 
 
 def test_pruning_is_accounted_with_both_counts(tiny):

@@ -20,7 +20,7 @@ from llava.model.compression.common import Budget, crop_geometry
 from llava.model.language_model import pruning
 from llava.model.language_model.pruning import PruningRequest
 from llava.tiny import V16_PINPOINTS
-from tests.model.compression.test_fastv import _generate, _inputs
+from tests.model.compression.test_fastv import _generate, _inputs, assert_full_budget_is_vanilla
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=576):
@@ -299,13 +299,7 @@ def test_registered_in_llm():
 # --- through the tiny checkpoint (2 decoder layers: sparse layer 0) -----------------------------
 
 def test_full_budget_is_the_vanilla_model(tiny):
-    _, model, _ = tiny
-    ids, mask, pixel_values, sizes = _inputs(tiny, [(800, 500)], ["What is shown?"])
-    vanilla = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="globalcom2")
-    full = _generate(model, ids, mask, pixel_values, sizes, retention_ratio=1.0, method="sparsevlm",
-                     method_args=["layers=0"])
-    assert full.sequences.tolist() == vanilla.sequences.tolist()
-    assert all(torch.equal(ours, theirs) for ours, theirs in zip(full.logits, vanilla.logits))
+    assert_full_budget_is_vanilla(tiny, "sparsevlm", ["layers=0"])
 
 
 def test_pruning_changes_the_model_and_is_accounted(tiny):
