@@ -332,13 +332,18 @@ def negative_received_attention(layer: nn.Module, layer_input: torch.Tensor, fir
     softmax over all tokens; the patches are the tokens `first_patch..` (1: CLIP, 0: SigLIP).
 
     layer_input: `[V, T, C]`, the layer's input (before its `layer_norm1`)."""
+    queries, keys = head_queries_and_keys(layer, layer_input)
+    return -mean_received_attention(queries, keys, layer.self_attn.scale)[:, first_patch:]
+
+
+def head_queries_and_keys(layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's unscaled queries and keys `[V, H, T, d]` of one encoder layer (CLIP's or SigLIP's:
+    `layer_norm1`, `self_attn.{q,k}_proj`), for its input `layer_input` `[V, T, C]`."""
     attention = layer.self_attn
     normed = layer.layer_norm1(layer_input)
-    num_views, num_tokens, _ = normed.shape
-    heads_shape = (num_views, num_tokens, attention.num_heads, -1)
-    queries = attention.q_proj(normed).view(heads_shape).transpose(1, 2)        # [V, H, T, d]
-    keys = attention.k_proj(normed).view(heads_shape).transpose(1, 2)           # [V, H, T, d]
-    return -mean_received_attention(queries, keys, attention.scale)[:, first_patch:]
+    heads_shape = (*normed.shape[:2], attention.num_heads, -1)
+    return (attention.q_proj(normed).view(heads_shape).transpose(1, 2),
+            attention.k_proj(normed).view(heads_shape).transpose(1, 2))
 
 
 def cls_model_negative_attention(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
@@ -385,14 +390,10 @@ def released_layer_logits(layer: nn.Module, layer_input: torch.Tensor) -> torch.
     """The full pre-softmax logits `[V, H, T, T]` of one CLIP encoder layer with released numerics:
     every token projected (as the released code does), so the products are those its attention makes.
     layer_input: `[V, T, C]`, before the layer's `layer_norm1`."""
-    attention = layer.self_attn
-    normed = layer.layer_norm1(layer_input)
-    num_views, num_tokens, _ = normed.shape
-    heads_shape = (num_views, num_tokens, attention.num_heads, -1)
-    queries = attention.q_proj(normed).view(heads_shape).transpose(1, 2)      # [V, H, T, d]
-    keys = attention.k_proj(normed).view(heads_shape).transpose(1, 2)         # [V, H, T, d]
-    return released_attention_logits(queries, keys, attention.scale).view(num_views, attention.num_heads,
-                                                                           num_tokens, num_tokens)
+    queries, keys = head_queries_and_keys(layer, layer_input)
+    num_views, num_heads, num_tokens, _ = queries.shape
+    return released_attention_logits(queries, keys, layer.self_attn.scale).view(num_views, num_heads, num_tokens,
+                                                                                 num_tokens)
 
 
 def released_cls_patch_scores(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
