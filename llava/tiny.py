@@ -269,15 +269,23 @@ def build_tiny_checkpoint(out: str = DEFAULT_OUT, seed: int = 0, llm: str = "vic
     config_dict, vision_config = tiny_configs(len(tokenizer), llm)
     build_tiny_clip(os.path.join(out, TOWER_DIR), vision_config, seed)
 
-    config_class, model_class = (LlavaConfig, LlavaLlamaForCausalLM) if llm == "vicuna" else (LlavaMistralConfig, LlavaMistralForCausalLM)
-    config = config_class(**{key: value for key, value in config_dict.items() if key not in ("architectures", "model_type")})
+    config_class, model_class = ((LlavaConfig, LlavaLlamaForCausalLM) if llm == "vicuna"
+                                 else (LlavaMistralConfig, LlavaMistralForCausalLM))
+    return _save_checkpoint(out, config_class, model_class, config_dict, tokenizer, seed, max_shard_size)
+
+
+def _save_checkpoint(out: str, config_class, model_class, config_dict: dict, tokenizer, seed: int,
+                     max_shard_size: str) -> str:
+    """A seeded random `model_class` of `config_dict` saved to `out` with its tokenizer, then the
+    original checkpoints' config.json over transformers' (model_type 'llava', LLaVA keys at top level)."""
+    config = config_class(**{key: value for key, value in config_dict.items()
+                             if key not in ("architectures", "model_type")})
     config._name_or_path = out
     torch.manual_seed(seed)
     model = model_class(config)
     _seeded_init(model, seed)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
-    # The original checkpoints' config.json: model_type 'llava', LLaVA keys at top level.
     with open(os.path.join(out, "config.json"), "w") as handle:
         json.dump(config_dict, handle, indent=2, sort_keys=True)
     return out
@@ -396,18 +404,7 @@ def build_tiny_onevision_checkpoint(out: str = ONEVISION_OUT, seed: int = 0, max
     tokenizer = build_qwen_tokenizer()
     config_dict, vision_config = onevision_configs(len(tokenizer))
     build_tiny_siglip(os.path.join(out, SIGLIP_TOWER_DIR), vision_config, seed)
-    config = LlavaQwenConfig(**{key: value for key, value in config_dict.items()
-                                if key not in ("architectures", "model_type")})
-    config._name_or_path = out
-    torch.manual_seed(seed)
-    model = LlavaQwenForCausalLM(config)
-    _seeded_init(model, seed)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out)
-    # The original checkpoints' config.json: model_type 'llava', LLaVA keys at top level.
-    with open(os.path.join(out, "config.json"), "w") as handle:
-        json.dump(config_dict, handle, indent=2, sort_keys=True)
-    return out
+    return _save_checkpoint(out, LlavaQwenConfig, LlavaQwenForCausalLM, config_dict, tokenizer, seed, max_shard_size)
 
 
 def ensure_tiny_checkpoint(out: str = DEFAULT_OUT) -> str:
