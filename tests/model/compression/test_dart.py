@@ -19,6 +19,7 @@ from llava.model.language_model.pruning import PruningRequest
 from llava.tiny import V16_PINPOINTS
 
 from tests.model.compression.test_fastv import _generate, _inputs, assert_full_budget_is_vanilla
+from tests.model.language_model.test_pruning import left_padded_prompts
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=2880):
@@ -193,17 +194,6 @@ def test_through_end_spans_by_hand():
     assert span[1, :, 0].tolist() == [18, 20, 22, 0, 0] and span[0, :, 1].tolist() == [3, 5, 7, 9, 11]
 
 
-def _prompts(model, lengths, seed=5):
-    longest = max(lengths)
-    generator = torch.Generator().manual_seed(seed)
-    embeds = torch.zeros(len(lengths), longest, model.config.hidden_size)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        embeds[row, longest - length:] = torch.randn(length, model.config.hidden_size, generator=generator)
-        mask[row, longest - length:] = 1
-    return embeds, mask
-
-
 def _request(lengths, spans, kept, method, args):
     """Image spans at 3.. of each left-padded row; schedule `(K=1, kept)`."""
     longest = max(lengths)
@@ -218,7 +208,7 @@ def test_decode_after_pruning_equals_the_pruned_prompt_from_scratch(tiny):
     _, model, _ = tiny
     backbone = model.get_model()
     lengths, spans, kept_counts = [40, 31], [30, 22], [12, 12]
-    embeds, mask = _prompts(model, lengths)
+    embeds, mask = left_padded_prompts(tiny, lengths)
     args = dart.DARTArgs(k=1, pivot_image=2, pivot_text=3)
     chosen = []
 

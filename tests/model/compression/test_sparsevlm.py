@@ -21,6 +21,7 @@ from llava.model.language_model import pruning
 from llava.model.language_model.pruning import PruningRequest
 from llava.tiny import V16_PINPOINTS
 from tests.model.compression.test_fastv import _generate, _inputs, assert_full_budget_is_vanilla
+from tests.model.language_model.test_pruning import left_padded_prompts
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=576):
@@ -342,25 +343,13 @@ def test_ragged_batch_equals_each_row_alone(tiny, budget):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-4)
 
 
-def _embeds(tiny, lengths):
-    _, model, _ = tiny
-    longest = max(lengths)
-    generator = torch.Generator().manual_seed(5)
-    embeds = torch.zeros(len(lengths), longest, model.config.hidden_size)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        embeds[row, longest - length:] = torch.randn(length, model.config.hidden_size, generator=generator)
-        mask[row, longest - length:] = 1
-    return embeds, mask
-
-
 def test_decode_after_pruning_equals_running_from_scratch(tiny, monkeypatch):
     """Greedy decode on the pruned cache (per-stage lengths, renumbered positions continued from each
     layer's cache length) against re-running the prompt and the tokens so far without a cache, pruned
     the same way (the raters chosen from the prompt alone, as at the prefill): same tokens and logits."""
     _, model, _ = tiny
     lengths, spans, totals = [30, 24], [20, 15], [9, 5]
-    embeds, mask = _embeds(tiny, lengths)
+    embeds, mask = left_padded_prompts(tiny, lengths)
     args = sparsevlm.SparseVLMArgs(layers="0")
 
     def request():

@@ -96,8 +96,9 @@ def _replay_method(kept_offsets):
     return types.SimpleNamespace(select=select, needs={"last_query_attn"})
 
 
-def _prompts(tiny, lengths):
-    """Left-padded inputs_embeds and mask for rows of `lengths` random embeddings; image spans at 3.."""
+def left_padded_prompts(tiny, lengths):
+    """Left-padded inputs_embeds and mask for rows of `lengths` random embeddings (shared by the in-LLM
+    methods' tests; their image spans start at 3..)."""
     _, model, _ = tiny
     longest = max(lengths)
     generator = torch.Generator().manual_seed(5)
@@ -120,7 +121,7 @@ def test_keeping_everything_equals_the_model(tiny):
     """A stage that keeps every token runs the mechanism's own loop, masks and RoPE: same logits."""
     _, model, _ = tiny
     lengths, spans = [30, 24], [20, 15]
-    embeds, mask = _prompts(tiny, lengths)
+    embeds, mask = left_padded_prompts(tiny, lengths)
     with torch.no_grad():
         vanilla = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
         model.get_model().pruning_request = _request(lengths, spans, [list(range(20)), list(range(15))], 1)
@@ -134,7 +135,7 @@ def test_the_scoring_layer_reads_its_keys_from_the_cache(tiny, use_cache):
     cache the scorer projects them again."""
     _, model, _ = tiny
     lengths, spans = [30, 24], [20, 15]
-    embeds, mask = _prompts(tiny, lengths)
+    embeds, mask = left_padded_prompts(tiny, lengths)
     calls = []
     hook = model.get_model().layers[0].self_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -149,7 +150,7 @@ def test_the_scoring_layer_reads_its_keys_from_the_cache(tiny, use_cache):
 def test_ragged_batch_equals_each_row_alone(tiny):
     _, model, _ = tiny
     lengths, spans, offsets = [30, 24], [20, 15], [[0, 4, 7, 19], [1, 2, 3, 5, 8, 13, 14]]
-    embeds, mask = _prompts(tiny, lengths)
+    embeds, mask = left_padded_prompts(tiny, lengths)
     with torch.no_grad():
         model.get_model().pruning_request = _request(lengths, spans, offsets, 1)
         batched = model(inputs_embeds=embeds, attention_mask=mask).logits
@@ -166,7 +167,7 @@ def test_decode_after_pruning_equals_the_pruned_prompt_without_cache(tiny):
     the tokens so far without a cache, pruned the same way: same tokens, same logits."""
     _, model, _ = tiny
     lengths, spans, offsets = [30, 24], [20, 15], [[0, 4, 7, 19], [1, 2, 3, 5, 8, 13, 14]]
-    embeds, mask = _prompts(tiny, lengths)
+    embeds, mask = left_padded_prompts(tiny, lengths)
     with torch.no_grad():
         model.get_model().pruning_request = _request(lengths, spans, offsets, 1)
         generated = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False,
