@@ -30,7 +30,6 @@ from llava.model.compression.registry import (
 )
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerOutput, build_vision_tower
 from llava.model.multimodal_encoder.clip_text import load_text_tower, resolve_text_tower
-from llava.model.multimodal_encoder.siglip_encoder import OFFERED_SIGNALS as SIGLIP_SIGNALS, SigLipVisionTower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.utils import LlavaWarning
 
@@ -227,34 +226,31 @@ class LlavaMetaForCausalLM:
 
     def check_tower_signals(self, settings: CompressionSettings) -> None:
         """Refuse, in one line, settings whose method needs signals this model's vision tower cannot
-        give: the SigLIP tower (OneVision, no [CLS]) offers only `siglip_encoder.OFFERED_SIGNALS`, and
-        its features are no CLIP text tower's input either. CLIP towers serve every registered signal.
+        give (its `offered_signals`): the SigLIP tower (OneVision, no [CLS]) offers only
+        `siglip_encoder.OFFERED_SIGNALS`, and its features are no CLIP text tower's input either. CLIP
+        towers serve every registered signal.
 
         A method whose arguments choose its signal (GlobalCom2's `score`, default `cls` as released)
         is refused too, never switched silently: the message names the arguments that choose an
         offered one (`--method-arg score=neg_cos_mean`, the paper's score without [CLS]), so the
         choice is in the run's arguments, its metadata and its results row name."""
-        if not isinstance(self.get_vision_tower(), SigLipVisionTower):
+        tower = self.get_vision_tower()
+        if tower.offered_signals is None:
             return
-        missing = settings.signals - SIGLIP_SIGNALS
+        missing = settings.signals - tower.offered_signals
         if missing:
             choosers = [f"--method-arg {name}={signal}"
                         for name, kind, _, _ in argument_fields(get_method(settings.method))
-                        for signal in sorted(SIGLIP_SIGNALS) if signal in typing.get_args(kind)]
+                        for signal in sorted(tower.offered_signals) if signal in typing.get_args(kind)]
             remedy = f"; pass {' or '.join(choosers)}" if choosers else ""
-            raise ValueError(f"method {settings.method} needs {', '.join(sorted(missing))}, which the SigLIP vision "
-                             f"tower ({self.get_vision_tower().vision_tower_name}, no [CLS]) does not offer; it offers "
-                             f"{', '.join(sorted(SIGLIP_SIGNALS))} (R = 1 needs none){remedy}")
+            raise ValueError(f"method {settings.method} needs {', '.join(sorted(missing))}, which the {tower.kind} "
+                             f"vision tower ({tower.vision_tower_name}) does not offer; it offers "
+                             f"{', '.join(sorted(tower.offered_signals))} (R = 1 needs none){remedy}")
 
     def set_tower_numerics(self, numerics: str) -> None:
         """The vision tower's attention numerics (`clip_encoder.TOWER_NUMERICS`): 'sdpa' (default) or
         'released', the released GlobalCom2 code's fp16 rounding (CLIP towers only)."""
-        tower = self.get_vision_tower()
-        if isinstance(tower, SigLipVisionTower):
-            if numerics != "sdpa":
-                raise ValueError(f"tower numerics {numerics!r} is for CLIP towers; this model's is SigLIP")
-            return
-        tower.set_numerics(numerics)
+        self.get_vision_tower().set_numerics(numerics)
 
     def set_text_tower(self, path: str | None) -> None:
         """Use the CLIP checkpoint `path` (a directory, or a hub id in the local cache) for the text

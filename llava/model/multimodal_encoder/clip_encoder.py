@@ -118,7 +118,12 @@ class CLIPVisionHolder(nn.Module):
 
 class VisionTowerBase(nn.Module):
     """What every tower module exposes about its model, which it keeps at `vision_tower.vision_model`
-    (the original checkpoints' key level): dtype, device, config, widths and patch geometry."""
+    (the original checkpoints' key level): dtype, device, config, widths and patch geometry; and what
+    the glue asks of it: the signals it can compute (`offered_signals`, None: every registered one)
+    under a name for messages (`kind`), and `set_numerics`."""
+
+    kind = "CLIP"
+    offered_signals: frozenset | None = None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -143,6 +143,14 @@ class SigLipVisionTower(VisionTowerBase):
         self.vision_tower = SigLipVisionHolder(without_last_layer(published_config))
         self.vision_tower.requires_grad_(False)
 
+    kind = "SigLIP (no [CLS])"
+    offered_signals = OFFERED_SIGNALS
+
+    def set_numerics(self, numerics: str) -> None:
+        """Only 'sdpa': the released numerics reproduce the released GlobalCom2 code's CLIP attention."""
+        if numerics != "sdpa":
+            raise ValueError(f"tower numerics {numerics!r} is for CLIP towers; this model's is SigLIP")
+
     def load_model(self) -> None:
         """Replace the tower's weights with the SigLIP checkpoint's (for checkpoints without them);
         the checkpoint's last layer, pooling head (and text side) are not loaded."""
