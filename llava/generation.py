@@ -225,6 +225,8 @@ def _batched_pixel_values(pixel_values: list[torch.Tensor], device) -> torch.Ten
     images with different numbers of views). Copied one by one before stacking, so pinned host
     tensors copy asynchronously."""
     on_device = [views.to(device, non_blocking=True) for views in pixel_values]
+    if len(on_device) == 1:  # no copy (as process_images: stacking one image's views costs milliseconds)
+        return on_device[0].unsqueeze(0)
     if all(views.shape == on_device[0].shape for views in on_device):
         return torch.stack(on_device)
     return on_device
