@@ -4,7 +4,11 @@ No weights can be downloaded here, so the project proves its whole path (loader,
 tower, projector, splice, generation, conversion to transformers) on this checkpoint. It has
 the real geometry -- CLIP at 336 px with 14 px patches (24x24 tokens per view), the v1.6
 pinpoints, `spatial_unpad`, `mlp2x_gelu`, features from layer -2 -- with tiny widths and
-depths, seeded random weights and a Llama-style byte-fallback BPE tokenizer trained here.
+depths, seeded random weights and a Llama-style byte-fallback BPE tokenizer trained here,
+written as the original checkpoints ship it -- a sentencepiece `tokenizer.model` -- and as a
+`tokenizer.json` that the `tokenizers` release upstream LLaVA pins (0.15) reads too, so upstream
+LLaVA's own `load_pretrained_model` opens the checkpoint unchanged (from inside it: the tower
+path in `config.json` is relative).
 The CLIP directory it names (`mm_vision_tower`) is a whole tiny CLIP checkpoint, as
 `openai/clip-vit-large-patch14-336` is: both towers with their projections and a CLIP-style
 byte-level BPE tokenizer trained here, so text-conditioned methods (CDPruner) run end to end.
@@ -30,6 +34,7 @@ import math
 import os
 
 import torch
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizerFast, CLIPVisionConfig, LlamaTokenizer,
                           Qwen2Tokenizer, SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig)
@@ -112,6 +117,65 @@ def build_tokenizer(vocab_size: int = 1024) -> LlamaTokenizer:
         model_max_length=4096,
         padding_side="right",
     )
+
+
+def sentencepiece_model(tokenizer: LlamaTokenizer) -> bytes:
+    """The serialised sentencepiece `ModelProto` that encodes text as `build_tokenizer`'s merges do.
+
+    Sentencepiece's BPE has no merge list: it repeatedly joins the adjacent pair whose join is a
+    piece with the highest score. `build_tokenizer` numbers each merged piece in the order its merge
+    was learned, so a score of minus the id replays the merges in their order (tests check it on
+    random text). Settings as Llama's own model: identity normalisation, a dummy `▁` prefix, spaces
+    kept, byte fallback, `<unk> <s> </s>` = 0, 1, 2. One difference, as with the real Llama files:
+    sentencepiece adds the prefix even to text that starts with a space, the fast tokenizer does not.
+    """
+    proto = sentencepiece_model_pb2.ModelProto()
+    piece_type = proto.SentencePiece.Type
+    special = {tokenizer.unk_token: piece_type.UNKNOWN, tokenizer.bos_token: piece_type.CONTROL,
+               tokenizer.eos_token: piece_type.CONTROL}
+    vocab = tokenizer.get_vocab()
+    for token in sorted(vocab, key=vocab.get):
+        kind = special.get(token, piece_type.BYTE if token in BYTE_TOKENS else piece_type.NORMAL)
+        proto.pieces.add(piece=token, type=kind, score=-float(vocab[token]) if kind == piece_type.NORMAL else 0.0)
+    proto.trainer_spec.MergeFrom(sentencepiece_model_pb2.TrainerSpec(
+        model_type=sentencepiece_model_pb2.TrainerSpec.BPE, vocab_size=len(vocab), byte_fallback=True,
+        unk_id=tokenizer.unk_token_id, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=-1))
+    proto.normalizer_spec.MergeFrom(sentencepiece_model_pb2.NormalizerSpec(
+        name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False, escape_whitespaces=True))
+    return proto.SerializeToString()
+
+
+def portable_tokenizer_json(saved: dict) -> dict:
+    """`tokenizer.json` as written by `tokenizers` >= 0.20, rewritten in the form that 0.15 (upstream
+    LLaVA's pin) reads as well: merges as "left right" strings, the Metaspace pre-tokeniser with
+    `add_prefix_space` instead of `split`, no `ignore_merges`. Newer releases read it back with
+    `split` on, which changes nothing here: no piece holds a `▁` after its first character."""
+    model = {key: value for key, value in saved["model"].items() if key != "ignore_merges"}
+    model["merges"] = [" ".join(merge) for merge in model["merges"]]
+    metaspace = saved["pre_tokenizer"]
+    pre_tokenizer = {"type": "Metaspace", "replacement": metaspace["replacement"], "add_prefix_space": True,
+                     "prepend_scheme": metaspace["prepend_scheme"]}
+    return {**saved, "pre_tokenizer": pre_tokenizer, "model": model}
+
+
+def write_llama_tokenizer(tokenizer: LlamaTokenizer, out: str) -> None:
+    """Save `tokenizer` to `out` in the original layout: `tokenizer.model` (what upstream LLaVA's slow
+    tokenizer reads), a portable `tokenizer.json`, and in `tokenizer_config.json` the keys the original
+    has and transformers 5 leaves out: `add_bos_token` (a `tokenizer.model` alone has no post-processor
+    to say it) and `legacy: false` (4.37 would otherwise fall back to its legacy mode and warn)."""
+    tokenizer.save_pretrained(out)
+    with open(os.path.join(out, "tokenizer.model"), "wb") as handle:
+        handle.write(sentencepiece_model(tokenizer))
+    _rewrite_json(os.path.join(out, "tokenizer.json"), portable_tokenizer_json)
+    _rewrite_json(os.path.join(out, "tokenizer_config.json"), lambda config: {
+        **config, "add_bos_token": True, "add_eos_token": False, "legacy": False})
+
+
+def _rewrite_json(path: str, change) -> None:
+    with open(path, encoding="utf-8") as handle:
+        content = change(json.load(handle))
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, ensure_ascii=False, indent=2)
 
 
 def build_clip_tokenizer(vocab_size: int = 768) -> CLIPTokenizerFast:
@@ -271,13 +335,14 @@ def build_tiny_checkpoint(out: str = DEFAULT_OUT, seed: int = 0, llm: str = "vic
 
     config_class, model_class = ((LlavaConfig, LlavaLlamaForCausalLM) if llm == "vicuna"
                                  else (LlavaMistralConfig, LlavaMistralForCausalLM))
-    return _save_checkpoint(out, config_class, model_class, config_dict, tokenizer, seed, max_shard_size)
+    _save_checkpoint(out, config_class, model_class, config_dict, seed, max_shard_size)
+    write_llama_tokenizer(tokenizer, out)
+    return out
 
 
-def _save_checkpoint(out: str, config_class, model_class, config_dict: dict, tokenizer, seed: int,
-                     max_shard_size: str) -> str:
-    """A seeded random `model_class` of `config_dict` saved to `out` with its tokenizer, then the
-    original checkpoints' config.json over transformers' (model_type 'llava', LLaVA keys at top level)."""
+def _save_checkpoint(out: str, config_class, model_class, config_dict: dict, seed: int, max_shard_size: str) -> None:
+    """A seeded random `model_class` of `config_dict` saved to `out`, then the original checkpoints'
+    config.json over transformers' (model_type 'llava', LLaVA keys at top level)."""
     config = config_class(**{key: value for key, value in config_dict.items()
                              if key not in ("architectures", "model_type")})
     config._name_or_path = out
@@ -285,10 +350,8 @@ def _save_checkpoint(out: str, config_class, model_class, config_dict: dict, tok
     model = model_class(config)
     _seeded_init(model, seed)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out)
     with open(os.path.join(out, "config.json"), "w") as handle:
         json.dump(config_dict, handle, indent=2, sort_keys=True)
-    return out
 
 
 def build_tiny_clip(out: str, vision_config: CLIPVisionConfig, seed: int = 0) -> str:
@@ -404,13 +467,16 @@ def build_tiny_onevision_checkpoint(out: str = ONEVISION_OUT, seed: int = 0, max
     tokenizer = build_qwen_tokenizer()
     config_dict, vision_config = onevision_configs(len(tokenizer))
     build_tiny_siglip(os.path.join(out, SIGLIP_TOWER_DIR), vision_config, seed)
-    return _save_checkpoint(out, LlavaQwenConfig, LlavaQwenForCausalLM, config_dict, tokenizer, seed, max_shard_size)
+    _save_checkpoint(out, LlavaQwenConfig, LlavaQwenForCausalLM, config_dict, seed, max_shard_size)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def ensure_tiny_checkpoint(out: str = DEFAULT_OUT) -> str:
-    """Build the default tiny checkpoint unless `out` already holds a whole one (one built before
-    its CLIP directory held the text tower too, which text-conditioned methods read, is rebuilt)."""
-    whole = all(os.path.isfile(os.path.join(out, *parts)) for parts in [("config.json",), (TOWER_DIR, "tokenizer.json")])
+    """Build the default tiny checkpoint unless `out` already holds a whole one (one built before its
+    CLIP directory held the text tower, or before it had a `tokenizer.model`, is rebuilt)."""
+    whole = all(os.path.isfile(os.path.join(out, *parts))
+                for parts in [("config.json",), ("tokenizer.model",), (TOWER_DIR, "tokenizer.json")])
     if not whole:
         build_tiny_checkpoint(out)
     return out

@@ -4,6 +4,7 @@
 #   sh scripts/install.sh        # the package        (then: .venv/bin/python -m llava.demo)
 #   sh scripts/install.sh test   # and the test tools and lmms-eval (then: .venv/bin/python -m pytest -q)
 #   sh scripts/install.sh lmms   # the package and lmms-eval (then: .venv/bin/lmms-eval --model globalcom2 ...)
+#   sh scripts/install.sh upstream  # upstream LLaVA 1.2.2 in .venv-upstream (then: tests/upstream runs)
 #
 # Which environment .venv is, first rule that applies:
 #   1. .venv/bin/python exists: that environment is used as it is.
@@ -24,6 +25,12 @@
 # include torchvision, wandb, opencv: 2.5 GB, and a torchvision build that may not match torch), plus the
 # ones it needs to run generate_until tasks, with the installed torch required as it is so pip never
 # replaces it; filelock<4 because lmms-eval imports filelock._api. `pip install -e .[lmms]` is the full one.
+#
+# upstream (also tried by `test`, which goes on without it): a separate environment, .venv-upstream, made
+# as rule 3 makes .venv (never the active one), with upstream LLaVA's own pins -- transformers 4.37.2,
+# tokenizers 0.15.1, sentencepiece 0.1.99, accelerate 0.21.0 -- and `llava-torch==1.2.2` without its
+# dependencies (gradio, bitsandbytes, a torch 2.1 pin), keeping the installed torch. Its package is also
+# called `llava`, hence the separate environment. About 10 s and 130 MB.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -32,11 +39,64 @@ die() {
     exit 1
 }
 
+# new_venv DIR: a virtualenv at DIR seeing the base Python's packages (rule 3 above); sets `where`.
+new_venv() {
+    base=$(command -v python3 || command -v python || true)
+    [ -n "$base" ] || die "no python3 (or python) on PATH to make $1 with"
+    if made=$("$base" -m venv --system-site-packages "$1" 2>&1); then
+        where="$(pwd)/$1 (new, from $base with its site packages)"
+        return
+    fi
+    rm -rf "$1"
+    if "$base" -c "import ensurepip" >/dev/null 2>&1 && ! echo "$made" | grep -q ensurepip; then
+        echo "$made" >&2
+        die "$base -m venv --system-site-packages $1 failed"
+    fi
+    if "$base" -m pip --version >/dev/null 2>&1 \
+        && "$base" -m venv --system-site-packages --without-pip "$1" >/dev/null 2>&1; then
+        where="$(pwd)/$1 (new, from $base with its site packages; no ensurepip, so $base's pip installs into it)"
+    else
+        rm -rf "$1"
+        die "$base cannot make $1: it has no ensurepip (nor pip); on Debian or Ubuntu run 'apt-get install python3-venv' (as root) and run this again"
+    fi
+}
+
+# ensure_torch PYTHON: keep an installed torch, else install the build for this machine (see above).
+ensure_torch() {
+    "$1" -m pip --version >/dev/null 2>&1 || die "$1 has no pip (if its virtualenv is broken, remove it and run this again)"
+    "$1" -c "import torch" >/dev/null 2>&1 && return
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        "$1" -m pip install -q torch
+    else
+        cpu_build=$("$1" -m pip index versions torch 2>/dev/null | tr ', ' '\n\n' | grep '+cpu$' | head -n 1 || true)
+        if [ -n "$cpu_build" ]; then
+            "$1" -m pip install -q "torch==$cpu_build"
+        else
+            "$1" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+        fi
+    fi
+}
+
+# install_upstream: .venv-upstream with upstream LLaVA's pins (see above). Each step must succeed, also
+# where `test` runs it as `( install_upstream ) || ...`, in which `set -e` does not apply.
+install_upstream() {
+    { [ -x .venv-upstream/bin/python ] && where="$(pwd)/.venv-upstream (existing)" || new_venv .venv-upstream; } &&
+        ensure_torch .venv-upstream/bin/python &&
+        .venv-upstream/bin/python -m pip install -q "transformers==4.37.2" "tokenizers==0.15.1" \
+            "sentencepiece==0.1.99" "accelerate==0.21.0" protobuf &&
+        .venv-upstream/bin/python -m pip install -q --no-deps "llava-torch==1.2.2" &&
+        echo "install.sh: installed upstream LLaVA 1.2.2 into $where"
+}
+
 extras=""
 case "${1:-}" in
 test) extras="[test]" ;;
 lmms | "") ;;
-*) die "unknown argument '$1' (nothing, test or lmms)" ;;
+upstream)
+    install_upstream
+    exit
+    ;;
+*) die "unknown argument '$1' (nothing, test, lmms or upstream)" ;;
 esac
 
 if [ -n "${PYTHON:-}" ]; then
@@ -57,41 +117,11 @@ else
         ln -s "$active" .venv
         where="$(pwd)/.venv -> $active (the active environment)"
     else
-        base=$(command -v python3 || command -v python || true)
-        [ -n "$base" ] || die "no python3 (or python) on PATH to make .venv with"
-        if made=$("$base" -m venv --system-site-packages .venv 2>&1); then
-            where="$(pwd)/.venv (new, from $base with its site packages)"
-        else
-            rm -rf .venv
-            if "$base" -c "import ensurepip" >/dev/null 2>&1 && ! echo "$made" | grep -q ensurepip; then
-                echo "$made" >&2
-                die "$base -m venv --system-site-packages .venv failed"
-            fi
-            if "$base" -m pip --version >/dev/null 2>&1 \
-                && "$base" -m venv --system-site-packages --without-pip .venv >/dev/null 2>&1; then
-                where="$(pwd)/.venv (new, from $base with its site packages; no ensurepip, so $base's pip installs into it)"
-            else
-                rm -rf .venv
-                die "$base cannot make .venv: it has no ensurepip (nor pip); on Debian or Ubuntu run 'apt-get install python3-venv' (as root) and run this again"
-            fi
-        fi
+        new_venv .venv
     fi
 fi
 
-"$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON has no pip (if .venv is a broken virtualenv, remove it and run this again)"
-
-if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        "$PYTHON" -m pip install -q torch
-    else
-        cpu_build=$("$PYTHON" -m pip index versions torch 2>/dev/null | tr ', ' '\n\n' | grep '+cpu$' | head -n 1 || true)
-        if [ -n "$cpu_build" ]; then
-            "$PYTHON" -m pip install -q "torch==$cpu_build"
-        else
-            "$PYTHON" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-        fi
-    fi
-fi
+ensure_torch "$PYTHON"
 
 if [ -n "${1:-}" ]; then
     torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)")
@@ -101,3 +131,6 @@ if [ -n "${1:-}" ]; then
 fi
 "$PYTHON" -m pip install -q -e ".$extras"
 echo "install.sh: installed into $where, Python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
+if [ "$extras" = "[test]" ]; then
+    ( install_upstream ) || echo "install.sh: upstream LLaVA could not be installed; tests/upstream will be skipped" >&2
+fi

@@ -41,6 +41,43 @@ def tiny(tiny_checkpoint):
     return tokenizer, model, image_processor
 
 
+@pytest.fixture(scope="session")
+def sample_questions(tmp_path_factory) -> list[str]:
+    """Every distinct question text of the sample suite's JSONL files, in file order: the benchmarks'
+    own prompt suffixes, OCR token lists, options and MME's double-space tail."""
+    import glob
+    import json
+
+    from llava.eval.sample_suite import build_sample_suite
+
+    root = build_sample_suite(str(tmp_path_factory.mktemp("suite") / "eval"))
+    texts = {}
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.jsonl"), recursive=True)):
+        with open(path, encoding="utf-8") as handle:
+            texts.update((json.loads(line).get("text"), None) for line in handle)
+    return [text for text in texts if text]
+
+
+# The templates a Llama-tokenizer checkpoint is run with (v1.6 Vicuna and Mistral, LLaVA-1.5, pretraining).
+LLAMA_CONV_MODES = ("llava_v1", "vicuna_v1", "llava_llama_2", "mistral_instruct", "v1_mmtag", "plain")
+
+
+@pytest.fixture(scope="session")
+def llama_chat_prompts(sample_questions) -> list[tuple[str, str, str]]:
+    """`(conv_mode, user_turn, prompt)`: each sample question, its image first, as the first user turn
+    of each Llama-family template, as the runners ask it."""
+    from llava.conversation import conv_templates
+
+    prompts = []
+    for conv_mode in LLAMA_CONV_MODES:
+        for question in sample_questions:
+            conv = conv_templates[conv_mode].copy()
+            conv.append_message(conv.roles[0], "<image>\n" + question)
+            conv.append_message(conv.roles[1], None)
+            prompts.append((conv_mode, "<image>\n" + question, conv.get_prompt()))
+    return prompts
+
+
 @pytest.fixture(scope="module")
 def vanilla():
     """Compression off (R = 1) through the module constant, for a whole test module."""

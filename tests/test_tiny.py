@@ -6,12 +6,15 @@ import json
 import os
 
 import pytest
+import sentencepiece
+from hypothesis import given, settings, strategies as st
 from PIL import Image
+from safetensors import safe_open
 
 from llava.conversation import conv_templates
-from llava.mm_utils import onevision_visual_token_count
-from llava.model.builder import load_pretrained_model
-from llava.tiny import build_tiny_checkpoint, build_tiny_onevision_checkpoint
+from llava.mm_utils import onevision_visual_token_count, tokenizer_image_token
+from llava.model.builder import load_pretrained_model, load_tokenizer
+from llava.tiny import build_tiny_checkpoint, build_tiny_onevision_checkpoint, build_tokenizer
 
 
 def _digest(path):
@@ -43,6 +46,14 @@ def test_original_layout_and_geometry(tiny_checkpoint):
         tower = json.load(handle)
     assert (tower["vision_config"]["image_size"], tower["vision_config"]["patch_size"]) == (336, 14)
     assert os.path.isfile(os.path.join(tiny_checkpoint, "model.safetensors.index.json"))
+    # The tower directory holds its weights, as `openai/clip-vit-large-patch14-336` does.
+    with safe_open(os.path.join(tiny_checkpoint, config["mm_vision_tower"], "model.safetensors"), "pt") as weights:
+        assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in weights.keys()
+    with open(os.path.join(tiny_checkpoint, "tokenizer.json"), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    # tokenizers < 0.20 reads merges only as "left right" strings, Metaspace only with add_prefix_space.
+    assert all(isinstance(merge, str) and merge.count(" ") == 1 for merge in saved["model"]["merges"])
+    assert saved["pre_tokenizer"]["add_prefix_space"] is True and "split" not in saved["pre_tokenizer"]
 
 
 def test_tokenizer_is_llama_style(tiny):
@@ -53,6 +64,64 @@ def test_tokenizer_is_llama_style(tiny):
     # BOS, word-start marker, 'é' as two UTF-8 bytes (not in the tiny vocabulary), newline byte.
     assert tokenizer.convert_ids_to_tokens(ids[:5]) == ["<s>", "▁", "<0xC3>", "<0xA9>", "<0x0A>"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "é\nx"
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tiny_checkpoint):
+    return sentencepiece.SentencePieceProcessor(model_file=os.path.join(tiny_checkpoint, "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def built_tokenizer():
+    return build_tokenizer()
+
+
+def test_loader_reads_the_original_tokenizer_files_as_built(tiny_checkpoint, tiny, built_tokenizer, llama_chat_prompts,
+                                                           tmp_path):
+    """The checkpoint's `tokenizer.json`, and its `tokenizer.model` alone (the `liuhaotian/llava-v1.6-*`
+    layout, converted by transformers), both give the in-memory tokenizer's ids on the sample prompts."""
+    prompts = [prompt for _, _, prompt in llama_chat_prompts]
+    expected = [tokenizer_image_token(prompt, built_tokenizer) for prompt in prompts]
+    assert [tokenizer_image_token(prompt, tiny[0]) for prompt in prompts] == expected
+    only_sentencepiece = tmp_path / "llava-sp-only"
+    only_sentencepiece.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (only_sentencepiece / name).write_bytes(open(os.path.join(tiny_checkpoint, name), "rb").read())
+    converted = load_tokenizer(str(only_sentencepiece))
+    assert [tokenizer_image_token(prompt, converted) for prompt in prompts] == expected
+
+
+def test_sentencepiece_model_on_the_sample_prompts(sentencepiece_model, built_tokenizer, llama_chat_prompts):
+    for _, _, prompt in llama_chat_prompts:
+        for chunk in prompt.split("<image>"):
+            assert sentencepiece_model.encode(chunk) == built_tokenizer(chunk, add_special_tokens=False).input_ids
+
+
+def _pieces_as_text(tokenizer) -> list[str]:
+    return [piece.replace("▁", " ") for piece in tokenizer.get_vocab() if not piece.startswith("<")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_sentencepiece_model_replays_the_merges(sentencepiece_model, built_tokenizer, data):
+    """Scores -id make sentencepiece join pairs in the merges' order: same ids for any text, whether
+    spelled from vocabulary pieces (where a pair outside the merge list could join) or from single
+    characters, out-of-vocabulary ones (byte fallback) and newlines included."""
+    pieces = _pieces_as_text(built_tokenizer)
+    characters = sorted({character for piece in pieces for character in piece}) + ["\n", "é", "Q", "€"]
+    text = data.draw(st.one_of(
+        st.lists(st.sampled_from(pieces), min_size=1, max_size=12).map("".join),
+        st.text(alphabet=characters, min_size=1, max_size=40),
+    ).filter(lambda text: not text.startswith(" ")))
+    assert sentencepiece_model.encode(text) == built_tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_sentencepiece_model_prefixes_leading_spaces_as_llamas_does(sentencepiece_model, built_tokenizer):
+    """The one known difference (the real Llama files have it too): sentencepiece adds its `▁` prefix
+    even before a leading space, the fast tokenizer does not. No template starts a chunk with one."""
+    word_start = built_tokenizer.convert_tokens_to_ids("▁")
+    ids = built_tokenizer(" What", add_special_tokens=False).input_ids
+    assert sentencepiece_model.encode(" What") == [word_start] + ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # The fake Python: logs "$0 ARGS", fakes `-m venv` (copying itself into DIR/bin/python) and pip.
 # NO_ENSUREPIP: venv fails as Debian's does without python3-venv, unless --without-pip (it leaves a
-# half-made DIR behind, as the real one does); NO_PIP: no pip module; NO_TORCH: torch is missing.
+# half-made DIR behind, as the real one does); NO_PIP: no pip module; NO_TORCH: torch is missing;
+# FAIL_INSTALL: a `pip install` naming it fails.
 FAKE_PYTHON = r"""#!/bin/sh
 echo "$0 $*" >> "$INSTALL_LOG"
 case "$1 $2" in
@@ -35,7 +36,7 @@ case "$1 $2" in
     case "$3" in
     --version) [ -z "${NO_PIP:-}" ]; exit ;;
     index) echo "torch (2.5.0)"; echo "Available versions: 2.5.0, 2.4.1+cpu, 2.4.1, 2.4.0+cpu"; exit 0 ;;
-    install) exit 0 ;;
+    install) case "$*" in *"${FAIL_INSTALL:-(none)}"*) exit 1 ;; esac; exit 0 ;;
     esac
     exit 1 ;;
 "-c import torch") [ -z "${NO_TORCH:-}" ]; exit ;;
@@ -83,17 +84,51 @@ def fake_env(sandbox, name):
     return env
 
 
+UPSTREAM_INSTALLS = [
+    ".venv-upstream/bin/python -m pip install -q transformers==4.37.2 tokenizers==0.15.1 sentencepiece==0.1.99 "
+    "accelerate==0.21.0 protobuf",
+    ".venv-upstream/bin/python -m pip install -q --no-deps llava-torch==1.2.2",
+]
+
+
 def test_without_an_environment_it_makes_a_venv_with_system_site_packages(sandbox):
     result, calls = run(sandbox, "test")
     assert result.returncode == 0, result.stderr
     venv = sandbox["repo"] / ".venv"
     assert f"{sandbox['bin']}/python3 -m venv --system-site-packages .venv" in calls
     assert (venv / "bin" / "python").exists() and not venv.is_symlink()
-    assert calls[-2:] == [".venv/bin/python -m pip install -q -e .[test]", ".venv/bin/python -c "
-                          "import sys; print(sys.version.split()[0])"]
-    assert result.stdout.splitlines() == [f"install.sh: installed into {venv} (new, from {sandbox['bin']}/python3 "
-                                          "with its site packages), Python 3.11.0"]
+    ours = calls.index(".venv/bin/python -m pip install -q -e .[test]")
+    assert calls[ours + 1] == ".venv/bin/python -c import sys; print(sys.version.split()[0])"
+    assert calls[-2:] == UPSTREAM_INSTALLS  # then upstream LLaVA, for tests/upstream
+    assert result.stdout.splitlines() == [
+        f"install.sh: installed into {venv} (new, from {sandbox['bin']}/python3 with its site packages), Python 3.11.0",
+        f"install.sh: installed upstream LLaVA 1.2.2 into {sandbox['repo']}/.venv-upstream (new, from "
+        f"{sandbox['bin']}/python3 with its site packages)"]
     assert result.stderr == ""
+
+
+def test_upstream_gets_its_own_venv_never_the_active_environment(sandbox):
+    active = fake_env(sandbox, "active")
+    result, calls = run(sandbox, "upstream", VIRTUAL_ENV=str(active))
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == f"{sandbox['bin']}/python3 -m venv --system-site-packages .venv-upstream"
+    assert [call for call in calls if "pip install" in call] == UPSTREAM_INSTALLS
+    assert not (sandbox["repo"] / ".venv").exists()
+    first_run = len(calls)
+    result, calls = run(sandbox, "upstream")  # again: the existing one is used
+    assert not any("-m venv" in call for call in calls[first_run:])
+    upstream = sandbox["repo"] / ".venv-upstream"
+    assert result.stdout == f"install.sh: installed upstream LLaVA 1.2.2 into {upstream} (existing)\n"
+
+
+def test_the_test_install_goes_on_without_upstream(sandbox):
+    result, calls = run(sandbox, "test", FAIL_INSTALL="llava-torch")
+    assert result.returncode == 0
+    assert ".venv/bin/python -m pip install -q -e .[test]" in calls and calls[-1] == UPSTREAM_INSTALLS[1]
+    assert result.stdout.count("\n") == 1  # ours installed; upstream not
+    assert result.stderr == "install.sh: upstream LLaVA could not be installed; tests/upstream will be skipped\n"
+    result, _ = run(sandbox, "upstream", FAIL_INSTALL="llava-torch")
+    assert result.returncode == 1  # on its own, a failure is one
 
 
 def test_python_makes_the_venv_where_there_is_no_python3(sandbox):
@@ -129,9 +164,10 @@ def test_an_active_environment_becomes_a_venv_symlink(sandbox, variable):
     assert result.returncode == 0, result.stderr
     venv = sandbox["repo"] / ".venv"
     assert venv.is_symlink() and os.readlink(venv) == str(active)
-    assert not any("-m venv" in call for call in calls)
+    assert not any(call.endswith("-m venv --system-site-packages .venv") for call in calls)
     assert ".venv/bin/python -m pip install -q -e .[test]" in calls
-    assert result.stdout == f"install.sh: installed into {venv} -> {active} (the active environment), Python 3.11.0\n"
+    installed = f"install.sh: installed into {venv} -> {active} (the active environment), Python 3.11.0"
+    assert result.stdout.splitlines()[0] == installed
 
 
 def test_a_stale_venv_symlink_is_replaced(sandbox):
