@@ -4,9 +4,9 @@ and an in-LLM one; the pure helpers by hand."""
 
 import pytest
 import torch
-from PIL import Image
 
 from llava.generation import _generated_lengths, _left_padded, answer, answer_batch, expected_visual_tokens
+from support import noise_image
 
 # Different text lengths and image sizes on different AnyRes grids (2x1, 1x2, 3x1; a 64x64 image takes the
 # first pinpoint with least waste, 1x2), one prompt with two images and one without any.
@@ -17,14 +17,8 @@ PROMPTS = ["USER: <image>\nWhat is it? ASSISTANT:",
 SIZES = [[(500, 300)], [(200, 600)], [(1000, 300), (64, 64)], []]
 
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
 def _images():
-    return [[_image(size, 10 * row + index) for index, size in enumerate(sizes)] for row, sizes in enumerate(SIZES)]
+    return [[noise_image(size, 10 * row + index) for index, size in enumerate(sizes)] for row, sizes in enumerate(SIZES)]
 
 
 def _measures(reply):

@@ -4,20 +4,14 @@ batches, several images per prompt, text-only prompts, padding sides, generation
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_visual_token_count, get_anyres_image_grid_shape, process_images, tokenizer_image_token, unpad_image
 from llava.model.llava_arch import CACHE_KEY, PromptTooLongError
 from llava.utils import LlavaWarning
+from support import noise_image
 
 pytestmark = pytest.mark.usefixtures("vanilla")
-
-
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
 
 
 def _upstream_sequence(model, views, image_size):
@@ -62,7 +56,7 @@ def _single(model, ids, images, sizes):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_equals_single_samples(tiny, side):
     tokenizer, model, processor = tiny
-    images = [_image((800, 500), 0), _image((500, 900), 1)]
+    images = [noise_image((800, 500), 0), noise_image((500, 900), 1)]
     rows = [_prompt_ids(tokenizer, "<image>\nWhat is it?"), _prompt_ids(tokenizer, "<image>\nDescribe the picture in detail please.")]
     pixel_values = process_images(images, processor, model.config)
     sizes = [image.size for image in images]
@@ -85,7 +79,7 @@ def test_batch_equals_single_samples(tiny, side):
 
 def test_several_images_in_one_prompt(tiny):
     tokenizer, model, processor = tiny
-    images = [_image((800, 500), 2), _image((20, 2000), 3)]
+    images = [noise_image((800, 500), 2), noise_image((20, 2000), 3)]
     ids = _prompt_ids(tokenizer, "<image>\nfirst and <image>\nsecond")
     pixel_values = process_images(images, processor, model.config)  # views differ: a list
     sizes = [image.size for image in images]
@@ -101,7 +95,7 @@ def test_several_images_in_one_prompt(tiny):
 def _two_image_prompt(tiny):
     """2046 + 2182 visual tokens and a few text tokens: over the tiny model's 4096."""
     tokenizer, model, processor = tiny
-    images = [_image((800, 500), 2), _image((1000, 300), 3)]
+    images = [noise_image((800, 500), 2), noise_image((1000, 300), 3)]
     ids = _prompt_ids(tokenizer, "<image>\n<image>\ntwo")
     return ids, process_images(images, processor, model.config), [image.size for image in images]
 
@@ -130,7 +124,7 @@ def test_allow_truncation_cuts_at_the_model_max_length_with_a_warning(tiny, monk
 
 def test_retention_ratio_that_keeps_no_thumbnail_token_warns(tiny, monkeypatch):
     tokenizer, model, processor = tiny
-    image = _image((800, 500), 5)
+    image = noise_image((800, 500), 5)
     monkeypatch.setattr(model, "_compression_override", dict(retention_ratio=1 / 577))  # int(576 / 577) = 0
     with pytest.warns(LlavaWarning, match="below 1/576"), torch.no_grad():
         embeds = _single(model, _prompt_ids(tokenizer, "<image>\nhi"), process_images([image], processor, model.config),
@@ -142,7 +136,7 @@ def test_manual_decoding_with_the_cache_keyword(tiny):
     """Decoding step by step passes the cache under transformers' own keyword (CACHE_KEY); the
     suite turns a deprecated keyword into an error, and the logits equal a full forward's."""
     tokenizer, model, processor = tiny
-    image = _image((500, 900), 6)
+    image = noise_image((500, 900), 6)
     ids = _prompt_ids(tokenizer, "<image>\nWhat?")
     pixel_values = process_images([image], processor, model.config)
     with torch.no_grad():
@@ -160,7 +154,7 @@ def test_text_only_prompt_and_mixed_batch(tiny):
     batch = text_ids[None]
     untouched = model.prepare_inputs_labels_for_multimodal(batch, None, None, None, None, None)
     assert untouched[0] is batch and untouched[4] is None
-    image = _image((800, 500), 4)
+    image = noise_image((800, 500), 4)
     rows = [text_ids, _prompt_ids(tokenizer, "<image>\nAnd this?")]
     ids, mask = _pad(rows, tokenizer.pad_token_id, "right")
     pixel_values = process_images([image], processor, model.config)
@@ -174,7 +168,7 @@ def test_text_only_prompt_and_mixed_batch(tiny):
 def test_placeholder_count_must_match_images(tiny):
     tokenizer, model, processor = tiny
     ids = _prompt_ids(tokenizer, "<image>\n<image>\ntwo placeholders")
-    pixel_values = process_images([_image((800, 500), 5)], processor, model.config)
+    pixel_values = process_images([noise_image((800, 500), 5)], processor, model.config)
     with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
         model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixel_values, [(800, 500)])
 
@@ -183,7 +177,7 @@ def test_labels_mask_image_tokens(tiny):
     tokenizer, model, processor = tiny
     ids = _prompt_ids(tokenizer, "<image>\nQ")
     labels = ids.clone()
-    pixel_values = process_images([_image((800, 500), 6)], processor, model.config)
+    pixel_values = process_images([noise_image((800, 500), 6)], processor, model.config)
     with torch.no_grad():
         out = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, labels[None], pixel_values, [(800, 500)])
     new_labels = out[5][0]
@@ -195,7 +189,7 @@ def test_labels_mask_image_tokens(tiny):
 def _left_padded_pair(tiny, sizes, seed, second_question):
     """Two one-image prompts of different lengths, left-padded: (rows, ids, mask, pixel_values)."""
     tokenizer, model, processor = tiny
-    images = [_image(size, seed + index) for index, size in enumerate(sizes)]
+    images = [noise_image(size, seed + index) for index, size in enumerate(sizes)]
     rows = [_prompt_ids(tokenizer, "<image>\nWhat?"), _prompt_ids(tokenizer, "<image>\n" + second_question)]
     ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
     return rows, ids, mask, process_images(images, processor, model.config)
@@ -261,7 +255,7 @@ def test_input_changes_reach_preprocessing_geometry_and_accounting(tiny, square_
     from llava.generation import answer
 
     tokenizer, model, processor = tiny
-    image = _image((1000, 300), 3)  # LLaVA-NeXT's own grid for it: 3 crops in a row
+    image = noise_image((1000, 300), 3)  # LLaVA-NeXT's own grid for it: 3 crops in a row
     assert get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, 336) == (3, 1)
     model.set_compression(0.5, method=square_grid_method)
     try:
@@ -304,7 +298,7 @@ def test_matched_budgets_count_the_models_own_vanilla_tokens_under_a_forced_grid
     from llava.generation import answer
 
     tokenizer, model, processor = tiny
-    image = _image((1000, 300), 4)
+    image = noise_image((1000, 300), 4)
     model.set_compression(0.25, method="vispruner", method_args=["budget=matched"])
     try:
         reply = answer(model, tokenizer, processor, "USER: <image>\nWhat? ASSISTANT:", [image], max_new_tokens=1)

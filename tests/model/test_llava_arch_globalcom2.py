@@ -3,13 +3,13 @@ single views, dtypes and the accounting."""
 
 import pytest
 import torch
-from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_visual_token_count, get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model import llava_arch
 from llava.model.builder import load_pretrained_model
 from llava.model.compression.globalcom2 import compress_image_features, compress_thumbnail, generate_scale_for_crop_features
+from support import noise_image
 
 SCORES = {"cls_logits_last"}
 
@@ -20,11 +20,6 @@ def model(tiny):
     model = tiny[1]
     yield model
     model.set_compression(None, None)
-
-
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
 
 
 def _ids(tokenizer, text):
@@ -49,7 +44,7 @@ def _expected_sequence(model, views, size, ratio, layout="official"):
 
 def test_module_constant_is_read_at_call_time(tiny, model, monkeypatch):
     tokenizer, _, processor = tiny
-    image = _image((800, 500), 0)
+    image = noise_image((800, 500), 0)
     ids, pixel_values = _ids(tokenizer, "<image>\nQ")[None], process_images([image], processor, model.config)
     lengths = {}
     for ratio in (1.0, 0.5, 0.1):
@@ -62,7 +57,7 @@ def test_module_constant_is_read_at_call_time(tiny, model, monkeypatch):
 
 def test_set_compression_wins_over_the_constant(tiny, model, monkeypatch):
     tokenizer, _, processor = tiny
-    image = _image((800, 500), 0)
+    image = noise_image((800, 500), 0)
     ids, pixel_values = _ids(tokenizer, "<image>\nQ")[None], process_images([image], processor, model.config)
     monkeypatch.setattr(llava_arch, "retention_ratio", 0.5)
     model.set_compression(0.1, "spatial")
@@ -77,7 +72,7 @@ def test_set_compression_wins_over_the_constant(tiny, model, monkeypatch):
 @pytest.mark.parametrize("bad", [0.0, 1.5, float("nan"), "0.25"])
 def test_bad_ratio_is_refused_before_any_model_work(tiny, model, monkeypatch, bad):
     tokenizer, _, processor = tiny
-    image = _image((64, 64), 1)
+    image = noise_image((64, 64), 1)
     pixel_values = process_images([image], processor, model.config)
     monkeypatch.setattr(llava_arch, "retention_ratio", bad)
     monkeypatch.setattr(model.get_model().vision_tower, "forward", lambda *a, **k: pytest.fail("the tower ran"))
@@ -92,7 +87,7 @@ def test_each_image_of_a_batch_uses_its_own_scores(tiny, model, padding_side):
     """Batched output equals per-sample output and each image's own compression (released bug Q1)."""
     tokenizer, _, processor = tiny
     model.set_compression(0.25)
-    images = [_image((800, 500), 2), _image((500, 900), 3), _image((1000, 300), 4)]
+    images = [noise_image((800, 500), 2), noise_image((500, 900), 3), noise_image((1000, 300), 4)]
     rows = [_ids(tokenizer, "<image>\nWhat is it?"), _ids(tokenizer, "<image>\nDescribe it in detail."), _ids(tokenizer, "<image>\nWhy?")]
     pixel_values = process_images(images, processor, model.config)
     sizes = [image.size for image in images]
@@ -116,7 +111,7 @@ def test_each_image_of_a_batch_uses_its_own_scores(tiny, model, padding_side):
 def test_several_images_in_one_prompt(tiny, model):
     tokenizer, _, processor = tiny
     model.set_compression(0.25, "spatial")
-    images = [_image((800, 500), 5), _image((20, 2000), 6)]
+    images = [noise_image((800, 500), 5), noise_image((20, 2000), 6)]
     ids = _ids(tokenizer, "<image>\nfirst and <image>\nsecond")
     pixel_values = process_images(images, processor, model.config)
     _, embeds = _embeds(model, ids[None], pixel_values, [image.size for image in images])
@@ -132,7 +127,7 @@ def test_spatial_merge_without_unpad_compresses(tiny, model, monkeypatch):
     tokenizer, _, processor = tiny
     monkeypatch.setattr(model.config, "mm_patch_merge_type", "spatial")
     model.set_compression(0.5)
-    image = _image((1000, 700), 7)
+    image = noise_image((1000, 700), 7)
     pixel_values = process_images([image], processor, model.config)
     ids = _ids(tokenizer, "<image>\nQ")
     _, embeds = _embeds(model, ids[None], pixel_values, [image.size])
@@ -147,7 +142,7 @@ def test_single_view_images_keep_their_best_tokens(tiny, model):
     """A 4-D batch (one view per image, LLaVA-1.5 style) keeps int(576 R) tokens by score."""
     tokenizer, _, processor = tiny
     model.set_compression(0.25, "spatial")
-    pixels = torch.stack([processor.preprocess(_image((336, 336), 8), return_tensors="pt")["pixel_values"][0]])
+    pixels = torch.stack([processor.preprocess(noise_image((336, 336), 8), return_tensors="pt")["pixel_values"][0]])
     with torch.no_grad():
         features, signals = model.encode_images(pixels, SCORES)
         sequence, = model.encode_image_sequences(pixels, None)
@@ -161,7 +156,7 @@ def test_model_dtype_is_kept(tiny_checkpoint, tiny, dtype):
     tokenizer, _, _ = tiny
     _, half_model, processor, _ = load_pretrained_model(tiny_checkpoint, device="cpu", torch_dtype=dtype)
     half_model.set_compression(0.25)
-    image = _image((800, 500), 9)
+    image = noise_image((800, 500), 9)
     pixel_values = process_images([image], processor, half_model.config).to(dtype)
     _, embeds = _embeds(half_model, _ids(tokenizer, "<image>\nQ")[None], pixel_values, [image.size])
     assert embeds.dtype == dtype
@@ -174,7 +169,7 @@ def test_model_dtype_is_kept(tiny_checkpoint, tiny, dtype):
 def test_generation_with_compression_batched_equals_single(tiny, model):
     tokenizer, _, processor = tiny
     model.set_compression(0.1)
-    images = [_image((800, 500), 10), _image((500, 900), 11)]
+    images = [noise_image((800, 500), 10), noise_image((500, 900), 11)]
     rows = [_ids(tokenizer, "<image>\nWhat is it?"), _ids(tokenizer, "<image>\nTell me more about it.")]
     pixel_values = process_images(images, processor, model.config)
     sizes = [image.size for image in images]

@@ -1,4 +1,5 @@
-"""Shared by the method tests: one run of the loader runner on the tiny checkpoint."""
+"""Shared by the method tests: the tiny model with its compression reset after each test, and one run of
+the loader runner on the tiny checkpoint."""
 
 import json
 
@@ -7,6 +8,14 @@ from PIL import Image
 
 from llava.eval import model_vqa_loader
 from llava.eval.jsonl import read_jsonl
+
+
+@pytest.fixture
+def model(tiny):
+    """The session's tiny model; whatever compression a test sets is undone after it."""
+    model = tiny[1]
+    yield model
+    model.set_compression()
 
 
 @pytest.fixture

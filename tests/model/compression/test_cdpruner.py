@@ -28,6 +28,7 @@ from llava.model.compression.cdpruner import (
 )
 from llava.model.compression.common import Budget, arrange_tokens, crop_geometry, keep_mask, view_image_areas
 from llava.tiny import TOWER_DIR, V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 FAITHFUL, ANYRES = CDPrunerArgs(), CDPrunerArgs(mode="anyres")
@@ -435,17 +436,6 @@ def test_bad_signal_shapes_are_clear_errors():
 
 # --- through the model -------------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 def _encode(model, processor, images, instructions, **settings):
     model.set_compression(**settings)
@@ -472,7 +462,7 @@ def test_faithful_mode_is_the_released_code_on_the_real_towers(tiny, tiny_checkp
     T = round(576 x 0.05) = 29 tokens, no newlines (Q2); the picks are the released code's on the
     real tower's features, CLIP image embeddings and text embeddings, restated here."""
     _, _, processor = tiny
-    image, text = _image((300, 1000), 4), "Is there a red square next to the small green circle?"
+    image, text = noise_image((300, 1000), 4), "Is there a red square next to the small green circle?"
     pixel_values, (sequence,), (record,) = _encode(model, processor, [image], [text], method="cdpruner",
                                                    retention_ratio=0.05)
     assert pixel_values.shape[1] == 5  # preprocessing followed the forced grid
@@ -501,7 +491,7 @@ def test_faithful_mode_is_the_released_code_on_the_real_towers(tiny, tiny_checkp
 
 def test_anyres_mode_keeps_the_models_views_with_newlines(tiny, model):
     _, _, processor = tiny
-    pixel_values, (sequence,), (record,) = _encode(model, processor, [_image((1000, 700), 5)], ["What is it?"],
+    pixel_values, (sequence,), (record,) = _encode(model, processor, [noise_image((1000, 700), 5)], ["What is it?"],
                                                    method="cdpruner", method_args=["mode=anyres"], retention_ratio=0.25)
     # 2x2 grid, 34 image rows, N_van = 2208: T = int(0.25 x 2208 / 5) = 110 per view (crops hold 408).
     assert record["view_tokens"] == [110] * 5 and record["image_tokens"] == 550
@@ -512,7 +502,7 @@ def test_anyres_mode_keeps_the_models_views_with_newlines(tiny, model):
 
 def test_the_instruction_conditions_the_selection_and_batched_equals_per_sample(tiny, model):
     _, _, processor = tiny
-    images = [_image((800, 500), 1), _image((500, 900), 2)]
+    images = [noise_image((800, 500), 1), noise_image((500, 900), 2)]
     texts = ["Where is the red square?", "How many people are standing in the room near the tall building?"]
     pixel_values, batched, accounting = _encode(model, processor, images, texts, method="cdpruner", retention_ratio=0.1)
     for index in range(2):
@@ -530,7 +520,7 @@ def test_runs_on_the_tiny_checkpoint_at_every_budget(tiny, model, budget):
     """The contract's model check with an instruction (the contract gives none): at R = 0.5 the
     tiny model's kernel (rank at most its width, 64) is used up long before T = 288 (Q6 guard)."""
     _, _, processor = tiny
-    _, (sequence,), (record,) = _encode(model, processor, [_image((1000, 700), 3)], ["What?"], method="cdpruner",
+    _, (sequence,), (record,) = _encode(model, processor, [noise_image((1000, 700), 3)], ["What?"], method="cdpruner",
                                         **budget)
     assert sequence.shape[0] == record["tokens_after"] == record["image_tokens"] and not sequence.isnan().any()
     assert 0 < record["image_tokens"] < record["vanilla_image_tokens"] == 576 + 4 * 408
@@ -539,7 +529,7 @@ def test_runs_on_the_tiny_checkpoint_at_every_budget(tiny, model, budget):
 
 def test_without_an_instruction_it_is_one_clear_error(tiny, model):
     _, _, processor = tiny
-    image = _image((800, 500), 1)
+    image = noise_image((800, 500), 1)
     model.set_compression(0.25, method="cdpruner")
     pixel_values = process_images([image], processor, model.input_config())
     with pytest.raises(ValueError, match=r"^cdpruner conditions on the instruction text \(instruction_embeds\) but no "
@@ -563,7 +553,7 @@ def test_signals_and_the_text_tower_are_asked_for_only_when_needed(tiny_checkpoi
     # A fresh model running another method never loads a text tower.
     _, fresh, processor, _ = load_pretrained_model(tiny_checkpoint, device="cpu")
     fresh.set_compression(0.25, method="globalcom2")
-    image = _image((800, 500), 1)
+    image = noise_image((800, 500), 1)
     with torch.no_grad():
         fresh.encode_image_sequences(process_images([image], processor, fresh.config), [image.size])
     assert fresh._text_tower is None and "text_tower" not in "".join(fresh.state_dict())

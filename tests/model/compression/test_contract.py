@@ -10,13 +10,13 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.compression import get_method, method_names, parse_method_args
 from llava.model.compression.common import Budget, Merge, arrange_tokens, crop_geometry, keep_everything, project_merge
 from llava.model.compression.registry import DECODER_SIGNALS, SIGNALS, argument_fields, example_signals
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 # Methods that select before the language model get the checks below on views; those that prune
 # inside it (stage in-llm: keep rules the decoder mechanism calls) get the in-LLM checks at the end.
@@ -147,15 +147,10 @@ def test_module_documents_the_method_and_its_budget(name):
 
 # --- through the model: batched equals per-sample, device and dtype of the real glue ----------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
 @pytest.mark.parametrize("name", PRE_LLM)
 def test_batched_equals_per_sample_in_the_model(tiny, name):
     tokenizer, model, processor = tiny
-    images = [_image((800, 500), 1), _image((500, 900), 2)]
+    images = [noise_image((800, 500), 1), noise_image((500, 900), 2)]
     pixel_values = process_images(images, processor, model.config)
     sizes = [image.size for image in images]
     ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")
@@ -185,7 +180,7 @@ def test_batched_equals_per_sample_in_the_model(tiny, name):
                                     dict(retention_ratio=0.1), dict(visual_tokens=300)])
 def test_runs_on_the_tiny_checkpoint(tiny, name, budget):
     tokenizer, model, processor = tiny
-    image = _image((1000, 700), 3)
+    image = noise_image((1000, 700), 3)
     pixel_values = process_images([image], processor, model.config)
     model.set_compression(method=name, **budget)
     try:
@@ -227,7 +222,7 @@ def test_in_llm_runs_on_the_tiny_checkpoint(tiny, name, budget):
     """The image goes in whole; the schedule prunes at a layer of the model (its first layers
     whatever the default, the tiny model having 2), and a full budget is the vanilla model."""
     tokenizer, model, processor = tiny
-    image = _image((1000, 700), 3)
+    image = noise_image((1000, 700), 3)
     pixel_values = process_images([image], processor, model.config)
     ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")[None]
     args = [f"{field}=1" for field, kind, _, _ in argument_fields(get_method(name)) if field == "k"]

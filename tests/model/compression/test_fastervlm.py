@@ -11,13 +11,13 @@ from fractions import Fraction
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method
 from llava.model.compression.common import Budget, arrange_tokens, crop_geometry, keep_mask, view_image_areas
 from llava.model.compression.fastervlm import FasterVLMArgs, official_input, select, view_token_counts
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 FAITHFUL, ANYRES = FasterVLMArgs(), FasterVLMArgs(mode="anyres")
@@ -210,20 +210,9 @@ def test_registration_declares_the_signal_and_the_input_change():
 
 # --- through the model ---------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 def _encode(model, processor, size, **settings):
-    image = _image(size, 5)
+    image = noise_image(size, 5)
     pixel_values = process_images([image], processor, model.config)
     model.set_compression(**settings)
     with torch.no_grad():

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.compression import fastv, get_method, parse_method_args
 from llava.model.compression.common import Budget
+from support import noise_image
 
 
 def _budget(ratio=1.0, tokens=None, vanilla=2880):
@@ -87,14 +87,9 @@ def test_registered_in_llm():
 
 # --- through the tiny checkpoint (2 decoder layers: K = 1) -------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
 def _inputs(tiny, sizes, questions):
     tokenizer, model, processor = tiny
-    images = [_image(size, index) for index, size in enumerate(sizes)]
+    images = [noise_image(size, index) for index, size in enumerate(sizes)]
     pixel_values = process_images(images, processor, model.config)
     rows = [tokenizer_image_token(f"USER: <image>\n{question} ASSISTANT:", tokenizer, return_tensors="pt")
             for question in questions]

@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method, parse_method_args
 from llava.model.compression.common import Budget, arrange_tokens, crop_geometry, keep_mask, view_image_areas
 from llava.model.compression.hired import HiREDArgs, crop_budgets, select, thumbnail_partition
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 FIRST, PENULTIMATE = "cls_attn_heads_first", "cls_attn_heads_penultimate"
@@ -410,22 +410,11 @@ def test_registration_declares_both_signals_and_no_input_change():
 
 # --- through the model ---------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 @pytest.mark.parametrize("size", [(1000, 700), (1000, 300)])
 def test_the_models_sequence_is_the_released_one_on_the_towers_signals(tiny, model, size):
     _, _, processor = tiny
-    image = _image(size, 5)
+    image = noise_image(size, 5)
     pixel_values = process_images([image], processor, model.config)
     model.set_compression(0.2, method="hired")
     assert model.compression_settings().signals == {FIRST, PENULTIMATE}
@@ -447,7 +436,7 @@ def test_the_models_sequence_is_the_released_one_on_the_towers_signals(tiny, mod
 
 def test_anyres_mode_through_the_model_has_the_models_newlines(tiny, model):
     _, _, processor = tiny
-    image = _image((1000, 700), 5)
+    image = noise_image((1000, 700), 5)
     pixel_values = process_images([image], processor, model.config)
     model.set_compression(0.2, method="hired", method_args=["mode=anyres"])
     with torch.no_grad():

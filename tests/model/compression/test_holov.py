@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, unpad_image
 from llava.model.compression import get_method, parse_method_args
@@ -20,6 +19,7 @@ from llava.model.compression.holov import (
     HoloVArgs, allocate_tokens, flattened_cells, holov, partition_slices, select, slice_scores, token_budget,
 )
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 SIGNAL = "cls_attn_penultimate"
@@ -382,21 +382,10 @@ def test_arguments_and_registration():
 
 # --- through the model ---------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 def test_the_model_sends_the_released_sequence_from_the_towers_signal(tiny, model):
     _, _, processor = tiny
-    image = _image((1000, 700), 5)
+    image = noise_image((1000, 700), 5)
     pixel_values = process_images([image], processor, model.config)
     model.set_compression(0.25, method="holov")
     with torch.no_grad():

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
-from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method
@@ -24,6 +23,7 @@ from llava.model.compression.prumerge import (
     FEATURES, KEYS, SCORE, PruMergeArgs, official_input, reduction_ratio, select, top_counts,
 )
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 FAITHFUL, ANYRES = PruMergeArgs(), PruMergeArgs(mode="anyres")
@@ -385,21 +385,10 @@ def test_registration_declares_the_signals_and_the_input_change():
 
 # --- through the model ----------------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 def encode(model, processor, size, **settings):
     """The model's sequence and accounting for one image, and the tower's signals for it."""
-    image = _image(size, 5)
+    image = noise_image(size, 5)
     model.set_compression(**settings)
     pixel_values = process_images([image], processor, model.input_config())
     with torch.no_grad():

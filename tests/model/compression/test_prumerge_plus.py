@@ -16,9 +16,9 @@ from llava.model.compression.common import Budget, crop_geometry, selection_reco
 from llava.model.compression.prumerge import FEATURES, KEYS, SCORE
 from llava.model.compression.prumerge_plus import PruMergePlusArgs, official_input, sample_grid, select
 from llava.tiny import V16_PINPOINTS
-# The shared restatement of the official code, the hand-made signals and the `model` fixture.
-from tests.model.compression.test_prumerge import (  # noqa: F401  (`model` is a fixture)
-    _hand_signals, _named_features, _run, _scores, _sequence, encode, model, official_sequence, random_signals,
+# The shared restatement of the official code and the hand-made signals.
+from tests.model.compression.test_prumerge import (
+    _hand_signals, _named_features, _run, _scores, _sequence, encode, official_sequence, random_signals,
 )
 
 ADAPTIVE, TRAINING = PruMergePlusArgs(), PruMergePlusArgs(adaptive=False)

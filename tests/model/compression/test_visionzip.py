@@ -28,6 +28,7 @@ from llava.model.compression.visionzip import (
     FEATURES, KEYS, SCORE, VisionZipArgs, official_input, select, split_view_tokens, view_token_counts,
 )
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 FAITHFUL, ANYRES = VisionZipArgs(), VisionZipArgs(mode="anyres")
@@ -384,23 +385,12 @@ def test_registration_declares_the_signals_and_the_input_change():
 
 # --- through the model ---------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 def test_faithful_through_the_model_is_the_official_sequence(tiny, model):
     """The tower's own signals, the official input (no unpadding, no newline), the projector after
     the merge, and the accounting against the model's own vanilla sequence."""
     _, _, processor = tiny
-    image = _image((1000, 700), 5)
+    image = noise_image((1000, 700), 5)
     pixel_values = process_images([image], processor, model.input_config())
     model.set_compression(0.1, method="visionzip")
     with torch.no_grad():
@@ -421,7 +411,7 @@ def test_faithful_through_the_model_is_the_official_sequence(tiny, model):
 
 def test_anyres_through_the_model_has_newlines_and_r_of_the_vanilla_tokens(tiny, model):
     _, _, processor = tiny
-    image = _image((1000, 700), 5)
+    image = noise_image((1000, 700), 5)
     pixel_values = process_images([image], processor, model.config)
     model.set_compression(0.25, method="visionzip", method_args=["mode=anyres"])
     with torch.no_grad():

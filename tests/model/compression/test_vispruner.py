@@ -16,7 +16,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-from PIL import Image
 
 from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.compression import get_method, parse_method_args
@@ -26,6 +25,7 @@ from llava.model.compression.vispruner import (
     surviving_tokens, view_token_counts,
 )
 from llava.tiny import V16_PINPOINTS
+from support import noise_image
 
 NEWLINE = -1.0
 FAITHFUL, ANYRES, FIXED = VisPrunerArgs(), VisPrunerArgs(mode="anyres"), VisPrunerArgs(survivor_gather="fixed")
@@ -454,21 +454,10 @@ def test_bad_signal_shapes_are_clear_errors():
 
 # --- through the model ---------------------------------------------------------------------------
 
-def _image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
-@pytest.fixture
-def model(tiny):
-    model = tiny[1]
-    yield model
-    model.set_compression()
-
 
 def test_faithful_through_the_model_is_the_released_selection_on_the_official_input(tiny, model):
     _, _, processor = tiny
-    image = _image((1000, 300), 5)  # the model's grid is 3x1; the official input forces 2x2
+    image = noise_image((1000, 300), 5)  # the model's grid is 3x1; the official input forces 2x2
     model.set_compression(0.25, method="vispruner")
     pixel_values = process_images([image], processor, model.input_config())
     assert pixel_values.shape[1] == 5
@@ -489,7 +478,7 @@ def test_faithful_through_the_model_is_the_released_selection_on_the_official_in
 
 def test_anyres_through_the_model_has_the_models_grid_and_newlines(tiny, model):
     _, _, processor = tiny
-    image = _image((1000, 300), 6)
+    image = noise_image((1000, 300), 6)
     model.set_compression(0.25, method="vispruner", method_args=["mode=anyres"])
     pixel_values = process_images([image], processor, model.input_config())
     with torch.no_grad():
