@@ -27,10 +27,11 @@
 # replaces it; filelock<4 because lmms-eval imports filelock._api. `pip install -e .[lmms]` is the full one.
 #
 # upstream (also tried by `test`, which goes on without it): a separate environment, .venv-upstream, made
-# as rule 3 makes .venv (never the active one), with upstream LLaVA's own pins -- transformers 4.37.2,
-# tokenizers 0.15.1, sentencepiece 0.1.99, accelerate 0.21.0 -- and `llava-torch==1.2.2` without its
-# dependencies (gradio, bitsandbytes, a torch 2.1 pin), keeping the installed torch. Its package is also
-# called `llava`, hence the separate environment. About 10 s and 130 MB.
+# as rule 3 makes .venv (never the active one; torch as above), with upstream LLaVA's own pins --
+# transformers 4.37.2, tokenizers 0.15.1, sentencepiece 0.1.99, accelerate 0.21.0 -- plus protobuf and
+# pillow, and `llava-torch==1.2.2` without its dependencies (gradio, bitsandbytes, a torch 2.1 pin). Its
+# package is also called `llava`, hence the separate environment. About 10 s and 130 MB where the base
+# Python has torch.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -83,7 +84,7 @@ install_upstream() {
     { [ -x .venv-upstream/bin/python ] && where="$(pwd)/.venv-upstream (existing)" || new_venv .venv-upstream; } &&
         ensure_torch .venv-upstream/bin/python &&
         .venv-upstream/bin/python -m pip install -q "transformers==4.37.2" "tokenizers==0.15.1" \
-            "sentencepiece==0.1.99" "accelerate==0.21.0" protobuf &&
+            "sentencepiece==0.1.99" "accelerate==0.21.0" protobuf pillow &&
         .venv-upstream/bin/python -m pip install -q --no-deps "llava-torch==1.2.2" &&
         echo "install.sh: installed upstream LLaVA 1.2.2 into $where"
 }

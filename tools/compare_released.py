@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
+    if not os.path.isfile(args.upstream_python):
+        parser.error(f"no upstream interpreter at {args.upstream_python}: run `sh scripts/install.sh upstream`")
     quiet_transformers()
     cases = comparison_cases(args.cases)
     checkpoint = os.path.abspath(args.checkpoint or ensure_tiny_checkpoint(os.path.join(REPO, DEFAULT_OUT)))
@@ -361,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         released_repo = args.released_repo
         if released_repo is None:
             if not os.path.isdir(RELEASED_MIRROR):
-                parser.error(f"no --released-repo, no $LLAVA_RELEASED_REPO and no mirror at {RELEASED_MIRROR}")
+                parser.error("give --released-repo (a clone of https://github.com/xuyang-liu16/GlobalCom2, commit "
+                             "96b2d00) or set $LLAVA_RELEASED_REPO")
             released_repo = export_released_repo(RELEASED_MIRROR, os.path.join(work, "released"))
         report = compare(cases, checkpoint, os.path.abspath(released_repo), args.upstream_python, args.dtype,
                          args.numerics, work)

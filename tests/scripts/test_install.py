@@ -86,7 +86,7 @@ def fake_env(sandbox, name):
 
 UPSTREAM_INSTALLS = [
     ".venv-upstream/bin/python -m pip install -q transformers==4.37.2 tokenizers==0.15.1 sentencepiece==0.1.99 "
-    "accelerate==0.21.0 protobuf",
+    "accelerate==0.21.0 protobuf pillow",
     ".venv-upstream/bin/python -m pip install -q --no-deps llava-torch==1.2.2",
 ]
 
