@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from llava.conversation import get_conv_template
+from llava.conversation import conv_templates, get_conv_template
 from llava.eval.instructions import query_instruction
 from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
                               configure_model, image_prompt, infer_conv_mode)
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-file", required=True, nargs="+", help="image path(s); also split on --sep")
     parser.add_argument("--sep", default=",", help="separator inside --image-file (default: %(default)r)")
     parser.add_argument("--query", required=True)
-    parser.add_argument("--conv-mode", default=None, help="chat template (default: inferred from the checkpoint)")
+    parser.add_argument("--conv-mode", default=None, choices=sorted(conv_templates), metavar="TEMPLATE",
+                        help="chat template (default: inferred from the checkpoint)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
     parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)

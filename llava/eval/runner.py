@@ -75,7 +75,7 @@ import shortuuid
 import torch
 from tqdm import tqdm
 
-from llava.conversation import get_conv_template
+from llava.conversation import conv_templates, get_conv_template
 from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
 from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
@@ -501,6 +501,7 @@ def _run(args, questions: list[Question], prompt_settings: dict) -> int:
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
     share = get_chunk(chunk, world_size, rank)
     args.conv_mode = resolve_conv_mode(args.conv_mode, args.model_path)  # before the settings record it
+    asked_conv_mode(args.conv_mode, args.model_path)  # an unknown template stops here, before the model loads
     outputs = []
     for setting in sweep_settings(args):
         answers_file = os.path.expanduser(setting.answers_file)
@@ -607,7 +608,7 @@ def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, 
     working = [output for output in outputs if output.todo]
     tokenizer, model, image_processor = _load_model(working[0].args, local_rank)
     model_name = get_model_name_from_path(args.model_path)
-    conv_mode = _conv_mode(args.conv_mode, model_name)
+    conv_mode = asked_conv_mode(args.conv_mode, args.model_path)
     batch_size = getattr(args, "batch_size", 1)
     window = batch_size * GROUPING_WINDOW_BATCHES if batch_size > 1 else 1
     # Each output's settings, and its input config's index in `configs`. Configs are told apart by the
@@ -769,10 +770,20 @@ def _let_go_of_locks(lock_paths: list[str], worker_id: int) -> None:
     os.close(null)
 
 
-def _conv_mode(conv_mode: str, model_name: str) -> str:
-    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
-        conv_mode += "_mmtag"  # upstream's rule for pretraining-only checkpoints
-    return conv_mode
+def asked_conv_mode(conv_mode: str, model_path: str) -> str:
+    """The template the questions are asked in: `conv_mode`, or its `_mmtag` variant for a checkpoint
+    whose name says `plain` but not `finetune` (upstream's rule for pretraining-only checkpoints).
+    Refused in one line (UserError) where that template does not exist, as only v0's and v1's do:
+    upstream stops there with a KeyError after loading the model."""
+    if conv_mode not in conv_templates:
+        raise UserError(f"--conv-mode: unknown template {conv_mode!r}; valid: {', '.join(sorted(conv_templates))}")
+    model_name = get_model_name_from_path(model_path)
+    if "plain" not in model_name or "finetune" in model_name.lower() or "mmtag" in conv_mode:
+        return conv_mode
+    if conv_mode + "_mmtag" not in conv_templates:
+        raise UserError(f"--conv-mode {conv_mode}: {model_name!r} says 'plain' (a pretraining-only checkpoint), so "
+                        f"upstream's rule asks in {conv_mode}_mmtag, which does not exist; pass --conv-mode v1 or v0")
+    return conv_mode + "_mmtag"
 
 
 def _chat_prompt(conv_mode: str, question: Question) -> str:

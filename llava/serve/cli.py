@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava.conversation import get_conv_template
+from llava.conversation import conv_templates, get_conv_template
 from llava.eval.instructions import query_instruction
 from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
                               configure_model, image_prompt, infer_conv_mode)
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Chat with a LLaVA checkpoint about an image.")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--image-file", required=True, nargs="+")
-    parser.add_argument("--conv-mode", default=None)
+    parser.add_argument("--conv-mode", default=None, choices=sorted(conv_templates), metavar="TEMPLATE",
+                        help="chat template (default: inferred from the checkpoint)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--device", default=None)

@@ -153,6 +153,14 @@ def test_cuda_on_a_cpu_only_machine_is_one_clear_line(tiny_checkpoint, tmp_path,
     assert err.count("\n") == 1
 
 
+def test_unknown_template_is_refused_by_the_parser(tmp_path, capsys):
+    image = _image(tmp_path, "a.png", (10, 10))
+    with pytest.raises(SystemExit) as exit_info:  # before the (missing) checkpoint is even looked at
+        run_llava.main(["--model-path", str(tmp_path), "--image-file", image, "--query", "Q", "--conv-mode", "vicuna"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--conv-mode: invalid choice: 'vicuna'" in err and "'vicuna_v1'" in err
+
+
 def test_not_a_checkpoint_is_one_clear_line(tmp_path, capsys):
     image = _image(tmp_path, "a.png", (10, 10))
     with pytest.raises(SystemExit) as exit_info:

@@ -237,6 +237,32 @@ def test_bad_question_line_is_one_error_before_the_model_loads(tiny_checkpoint, 
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("conv_mode, model_path, asked", [
+    ("llava_v1", "checkpoints/llava-next-tiny", "llava_v1"),
+    ("v1", "checkpoints/llava-v1.5-7b-plain", "v1_mmtag"),        # upstream's rule for pretraining-only ones
+    ("v0", "checkpoints/llava-plain", "v0_mmtag"),
+    ("v1", "checkpoints/llava-v1.5-7b-plain-finetune", "v1"),     # not when the name says finetune
+    ("v1_mmtag", "checkpoints/llava-v1.5-7b-plain", "v1_mmtag"),  # nor twice
+])
+def test_the_template_asked_in(conv_mode, model_path, asked):
+    assert runner.asked_conv_mode(conv_mode, model_path) == asked
+
+
+@pytest.mark.parametrize("conv_mode, model_name, reason", [
+    ("nope", "llava-next-tiny", "--conv-mode: unknown template 'nope'; valid: chatml_direct"),
+    ("vicuna_v1", "llava-v1.5-7b-plain", "upstream's rule asks in vicuna_v1_mmtag, which does not exist; pass "
+                                         "--conv-mode v1 or v0"),
+])
+def test_a_template_that_does_not_exist_is_one_error_before_the_model_loads(data, tmp_path, capsys, no_model_load,
+                                                                            conv_mode, model_name, reason):
+    """Upstream stops with a KeyError after loading the model; here the runner stops before it."""
+    root, _ = data
+    arguments = _arguments(str(tmp_path / model_name), root, tmp_path / "a.jsonl", "--conv-mode", conv_mode)
+    status, err = _exit_status(lambda: model_vqa_loader.main(arguments), capsys)
+    assert status == 2 and reason in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_skip_bad_questions_warns_and_answers_the_rest(tiny_checkpoint, data, tmp_path, capsys):
     root, lines = data
     _write_lines(tmp_path / "q.jsonl", [lines[0], {"question_id": 9, "text": "x"}, "oops", lines[1]])

@@ -10,6 +10,10 @@ Model arguments (`--model_args key=value,...`; all but `pretrained` optional):
                             `--token-layout`, `--text-tower`; left out, `llava_arch`'s defaults apply
   method_args               the method's arguments, `;`-separated (lmms-eval splits model_args at
                             commas): `method_args=alpha=0;temperature=5` (quote it for the shell)
+  tower_numerics            sdpa | released, as the runners' `--tower-numerics` (released: the released
+                            code's CLIP attention, bit for bit; the one to reproduce the paper's fp16 runs)
+  reverse_crops             true: each image's AnyRes crops in reversed order, thumbnail first (the runners'
+                            `--reverse-crops`, the positional-bias study); recorded per image
   conv_template             the chat template (default: inferred from the checkpoint as
                             `llava.generation.infer_conv_mode`, `vicuna_v1` for LLaVA-NeXT Vicuna)
   dtype, device             float32 | float16 | bfloat16 (default: fp16 on CUDA, fp32 on CPU); cpu, cuda:0 ...
@@ -50,7 +54,7 @@ from llava.conversation import get_conv_template
 from llava.eval.instructions import science_instruction, vqa_instruction
 from llava.generation import (Answer, add_compression_arguments, answer_batch, compression_arguments,
                               compression_label, configure_model, image_prompt, infer_conv_mode)
-from llava.mm_utils import to_rgb
+from llava.mm_utils import is_anyres, to_rgb
 from llava.model.builder import load_pretrained_model, resolve_dtype
 
 # A task that sets no `max_new_tokens`: lmms-eval's own LLaVA wrapper's default.
@@ -62,7 +66,8 @@ HONOURED_GENERATION_KWARGS = {"until", "max_new_tokens", "temperature", "do_samp
 
 # The compression model arguments and the runners' flags that parse and check them.
 COMPRESSION_FLAGS = {"method": "--method", "method_args": "--method-arg", "retention_ratio": "--retention-ratio",
-                     "visual_tokens": "--visual-tokens", "token_layout": "--token-layout", "text_tower": "--text-tower"}
+                     "visual_tokens": "--visual-tokens", "token_layout": "--token-layout", "text_tower": "--text-tower",
+                     "tower_numerics": "--tower-numerics"}
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -71,12 +76,12 @@ class _RaisingParser(argparse.ArgumentParser):
 
 
 def compression_namespace(method=None, method_args=None, retention_ratio=None, visual_tokens=None, token_layout=None,
-                          text_tower=None) -> argparse.Namespace:
+                          text_tower=None, tower_numerics=None) -> argparse.Namespace:
     """The compression model arguments as the runners' parsed command line (for `configure_model`),
     checked by the runners' own parser and `compression_arguments`: a bad value is a ValueError in
     one line naming the model argument."""
     given = dict(method=method, retention_ratio=retention_ratio, visual_tokens=visual_tokens,
-                 token_layout=token_layout, text_tower=text_tower)
+                 token_layout=token_layout, text_tower=text_tower, tower_numerics=tower_numerics)
     argv = [part for key, value in given.items() if value is not None for part in (COMPRESSION_FLAGS[key], str(value))]
     pairs = [pair.strip() for pair in str(method_args or "").split(";") if pair.strip()]
     argv += [part for pair in pairs for part in ("--method-arg", pair)]
@@ -143,6 +148,7 @@ class GlobalCom2(lmms):
     def __init__(self, pretrained: str, model_base: str | None = None, method: str | None = None,
                  method_args: str | None = None, retention_ratio: float | None = None,
                  visual_tokens: int | None = None, token_layout: str | None = None, text_tower: str | None = None,
+                 tower_numerics: str | None = None, reverse_crops: bool = False,
                  conv_template: str | None = None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, allow_truncation: bool = False,
                  accounting_file: str | None = None, **unknown):
@@ -156,8 +162,11 @@ class GlobalCom2(lmms):
             raise ValueError("globalcom2 runs in one process (no data parallelism across ranks): start one "
                              "lmms-eval per device instead of accelerate launch / torchrun")
         self.args = compression_namespace(method, method_args, retention_ratio, visual_tokens, token_layout,
-                                          text_tower)
+                                          text_tower, tower_numerics)
         self.args.allow_truncation = allow_truncation is True
+        if reverse_crops not in (True, False):
+            raise ValueError(f"globalcom2 model_args: reverse_crops must be true or false, got {reverse_crops!r}")
+        self.reverse_crops = reverse_crops
         try:
             self.batch_size = int(batch_size)
         except ValueError:
@@ -174,6 +183,10 @@ class GlobalCom2(lmms):
         self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
             pretrained, model_base, device=device, torch_dtype=dtype)
         configure_model(self.model, self.args)
+        aspect_ratio = getattr(self.model.config, "image_aspect_ratio", None)
+        if reverse_crops and not is_anyres(aspect_ratio):
+            raise ValueError(f"globalcom2 model_args: reverse_crops: {pretrained} sends one view per image "
+                             f"(image_aspect_ratio {aspect_ratio!r}): there are no crops to reverse")
         self.conv_template = conv_template or infer_conv_mode(pretrained, self.model.config)
         self.accounting_file = accounting_file or f"globalcom2_accounting_{time.strftime('%Y%m%d_%H%M%S')}.jsonl"
         self.ignored_generation_kwargs: set[str] = set()
@@ -225,7 +238,7 @@ class GlobalCom2(lmms):
                 settings, until = generation_settings(gen_kwargs)
                 self.warn_ignored(set(gen_kwargs) - HONOURED_GENERATION_KWARGS)
                 answers = answer_batch(self.model, self.tokenizer, self.image_processor, list(prompts), list(images),
-                                       instructions=list(instructions), **settings)
+                                       instructions=list(instructions), reverse_crops=self.reverse_crops, **settings)
                 for index, result in zip(batch, answers):
                     _, _, _, doc_id, task, split = requests[index].args
                     record = accounting_record(task, split, doc_id, result)

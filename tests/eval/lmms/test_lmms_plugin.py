@@ -232,11 +232,46 @@ def test_the_entry_point_names_the_class_and_its_module_is_import_light():
     (dict(dtype="float8"), "unknown dtype 'float8'"),
     (dict(batch_size="auto"), "batch_size must be a whole number >= 1"),
     (dict(retention=0.1), "unknown retention; valid: pretrained, model_base, method"),
+    (dict(tower_numerics="fast"), "tower_numerics: invalid choice: 'fast'"),
+    (dict(reverse_crops="yes"), "reverse_crops must be true or false, got 'yes'"),
 ])
 def test_a_bad_setting_is_refused_in_one_line_before_the_model_loads(tmp_path, model_args, message):
     with pytest.raises(ValueError) as refused:  # a load would fail otherwise: there is no checkpoint
         GlobalCom2(pretrained=str(tmp_path / "no-checkpoint"), **model_args)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+class _Request:
+    """What the model reads of lmms-eval's `Instance`: its `args`."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_tower_numerics_and_reverse_crops_reach_every_answer(tiny_checkpoint, questions, tmp_path):
+    """`tower_numerics=released,reverse_crops=true`: the tower runs the released numerics, and each response
+    and its accounting are those of our own `answer(..., reverse_crops=True)` with them."""
+    plugin = GlobalCom2(pretrained=tiny_checkpoint, dtype="float32", device="cpu", tower_numerics="released",
+                        reverse_crops=True, accounting_file=str(tmp_path / "accounting.jsonl"), **COMPRESSION)
+    assert plugin.model.get_vision_tower().numerics == "released"
+    plugin.task_dict = {TASK: {"test": dict(enumerate(questions))}}
+    gen_kwargs = {"max_new_tokens": MAX_NEW_TOKENS}
+    requests = [_Request(doc["question"], gen_kwargs, lambda doc: [load_image(path) for path in doc["images"]],
+                         doc_id, TASK, "test") for doc_id, doc in enumerate(questions)]
+    responses = [result.text for result in plugin.generate_until(requests)]
+    expected = []
+    for doc in questions:
+        images = [load_image(path) for path in doc["images"]]
+        conv = get_conv_template("vicuna_v1")
+        conv.append_message(conv.roles[0], image_prompt(doc["question"], len(images)))
+        conv.append_message(conv.roles[1], None)
+        expected.append(answer(plugin.model, plugin.tokenizer, plugin.image_processor, conv.get_prompt(), images,
+                               max_new_tokens=MAX_NEW_TOKENS, reverse_crops=True))
+    assert responses == [result.text for result in expected]
+    records = read_jsonl(str(tmp_path / "accounting.jsonl"))
+    assert [record["images"] for record in records] == [result.accounting for result in expected]
+    reversed_flags = [image["crops_reversed"] for record in records for image in record["images"]]
+    assert any(reversed_flags)
 
 
 def test_generation_settings_follow_the_task():
