@@ -171,6 +171,20 @@ def expected_visual_tokens(model, image_size: tuple[int, int], settings=None) ->
     return budget.image_tokens
 
 
+def expected_prompt_tokens(model, tokenizer, prompt: str, image_sizes: list[tuple[int, int]]) -> int:
+    """The prompt's length after splicing as its image sizes and the budget predict it
+    (`expected_visual_tokens`): the key prompts are grouped into batches by."""
+    text_tokens = int((tokenizer_image_token(prompt, tokenizer, return_tensors="pt") != IMAGE_TOKEN_INDEX).sum())
+    return text_tokens + sum(expected_visual_tokens(model, size) for size in image_sizes)
+
+
+# With a batch size N > 1, prompts are taken this many batches at a time (the runners' pending
+# questions, the lmms-eval plug-in's requests): their images are loaded, then they are sorted by
+# expected prompt length and cut into batches. The window bounds the images held in memory;
+# sorting within it removes most of the padding.
+GROUPING_WINDOW_BATCHES = 16
+
+
 def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token rows of different lengths as one left-padded `[B, L]` batch and its `[B, L]` mask
     (None when every row has the same length: nothing to mask, as for a single prompt)."""

@@ -25,7 +25,7 @@ bad entry into one error line naming it, before the model loads). `run`:
 - stores GlobalCom2's token accounting in each answer's `metadata` and prints averages.
 
 `--batch-size N` answers N questions per `generate` call (`generation.answer_batch`, left-padded):
-the pending questions are taken `GROUPING_WINDOW_BATCHES` batches at a time, their images loaded
+the pending questions are taken `generation.GROUPING_WINDOW_BATCHES` batches at a time, their images loaded
 first (so a bad image is its own question's error or stop, the questions before it answered),
 sorted by expected prompt length (the text, plus the visual tokens each image's size and the
 budget give: `generation.expected_visual_tokens`) and cut into batches. A prompt too long for the
@@ -79,12 +79,10 @@ from llava.conversation import conv_templates, get_conv_template
 from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
 from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
-from llava.constants import IMAGE_TOKEN_INDEX
-from llava.generation import (PreparedImages, add_compression_arguments, add_input_arguments, answer_prepared,
-                              compression_arguments, compression_label, configure_model, expected_visual_tokens,
-                              prepare_images)
-from llava.mm_utils import (ImageLoadError, get_model_name_from_path, is_anyres, set_max_image_pixels,
-                            tokenizer_image_token)
+from llava.generation import (GROUPING_WINDOW_BATCHES, PreparedImages, add_compression_arguments,
+                              add_input_arguments, answer_prepared, compression_arguments, compression_label,
+                              configure_model, expected_prompt_tokens, prepare_images)
+from llava.mm_utils import ImageLoadError, get_model_name_from_path, is_anyres, set_max_image_pixels
 from llava.model import llava_arch
 from llava.model.builder import (CheckpointError, checkpoint_digest, llava_classes, load_pretrained_model,
                                  read_llava_config, resolve_dtype, resolve_local_checkpoint)
@@ -592,10 +590,6 @@ def _start_afresh(answers_file: str, rank: int, world_size: int) -> None:
         _wait_for_all_ranks()
 
 
-# With --batch-size N > 1, pending questions are taken this many batches at a time: their images
-# are loaded, then they are sorted by expected prompt length and cut into batches. The window
-# bounds the images held in memory; sorting within it removes most of the padding.
-GROUPING_WINDOW_BATCHES = 16
 
 
 def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, world_size: int, local_rank: int,
@@ -662,7 +656,7 @@ def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, 
                     continue
                 if len(working) > 1:
                     configure_model(model, output.args)
-                lengths = [_expected_prompt_tokens(model, tokenizer, prompt, prepared.sizes) if batch_size > 1 else 0
+                lengths = [expected_prompt_tokens(model, tokenizer, prompt, prepared.sizes) if batch_size > 1 else 0
                            for _, prepared, prompt in own]
                 by_length = [own[index] for index in sorted(range(len(own)), key=lengths.__getitem__)]
                 for start in range(0, len(by_length), batch_size):
@@ -791,13 +785,6 @@ def _chat_prompt(conv_mode: str, question: Question) -> str:
     conv.append_message(conv.roles[0], question.query)
     conv.append_message(conv.roles[1], None)
     return conv.get_prompt()
-
-
-def _expected_prompt_tokens(model, tokenizer, prompt: str, image_sizes: list[tuple[int, int]]) -> int:
-    """The prompt's length after splicing as its image sizes and the budget predict it
-    (`generation.expected_visual_tokens`): the key batches are grouped by."""
-    text_tokens = int((tokenizer_image_token(prompt, tokenizer, return_tensors="pt") != IMAGE_TOKEN_INDEX).sum())
-    return text_tokens + sum(expected_visual_tokens(model, size) for size in image_sizes)
 
 
 def _load_model(args, local_rank: int):

@@ -17,8 +17,9 @@ Model arguments (`--model_args key=value,...`; all but `pretrained` optional):
   conv_template             the chat template (default: inferred from the checkpoint as
                             `llava.generation.infer_conv_mode`, `vicuna_v1` for LLaVA-NeXT Vicuna)
   dtype, device             float32 | float16 | bfloat16 (default: fp16 on CUDA, fp32 on CPU); cpu, cuda:0 ...
-  batch_size                prompts per `generate` call (`llava.generation.answer_batch`, left padded);
-                            here or lmms-eval's `--batch_size` (a value in model_args wins)
+  batch_size                prompts per `generate` call (`llava.generation.answer_batch`, left padded),
+                            sorted by expected length within windows of 16 batches as the runners sort
+                            theirs; here or lmms-eval's `--batch_size` (a value in model_args wins)
   allow_truncation          cut over-long prompts instead of refusing them (the runners' flag)
   accounting_file           JSONL of every sample's token accounting (default
                             `globalcom2_accounting_<date>_<time>.jsonl` in the working directory)
@@ -52,8 +53,9 @@ from tqdm import tqdm
 
 from llava.conversation import get_conv_template
 from llava.eval.instructions import science_instruction, vqa_instruction
-from llava.generation import (Answer, add_compression_arguments, answer_batch, compression_arguments,
-                              compression_label, configure_model, image_prompt, infer_conv_mode)
+from llava.generation import (GROUPING_WINDOW_BATCHES, Answer, add_compression_arguments, answer_batch,
+                              compression_arguments, compression_label, configure_model, expected_prompt_tokens,
+                              image_prompt, infer_conv_mode)
 from llava.mm_utils import is_anyres, to_rgb
 from llava.model.builder import load_pretrained_model, resolve_dtype
 
@@ -219,35 +221,49 @@ class GlobalCom2(lmms):
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt(), images, [task_instruction(context)] * len(images) if images else None
 
-    def batches(self, requests) -> list[list[int]]:
-        """Request indices in batches of at most `batch_size`, in the requests' order, a batch
-        sharing one task's generation settings (one `generate` call samples one way)."""
+    def windows(self, requests) -> list[list[int]]:
+        """Request indices in the requests' order, in windows of `batch_size` x `GROUPING_WINDOW_BATCHES`
+        (of one request at batch size 1), a window sharing one task's generation settings (one `generate`
+        call samples one way)."""
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
-        return [group[start:start + self.batch_size] for group in groups.values()
-                for start in range(0, len(group), self.batch_size)]
+        size = self.batch_size * GROUPING_WINDOW_BATCHES if self.batch_size > 1 else 1
+        return [group[start:start + size] for group in groups.values() for start in range(0, len(group), size)]
 
     def generate_until(self, requests) -> list[GenerationResult]:
+        """Each window's images are loaded, its prompts sorted by expected length (as the runners sort
+        theirs: the least padding) and answered `batch_size` at a time; results in the requests' order."""
         results: list[GenerationResult | None] = [None] * len(requests)
         kept = before = 0
+        progress = tqdm(total=len(requests), desc="globalcom2", disable=None)
         with open(self.accounting_file, "a", encoding="utf-8") as accounting:
-            for batch in tqdm(self.batches(requests), desc="globalcom2 batches", disable=None):
-                prompts, images, instructions = zip(*(self.prompt_of(requests[index]) for index in batch))
-                gen_kwargs = requests[batch[0]].args[1]
+            for window in self.windows(requests):
+                asked = {index: self.prompt_of(requests[index]) for index in window}
+                if self.batch_size > 1:
+                    window = sorted(window, key=lambda index: expected_prompt_tokens(
+                        self.model, self.tokenizer, asked[index][0], [image.size for image in asked[index][1]]))
+                gen_kwargs = requests[window[0]].args[1]
                 settings, until = generation_settings(gen_kwargs)
                 self.warn_ignored(set(gen_kwargs) - HONOURED_GENERATION_KWARGS)
-                answers = answer_batch(self.model, self.tokenizer, self.image_processor, list(prompts), list(images),
-                                       instructions=list(instructions), reverse_crops=self.reverse_crops, **settings)
-                for index, result in zip(batch, answers):
-                    _, _, _, doc_id, task, split = requests[index].args
-                    record = accounting_record(task, split, doc_id, result)
-                    accounting.write(json.dumps(record) + "\n")
-                    kept, before = kept + record["visual_tokens"], before + record["visual_tokens_before"]
-                    results[index] = GenerationResult(
-                        text=cut_at_stop(result.text, until),
-                        token_counts=TokenCounts(input_tokens=result.prompt_tokens, output_tokens=result.new_tokens))
-                accounting.flush()
+                for start in range(0, len(window), self.batch_size):
+                    batch = window[start:start + self.batch_size]
+                    prompts, images, instructions = zip(*(asked[index] for index in batch))
+                    answers = answer_batch(self.model, self.tokenizer, self.image_processor, list(prompts),
+                                           list(images), instructions=list(instructions),
+                                           reverse_crops=self.reverse_crops, **settings)
+                    for index, result in zip(batch, answers):
+                        _, _, _, doc_id, task, split = requests[index].args
+                        record = accounting_record(task, split, doc_id, result)
+                        accounting.write(json.dumps(record) + "\n")
+                        kept, before = kept + record["visual_tokens"], before + record["visual_tokens_before"]
+                        results[index] = GenerationResult(
+                            text=cut_at_stop(result.text, until),
+                            token_counts=TokenCounts(input_tokens=result.prompt_tokens,
+                                                     output_tokens=result.new_tokens))
+                    accounting.flush()
+                    progress.update(len(batch))
+        progress.close()
         if requests:
             label = compression_label(self.model.compression_settings().record())
             print(f"globalcom2: {len(requests)} answers, visual tokens per sample {kept / len(requests):.1f} of "

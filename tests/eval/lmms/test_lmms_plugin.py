@@ -274,6 +274,37 @@ def test_tower_numerics_and_reverse_crops_reach_every_answer(tiny_checkpoint, qu
     assert any(reversed_flags)
 
 
+def test_batches_are_sorted_by_expected_prompt_length(tiny_checkpoint, questions, tmp_path, monkeypatch):
+    """At batch 2 the requests (in reverse order here, so that sorting moves them) are answered shortest
+    expected prompt first, two per `generate` call, and the results come back in the requests' order."""
+    from llava.eval.lmms_eval import model as plugin_module
+    from llava.generation import expected_prompt_tokens
+
+    plugin = GlobalCom2(pretrained=tiny_checkpoint, dtype="float32", device="cpu", batch_size=2,
+                        accounting_file=str(tmp_path / "accounting.jsonl"), **COMPRESSION)
+    plugin.task_dict = {TASK: {"test": dict(enumerate(questions))}}
+    visuals = lambda doc: [load_image(path) for path in doc["images"]]  # noqa: E731
+    requests = [_Request(doc["question"], {"max_new_tokens": 1}, visuals, doc_id, TASK, "test")
+                for doc_id, doc in reversed(list(enumerate(questions)))]
+    calls, real_answer_batch = [], plugin_module.answer_batch
+
+    def recording_answer_batch(model, tokenizer, processor, prompts, images, **kwargs):
+        calls.append(list(prompts))
+        return real_answer_batch(model, tokenizer, processor, prompts, images, **kwargs)
+
+    monkeypatch.setattr(plugin_module, "answer_batch", recording_answer_batch)
+    results = plugin.generate_until(requests)
+    asked = [plugin.prompt_of(request) for request in requests]
+    lengths = [expected_prompt_tokens(plugin.model, plugin.tokenizer, prompt, [image.size for image in images])
+               for prompt, images, _ in asked]
+    by_length = sorted(range(len(requests)), key=lengths.__getitem__)
+    assert by_length != list(range(len(requests)))  # the sort has work to do
+    assert calls == [[asked[index][0] for index in by_length[start:start + 2]] for start in range(0, len(requests), 2)]
+    expected = plugin_module.answer_batch(plugin.model, plugin.tokenizer, plugin.image_processor, [asked[0][0]],
+                                          [asked[0][1]], max_new_tokens=1)
+    assert results[0].text == expected[0].text  # the first request's own answer, wherever its batch ran
+
+
 def test_generation_settings_follow_the_task():
     greedy = dict(temperature=0.0, top_p=None, num_beams=1, max_new_tokens=1024)
     assert generation_settings({}) == (greedy, [])
