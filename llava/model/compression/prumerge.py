@@ -312,15 +312,21 @@ def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: B
     (`view_tokens`), kept patches (`top_tokens`) and its ratio (`reduction_ratio`, or `outlier_ratios`)."""
     if budget.keeps_all:
         return keep_everything(geometry, views.device)
+    scores, offered, counts, _, extra = view_top_counts(views, signals, geometry, budget, args)
+    ranked = ranked_cells(scores, offered, counts)
+    return prune_merge(views, signals, geometry, ranked, None, args.mode == "faithful", dict(extra, top_tokens=counts))
+
+
+def view_top_counts(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: Budget, args, spread: int = 1):
+    """The signals checked, then per view `[V]` what PruMerge and PruMerge+ keep of the top cells:
+    `(scores [V, P], offered [V, P] bool, counts k_v, ratios r_v, extra)`, the ratios and `extra` from
+    the outliers (`adaptive`) or the budget's one `reduction_ratio` (`spread`: see `reduction_ratio`)."""
     check_signals(views, signals)
     scores = signals[SCORE].to(views.device)
     offered = view_image_areas(geometry, views.device)
     if args.adaptive:
         ratios, counts = adaptive_counts(scores, offered, view_image_tokens(geometry))
-        extra = dict(outlier_ratios=ratios)
-    else:
-        ratio = reduction_ratio(geometry, budget, args)
-        counts = top_counts(geometry, ratio)
-        extra = dict(reduction_ratio=float(ratio))
-    ranked = ranked_cells(scores, offered, counts)
-    return prune_merge(views, signals, geometry, ranked, None, args.mode == "faithful", dict(extra, top_tokens=counts))
+        return scores, offered, counts, ratios, dict(outlier_ratios=ratios)
+    ratio = reduction_ratio(geometry, budget, args, spread)
+    counts = top_counts(geometry, ratio)
+    return scores, offered, counts, [float(ratio)] * len(counts), dict(reduction_ratio=float(ratio))

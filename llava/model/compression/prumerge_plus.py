@@ -63,12 +63,9 @@ from typing import Literal
 
 import torch
 
-from llava.model.compression.common import (
-    Budget, CropGeometry, keep_everything, view_image_areas, view_image_tokens,
-)
+from llava.model.compression.common import Budget, CropGeometry, keep_everything
 from llava.model.compression.prumerge import (
-    FEATURES, KEYS, SCORE, adaptive_counts, check_signals, official_input, prune_merge, ranked_cells,
-    reduction_ratio, top_counts,
+    FEATURES, KEYS, SCORE, official_input, prune_merge, ranked_cells, view_top_counts,
 )
 from llava.model.compression.registry import arg, register
 
@@ -125,16 +122,7 @@ def select(views: torch.Tensor, signals: dict, geometry: CropGeometry, budget: B
     samples' grid (`sample_stride`) and the ratio (`outlier_ratios`, or `reduction_ratio`)."""
     if budget.keeps_all:
         return keep_everything(geometry, views.device)
-    check_signals(views, signals)
-    scores = signals[SCORE].to(views.device)
-    offered = view_image_areas(geometry, views.device)
-    if args.adaptive:
-        ratios, counts = adaptive_counts(scores, offered, view_image_tokens(geometry))
-        extra = dict(outlier_ratios=ratios)
-    else:
-        ratio = reduction_ratio(geometry, budget, args, spread=2)
-        counts = top_counts(geometry, ratio)
-        ratios, extra = [float(ratio)] * len(counts), dict(reduction_ratio=float(ratio))
+    scores, offered, counts, ratios, extra = view_top_counts(views, signals, geometry, budget, args, spread=2)
     ranked = ranked_cells(scores, offered, counts)
     starts, strides = sample_grid(ratios, args.adaptive, offered.shape[1])
     added = spatial_samples(offered, ranked, starts, strides)
