@@ -19,7 +19,9 @@ layout instead: `LlavaQwenForCausalLM` (Qwen2 with its attention biases, tied em
 SigLIP tower at 384 px with 14 px patches (27x27 tokens per view) written as a whole tiny
 `SiglipModel` (one encoder layer more than the LLaVA model keeps, and its pooling head),
 `anyres_max_9` with the (1x1)..(6x6) pinpoints, `spatial_unpad`, `mlp2x_gelu`, and a Qwen-style
-byte-level BPE tokenizer with the ChatML special tokens, trained here.
+byte-level BPE tokenizer with the ChatML special tokens, trained here and written as Qwen2 checkpoints
+ship it (`vocab.json`, `merges.txt`, a `tokenizer.json` that tokenizers 0.19 reads): the official
+LLaVA-NeXT code's loader opens it.
 
     python -m llava.tiny --out checkpoints/llava-next-tiny
     python -m llava.tiny --family onevision --out checkpoints/llava-onevision-tiny
@@ -146,16 +148,19 @@ def sentencepiece_model(tokenizer: LlamaTokenizer) -> bytes:
 
 
 def portable_tokenizer_json(saved: dict) -> dict:
-    """`tokenizer.json` as written by `tokenizers` >= 0.20, rewritten in the form that 0.15 (upstream
-    LLaVA's pin) reads as well: merges as "left right" strings, the Metaspace pre-tokeniser with
-    `add_prefix_space` instead of `split`, no `ignore_merges`. Newer releases read it back with
-    `split` on, which changes nothing here: no piece holds a `▁` after its first character."""
+    """`tokenizer.json` as written by `tokenizers` >= 0.20, rewritten in the form the releases the
+    original codebases pin read as well (0.15 for LLaVA 1.2.2, 0.19 for LLaVA-NeXT's OneVision): merges
+    as "left right" strings, no `ignore_merges` (false here), and a Metaspace pre-tokeniser with
+    `add_prefix_space` instead of `split`. Newer releases read that back with `split` on, which changes
+    nothing here: no piece holds a `▁` after its first character."""
     model = {key: value for key, value in saved["model"].items() if key != "ignore_merges"}
     model["merges"] = [" ".join(merge) for merge in model["merges"]]
-    metaspace = saved["pre_tokenizer"]
-    pre_tokenizer = {"type": "Metaspace", "replacement": metaspace["replacement"], "add_prefix_space": True,
-                     "prepend_scheme": metaspace["prepend_scheme"]}
-    return {**saved, "pre_tokenizer": pre_tokenizer, "model": model}
+    portable = {**saved, "model": model}
+    pre_tokenizer = saved["pre_tokenizer"]
+    if pre_tokenizer and pre_tokenizer["type"] == "Metaspace":
+        portable["pre_tokenizer"] = {"type": "Metaspace", "replacement": pre_tokenizer["replacement"],
+                                     "add_prefix_space": True, "prepend_scheme": pre_tokenizer["prepend_scheme"]}
+    return portable
 
 
 def write_llama_tokenizer(tokenizer: LlamaTokenizer, out: str) -> None:
@@ -171,11 +176,24 @@ def write_llama_tokenizer(tokenizer: LlamaTokenizer, out: str) -> None:
         **config, "add_bos_token": True, "add_eos_token": False, "legacy": False})
 
 
-def _rewrite_json(path: str, change) -> None:
+def write_qwen_tokenizer(tokenizer: Qwen2Tokenizer, out: str) -> None:
+    """Save `tokenizer` to `out` as Qwen2 checkpoints ship it: a portable `tokenizer.json`, and the slow
+    tokenizer's `vocab.json` and `merges.txt` (transformers 5 writes neither)."""
+    tokenizer.save_pretrained(out)
+    saved = _rewrite_json(os.path.join(out, "tokenizer.json"), portable_tokenizer_json)["model"]
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(saved["vocab"], handle, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "".join(merge + "\n" for merge in saved["merges"]))
+
+
+def _rewrite_json(path: str, change) -> dict:
+    """The JSON file at `path` replaced by `change` of it; returns the new content."""
     with open(path, encoding="utf-8") as handle:
         content = change(json.load(handle))
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(content, handle, ensure_ascii=False, indent=2)
+    return content
 
 
 def build_clip_tokenizer(vocab_size: int = 768) -> CLIPTokenizerFast:
@@ -468,7 +486,7 @@ def build_tiny_onevision_checkpoint(out: str = ONEVISION_OUT, seed: int = 0, max
     config_dict, vision_config = onevision_configs(len(tokenizer))
     build_tiny_siglip(os.path.join(out, SIGLIP_TOWER_DIR), vision_config, seed)
     _save_checkpoint(out, LlavaQwenConfig, LlavaQwenForCausalLM, config_dict, seed, max_shard_size)
-    tokenizer.save_pretrained(out)
+    write_qwen_tokenizer(tokenizer, out)
     return out
 
 

@@ -5,6 +5,7 @@
 #   sh scripts/install.sh test   # and the test tools and lmms-eval (then: .venv/bin/python -m pytest -q)
 #   sh scripts/install.sh lmms   # the package and lmms-eval (then: .venv/bin/lmms-eval --model globalcom2 ...)
 #   sh scripts/install.sh upstream  # upstream LLaVA 1.2.2 in .venv-upstream (then: tests/upstream runs)
+#   sh scripts/install.sh llava-next  # .venv-llava-next: what the official LLaVA-NeXT (OneVision) code needs
 #
 # Which environment .venv is, first rule that applies:
 #   1. .venv/bin/python exists: that environment is used as it is.
@@ -32,6 +33,10 @@
 # pillow, and `llava-torch==1.2.2` without its dependencies (gradio, bitsandbytes, a torch 2.1 pin). Its
 # package is also called `llava`, hence the separate environment. About 10 s and 130 MB where the base
 # Python has torch.
+#
+# llava-next: .venv-llava-next, made the same way, with transformers 4.40.2 (the release nearest the
+# commit the official LLaVA-NeXT code pins), einops, accelerate and pillow. The code itself is a clone
+# (not on PyPI): tests/upstream/test_onevision_official.py puts it on the path (LLAVA_NEXT_REPO).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -78,13 +83,21 @@ ensure_torch() {
     fi
 }
 
-# install_upstream: .venv-upstream with upstream LLaVA's pins (see above). Each step must succeed, also
-# where `test` runs it as `( install_upstream ) || ...`, in which `set -e` does not apply.
+# reference_venv DIR PACKAGE...: the virtualenv DIR of a reference codebase (existing, or made as rule 3
+# makes .venv; torch as above) with PACKAGEs installed. Each step must succeed, also where `test` runs
+# it as `( install_upstream ) || ...`, in which `set -e` does not apply.
+reference_venv() {
+    dir=$1
+    shift
+    { [ -x "$dir/bin/python" ] && where="$(pwd)/$dir (existing)" || new_venv "$dir"; } &&
+        ensure_torch "$dir/bin/python" &&
+        "$dir/bin/python" -m pip install -q "$@"
+}
+
+# install_upstream: .venv-upstream with upstream LLaVA's pins (see above).
 install_upstream() {
-    { [ -x .venv-upstream/bin/python ] && where="$(pwd)/.venv-upstream (existing)" || new_venv .venv-upstream; } &&
-        ensure_torch .venv-upstream/bin/python &&
-        .venv-upstream/bin/python -m pip install -q "transformers==4.37.2" "tokenizers==0.15.1" \
-            "sentencepiece==0.1.99" "accelerate==0.21.0" protobuf pillow &&
+    reference_venv .venv-upstream "transformers==4.37.2" "tokenizers==0.15.1" "sentencepiece==0.1.99" \
+        "accelerate==0.21.0" protobuf pillow &&
         .venv-upstream/bin/python -m pip install -q --no-deps "llava-torch==1.2.2" &&
         echo "install.sh: installed upstream LLaVA 1.2.2 into $where"
 }
@@ -97,7 +110,13 @@ upstream)
     install_upstream
     exit
     ;;
-*) die "unknown argument '$1' (nothing, test, lmms or upstream)" ;;
+llava-next)
+    reference_venv .venv-llava-next "transformers==4.40.2" einops accelerate pillow
+    echo "install.sh: installed the official LLaVA-NeXT code's dependencies into $where (the code: a clone of" \
+        "LLaVA-VL/LLaVA-NeXT, named by LLAVA_NEXT_REPO)"
+    exit
+    ;;
+*) die "unknown argument '$1' (nothing, test, lmms, upstream or llava-next)" ;;
 esac
 
 if [ -n "${PYTHON:-}" ]; then

@@ -148,6 +148,25 @@ def test_onevision_same_seed_same_files(onevision_checkpoint, tmp_path):
     assert changed and all(name.endswith(".safetensors") for name in changed)
 
 
+
+def test_onevision_tokenizer_files_as_qwen2_ships_them(onevision_checkpoint, onevision, sample_questions, tmp_path):
+    """The slow Qwen2Tokenizer's `vocab.json` and `merges.txt` alone give `tokenizer.json`'s ids on the sample
+    questions in `qwen_1_5`; the merges are "left right" strings, the form tokenizers < 0.20 reads."""
+    with open(os.path.join(onevision_checkpoint, "tokenizer.json"), encoding="utf-8") as handle:
+        merges = json.load(handle)["model"]["merges"]
+    assert merges and all(isinstance(merge, str) and merge.count(" ") == 1 for merge in merges)
+    only_slow = tmp_path / "llava-onevision-slow"
+    only_slow.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (only_slow / name).write_bytes(open(os.path.join(onevision_checkpoint, name), "rb").read())
+    slow = load_tokenizer(str(only_slow))
+    for question in sample_questions:
+        conv = conv_templates["qwen_1_5"].copy()
+        conv.append_message(conv.roles[0], "<image>\n" + question)
+        conv.append_message(conv.roles[1], None)
+        prompt = conv.get_prompt()
+        assert tokenizer_image_token(prompt, slow) == tokenizer_image_token(prompt, onevision[0])
+
 def test_onevision_original_layout_and_geometry(onevision_checkpoint):
     with open(os.path.join(onevision_checkpoint, "config.json")) as handle:
         config = json.load(handle)

@@ -121,6 +121,16 @@ def test_upstream_gets_its_own_venv_never_the_active_environment(sandbox):
     assert result.stdout == f"install.sh: installed upstream LLaVA 1.2.2 into {upstream} (existing)\n"
 
 
+def test_llava_next_gets_its_own_venv_with_what_the_official_code_needs(sandbox):
+    result, calls = run(sandbox, "llava-next")
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == f"{sandbox['bin']}/python3 -m venv --system-site-packages .venv-llava-next"
+    assert [call for call in calls if "pip install" in call] == [
+        ".venv-llava-next/bin/python -m pip install -q transformers==4.40.2 einops accelerate pillow"]
+    assert result.stdout.startswith(f"install.sh: installed the official LLaVA-NeXT code's dependencies into "
+                                    f"{sandbox['repo']}/.venv-llava-next (new, ")
+
+
 def test_the_test_install_goes_on_without_upstream(sandbox):
     result, calls = run(sandbox, "test", FAIL_INSTALL="llava-torch")
     assert result.returncode == 0

@@ -6,11 +6,10 @@ Slow, and skipped unless both are found:
 - the official code: a git checkout or mirror of LLaVA-VL/LLaVA-NeXT at `LLAVA_NEXT_REPO`, else
   `/work/.mirror/LLaVA-VL+LLaVA-NeXT/repo`; its `llava/` is exported (git archive HEAD) to a temporary
   directory put first on the interpreter's PYTHONPATH, nothing in it changed;
-- an interpreter for it at `LLAVA_NEXT_PYTHON`, else `/tmp/s5/venv-ov/bin/python`, made with
-      python -m venv --system-site-packages VENV
-      VENV/bin/pip install -c constraints.txt transformers==4.40.2 einops   # constraints.txt: torch==2.13.0
-  (pip added tokenizers 0.19.1 and huggingface-hub 0.36.2; torch 2.13, accelerate, pillow and numpy come from
-  the system). The official code pins transformers at a 4.40.0.dev0 commit; 4.40.2 is its nearest release.
+- an interpreter for it at `LLAVA_NEXT_PYTHON`, else `.venv-llava-next/bin/python` in the repository, which
+  `sh scripts/install.sh llava-next` makes (transformers 4.40.2 with tokenizers 0.19, einops, accelerate,
+  pillow; the installed torch kept). The official code pins transformers at a 4.40.0.dev0 commit; 4.40.2 is
+  its nearest release.
 
 The official `build_vision_tower` sends any `mm_vision_tower` that exists as a path to its CLIP tower
 and loads SigLIP only by hub id (the real checkpoints name `google/siglip-so400m-patch14-384`), so the
@@ -35,7 +34,7 @@ from llava.model.builder import load_pretrained_model
 
 PROBE = Path(__file__).with_name("onevision_probe.py")
 DEFAULT_REPO = "/work/.mirror/LLaVA-VL+LLaVA-NeXT/repo"
-DEFAULT_PYTHON = "/tmp/s5/venv-ov/bin/python"
+DEFAULT_PYTHON = str(Path(__file__).resolve().parents[2] / ".venv-llava-next" / "bin" / "python")
 OFFICIAL_TRANSFORMERS = "4.40.2"
 QUESTION = "<image>\nWhat is shown in this image?"
 # PIL (w, h): a 1x1 grid; two 4x3 grids (columns x rows) either side of anyres_max_9's threshold, times =
@@ -74,7 +73,7 @@ def official_code(tmp_path_factory) -> Path:
 def official_python(official_code, tmp_path_factory) -> str:
     python = os.environ.get("LLAVA_NEXT_PYTHON", DEFAULT_PYTHON)
     if not os.path.isfile(python):
-        pytest.skip(f"no interpreter for the official LLaVA-NeXT code ({python}; LLAVA_NEXT_PYTHON)")
+        pytest.skip(f"no interpreter for the official LLaVA-NeXT code ({python}; sh scripts/install.sh llava-next)")
     home = tmp_path_factory.mktemp("hf-home")
     found = subprocess.run([python, "-c", "import llava.model.builder"], cwd=home, capture_output=True, text=True,
                            env=_official_environment(official_code, home))
