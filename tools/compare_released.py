@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -35,7 +34,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 
 import torch
@@ -111,8 +109,9 @@ def export_released_repo(mirror: str, work: str) -> str:
     """`llava/` of the mirror's HEAD (`git archive`) under `work`; returns `work`."""
     archive = subprocess.run(["git", "-C", mirror, "archive", "--format=tar", "HEAD", "llava"], check=True,
                              capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(work, filter="data")
+    os.makedirs(work, exist_ok=True)
+    # tar itself: tarfile's safe `filter` is missing from Python releases before 3.11.4
+    subprocess.run(["tar", "-x", "-C", work], input=archive, check=True)
     return work
 
 
