@@ -341,3 +341,12 @@ def get_conv_template(name: str) -> Conversation:
         valid = ", ".join(sorted(conv_templates))
         raise KeyError(f"Unknown conversation template {name!r}; valid names: {valid}") from None
     return template.copy()
+
+
+def first_turn_prompt(conv_mode: str, user_turn) -> str:
+    """The prompt asking `user_turn` (text, or upstream's `(text, image, mode)` tuple) as the first user
+    turn of template `conv_mode`, the assistant's reply left open: how every runner asks a question."""
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], user_turn)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()

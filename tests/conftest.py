@@ -66,16 +66,10 @@ LLAMA_CONV_MODES = ("llava_v1", "vicuna_v1", "llava_llama_2", "mistral_instruct"
 def llama_chat_prompts(sample_questions) -> list[tuple[str, str, str]]:
     """`(conv_mode, user_turn, prompt)`: each sample question, its image first, as the first user turn
     of each Llama-family template, as the runners ask it."""
-    from llava.conversation import conv_templates
+    from llava.conversation import first_turn_prompt
 
-    prompts = []
-    for conv_mode in LLAMA_CONV_MODES:
-        for question in sample_questions:
-            conv = conv_templates[conv_mode].copy()
-            conv.append_message(conv.roles[0], "<image>\n" + question)
-            conv.append_message(conv.roles[1], None)
-            prompts.append((conv_mode, "<image>\n" + question, conv.get_prompt()))
-    return prompts
+    return [(conv_mode, "<image>\n" + question, first_turn_prompt(conv_mode, "<image>\n" + question))
+            for conv_mode in LLAMA_CONV_MODES for question in sample_questions]
 
 
 @pytest.fixture(scope="module")

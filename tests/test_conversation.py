@@ -8,6 +8,7 @@ from llava.conversation import (
     conv_llava_llama_2,
     conv_templates,
     default_conversation,
+    first_turn_prompt,
     get_conv_template,
 )
 
@@ -25,6 +26,13 @@ def test_vicuna_v1_one_turn():
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is shown? ASSISTANT:"
     )
+
+
+def test_first_turn_prompt_is_one_open_exchange_and_leaves_the_template_alone():
+    asked = first_turn_prompt("vicuna_v1", "<image>\nWhat is shown?")
+    assert asked == render("vicuna_v1", "<image>\nWhat is shown?", None)
+    assert asked.endswith("USER: <image>\nWhat is shown? ASSISTANT:") and conv_templates["vicuna_v1"].messages == []
+    assert first_turn_prompt("vicuna_v1", "<image>\nWhat is shown?") == asked
 
 
 def test_vicuna_v1_two_turns():

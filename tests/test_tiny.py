@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 from safetensors import safe_open
 
-from llava.conversation import conv_templates
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import onevision_visual_token_count, tokenizer_image_token
 from llava.model.builder import load_pretrained_model, load_tokenizer
 from llava.tiny import build_tiny_checkpoint, build_tiny_onevision_checkpoint, build_tokenizer
@@ -161,10 +161,7 @@ def test_onevision_tokenizer_files_as_qwen2_ships_them(onevision_checkpoint, one
         (only_slow / name).write_bytes(open(os.path.join(onevision_checkpoint, name), "rb").read())
     slow = load_tokenizer(str(only_slow))
     for question in sample_questions:
-        conv = conv_templates["qwen_1_5"].copy()
-        conv.append_message(conv.roles[0], "<image>\n" + question)
-        conv.append_message(conv.roles[1], None)
-        prompt = conv.get_prompt()
+        prompt = first_turn_prompt("qwen_1_5", "<image>\n" + question)
         assert tokenizer_image_token(prompt, slow) == tokenizer_image_token(prompt, onevision[0])
 
 def test_onevision_original_layout_and_geometry(onevision_checkpoint):
@@ -212,10 +209,7 @@ def test_onevision_loads_and_generates_with_the_qwen_template(onevision, onevisi
     tokenizer, model, processor = onevision
     assert type(model).__name__ == "LlavaQwenForCausalLM" and infer_conv_mode(onevision_checkpoint, model.config) \
         == "qwen_1_5"
-    conversation = conv_templates["qwen_1_5"].copy()
-    conversation.append_message(conversation.roles[0], "<image>\nWhat is it?")
-    conversation.append_message(conversation.roles[1], None)
-    prompt = conversation.get_prompt()
+    prompt = first_turn_prompt("qwen_1_5", "<image>\nWhat is it?")
     images = [Image.new("RGB", size, color) for size, color in [((800, 500), "red"), ((2304, 2304), "blue")]]
     model.set_compression(retention_ratio=1.0)
     try:

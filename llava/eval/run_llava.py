@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from llava.conversation import conv_templates, get_conv_template
+from llava.conversation import conv_templates, first_turn_prompt
 from llava.eval.instructions import query_instruction
 from llava.generation import (add_compression_arguments, add_input_arguments, answer, compression_arguments,
                               configure_model, image_prompt, infer_conv_mode)
@@ -58,10 +58,9 @@ def eval_model(args) -> str:
         args.model_path, args.model_base, device=args.device, torch_dtype=args.dtype
     )
     configure_model(model, args)
-    conv = get_conv_template(args.conv_mode or infer_conv_mode(args.model_path, model.config))
-    conv.append_message(conv.roles[0], image_prompt(args.query, len(images)))
-    conv.append_message(conv.roles[1], None)
-    result = answer(model, tokenizer, image_processor, conv.get_prompt(), images, temperature=args.temperature,
+    prompt = first_turn_prompt(args.conv_mode or infer_conv_mode(args.model_path, model.config),
+                               image_prompt(args.query, len(images)))
+    result = answer(model, tokenizer, image_processor, prompt, images, temperature=args.temperature,
                     top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                     instructions=[query_instruction(args.query)] * len(images))
     print(result.text)

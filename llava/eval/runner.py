@@ -75,7 +75,7 @@ import shortuuid
 import torch
 from tqdm import tqdm
 
-from llava.conversation import conv_templates, get_conv_template
+from llava.conversation import conv_templates, first_turn_prompt
 from llava.eval.answers import UserError
 from llava.eval.jsonl import read_jsonl, write_jsonl
 from llava.files import FileLocked, file_lock, make_parent_dir, remove_stale_temporaries
@@ -642,7 +642,7 @@ def _answer_all(args, outputs: list[_Output], share: list[Question], rank: int, 
                     break
                 if isinstance(prepared, BaseException) and not isinstance(prepared, ImageLoadError):
                     raise prepared  # anything else the front end raised: as on the main thread
-                prompt = _chat_prompt(conv_mode, question)
+                prompt = first_turn_prompt(conv_mode, question.query)
                 for index, (output, writer) in enumerate(zip(working, writers)):
                     if id(question) not in waiting[index]:
                         continue
@@ -778,13 +778,6 @@ def asked_conv_mode(conv_mode: str, model_path: str) -> str:
         raise UserError(f"--conv-mode {conv_mode}: {model_name!r} says 'plain' (a pretraining-only checkpoint), so "
                         f"upstream's rule asks in {conv_mode}_mmtag, which does not exist; pass --conv-mode v1 or v0")
     return conv_mode + "_mmtag"
-
-
-def _chat_prompt(conv_mode: str, question: Question) -> str:
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], question.query)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
 
 
 def _load_model(args, local_rank: int):

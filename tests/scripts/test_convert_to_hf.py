@@ -33,7 +33,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad_image
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.conversation import get_conv_template
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import anyres_visual_token_count, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.tiny import V16_PINPOINTS, build_tiny_checkpoint
@@ -85,10 +85,8 @@ def random_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 
 def prompt_ids(tokenizer) -> torch.Tensor:
-    conv = get_conv_template("vicuna_v1")
-    conv.append_message(conv.roles[0], "<image>\nWhat is in the picture?")
-    conv.append_message(conv.roles[1], None)
-    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
+    return tokenizer_image_token(first_turn_prompt("vicuna_v1", "<image>\nWhat is in the picture?"), tokenizer,
+                                 return_tensors="pt")
 
 
 def test_config_tokenizer_and_processor(converted):

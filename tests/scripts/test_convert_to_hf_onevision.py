@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.conversation import get_conv_template
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import ONEVISION_GRID_PINPOINTS, onevision_visual_token_count, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
@@ -67,10 +67,7 @@ def random_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 
 def qwen_prompt() -> str:
-    conv = get_conv_template("qwen_1_5")
-    conv.append_message(conv.roles[0], f"<image>\n{QUESTION}")
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    return first_turn_prompt("qwen_1_5", f"<image>\n{QUESTION}")
 
 
 def saved_image_processor(out: str):

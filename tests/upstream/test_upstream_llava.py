@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.conversation import conv_templates
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
@@ -92,10 +92,8 @@ def test_same_vanilla_logits(upstream, tiny_checkpoint, images):
     tokenizer, model, image_processor, _ = load_pretrained_model(tiny_checkpoint, device="cpu",
                                                                  torch_dtype=torch.float16)
     model = model.float()
-    conv = conv_templates["llava_v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\nWhat is shown in this image?")
-    conv.append_message(conv.roles[1], None)
-    input_ids = torch.tensor([tokenizer_image_token(conv.get_prompt(), tokenizer)])
+    prompt = first_turn_prompt("llava_v1", "<image>\nWhat is shown in this image?")
+    input_ids = torch.tensor([tokenizer_image_token(prompt, tokenizer)])
     assert len(upstream["logits"]) == len(images)
     for image_file, theirs in zip(images, upstream["logits"]):
         image = Image.open(image_file).convert("RGB")

@@ -51,7 +51,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from llava.conversation import get_conv_template
+from llava.conversation import first_turn_prompt, get_conv_template
 from llava.eval.instructions import science_instruction, vqa_instruction
 from llava.generation import (GROUPING_WINDOW_BATCHES, Answer, add_compression_arguments, answer_batch,
                               compression_arguments, compression_label, configure_model, expected_prompt_tokens,
@@ -216,10 +216,8 @@ class GlobalCom2(lmms):
             raise ValueError(f"globalcom2 takes images; task {task!r} doc {doc_id} gives {', '.join(others)} "
                              "(video and audio are not supported)")
         images = [to_rgb(visual) for visual in visuals]
-        conv = get_conv_template(self.conv_template)
-        conv.append_message(conv.roles[0], image_prompt(context, len(images)))
-        conv.append_message(conv.roles[1], None)
-        return conv.get_prompt(), images, [task_instruction(context)] * len(images) if images else None
+        instructions = [task_instruction(context)] * len(images) if images else None
+        return first_turn_prompt(self.conv_template, image_prompt(context, len(images))), images, instructions
 
     def windows(self, requests) -> list[list[int]]:
         """Request indices in the requests' order, in windows of `batch_size` x `GROUPING_WINDOW_BATCHES`

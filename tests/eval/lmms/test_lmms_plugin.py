@@ -28,7 +28,7 @@ from lmms_eval.models import get_model  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
 import network_guard  # noqa: E402
-from llava.conversation import get_conv_template  # noqa: E402
+from llava.conversation import first_turn_prompt  # noqa: E402
 from llava.eval.jsonl import read_jsonl, write_jsonl  # noqa: E402
 from llava.eval.lmms_eval.model import GlobalCom2, cut_at_stop, generation_settings  # noqa: E402
 from llava.eval.sample_suite import ensure_sample_suite  # noqa: E402
@@ -70,11 +70,8 @@ def own_answers(tiny_checkpoint, questions):
     texts = []
     for doc in questions:
         images = [load_image(path) for path in doc["images"]]
-        conv = get_conv_template("vicuna_v1")
-        conv.append_message(conv.roles[0], image_prompt(doc["question"], len(images)))
-        conv.append_message(conv.roles[1], None)
-        texts.append(answer(model, tokenizer, image_processor, conv.get_prompt(), images,
-                            max_new_tokens=MAX_NEW_TOKENS).text)
+        prompt = first_turn_prompt("vicuna_v1", image_prompt(doc["question"], len(images)))
+        texts.append(answer(model, tokenizer, image_processor, prompt, images, max_new_tokens=MAX_NEW_TOKENS).text)
     return texts
 
 
@@ -262,10 +259,8 @@ def test_tower_numerics_and_reverse_crops_reach_every_answer(tiny_checkpoint, qu
     expected = []
     for doc in questions:
         images = [load_image(path) for path in doc["images"]]
-        conv = get_conv_template("vicuna_v1")
-        conv.append_message(conv.roles[0], image_prompt(doc["question"], len(images)))
-        conv.append_message(conv.roles[1], None)
-        expected.append(answer(plugin.model, plugin.tokenizer, plugin.image_processor, conv.get_prompt(), images,
+        prompt = first_turn_prompt("vicuna_v1", image_prompt(doc["question"], len(images)))
+        expected.append(answer(plugin.model, plugin.tokenizer, plugin.image_processor, prompt, images,
                                max_new_tokens=MAX_NEW_TOKENS, reverse_crops=True))
     assert responses == [result.text for result in expected]
     records = read_jsonl(str(tmp_path / "accounting.jsonl"))
@@ -330,10 +325,8 @@ def test_onevision_through_simple_evaluate(tiny_onevision_checkpoint, questions,
     expected = []
     for doc in questions:
         images = [load_image(path) for path in doc["images"]]
-        conv = get_conv_template("qwen_1_5")
-        conv.append_message(conv.roles[0], image_prompt(doc["question"], len(images)))
-        conv.append_message(conv.roles[1], None)
-        text = answer(model, tokenizer, image_processor, conv.get_prompt(), images, max_new_tokens=MAX_NEW_TOKENS).text
+        prompt = first_turn_prompt("qwen_1_5", image_prompt(doc["question"], len(images)))
+        text = answer(model, tokenizer, image_processor, prompt, images, max_new_tokens=MAX_NEW_TOKENS).text
         expected.append(text.split(stop)[0])
     got = {}
     for batch_size in (1, 3):
