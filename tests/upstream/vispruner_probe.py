@@ -1,0 +1,94 @@
+"""Run only by the upstream LLaVA interpreter (`.venv-upstream`: transformers 4.37.2) with the official VisPruner
+code (`Theia-4869/VisPruner`, its `llava/` exported) first on PYTHONPATH; never by pytest or this repository's
+Python. `tests/upstream/test_vispruner_official.py` starts it.
+
+    cd <checkpoint> && PYTHONPATH=<official copy> <upstream python> vispruner_probe.py request.json
+
+From inside the checkpoint directory (its tower path is relative; the loader resolves it against the working
+directory) each run opens the checkpoint with the official `load_pretrained_model`, its budget passed as the
+official eval scripts pass it (`visual_token_num` T per view, `important_ratio`), and runs the official
+`prepare_inputs_labels_for_multimodal` on the official prompt, ids and pixels (its `process_images`, whose
+`select_best_resolution` always answers 672x672). Nothing of the official code is patched: the loader puts
+model and tower on the CPU, and its model code never calls `.cuda()`. The additions are read-only: a forward
+hook on `mm_projector` keeps the projected views (to name the kept positions), and the language model's
+last-position logits are computed from the returned embeddings.
+
+request.json: `{"conv_mode": str, "user_turn": str, "out": path, "runs": [{"visual_token_num": T,
+"important_ratio": rho, "dtype": "float16"|"float32", "images": [path, ...]}, ...]}`. Writes `out`
+(torch.save): `versions`, and per run `image_newline` `[D]` and per image either `{input_ids [L], embeds [L', D],
+features [V, P, D], visual_tokens (the count the fork returns), last_logits [vocab]}` or `{error: str}` when the
+official code raises an IndexError (its duplicate-removal gather on an odd residual, spec quirk Q1).
+"""
+
+import json
+import sys
+
+import llava
+import torch
+import transformers
+from llava.conversation import conv_templates
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from PIL import Image
+
+
+def chat_prompt(conv_mode: str, user_turn: str) -> str:
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], user_turn)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def load_model(visual_token_num: int, important_ratio: float, dtype: torch.dtype):
+    """The official loader (always fp16) with the budget as the eval scripts give it; an fp32 run upcasts
+    those weights and rebuilds Llama's rotary tables in fp32 (4.37 builds them in the load dtype)."""
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        ".", None, "llava-next-tiny", device_map="cpu", device="cpu", visual_token_num=visual_token_num,
+        important_ratio=important_ratio)
+    assert (model.get_visual_token_num(), model.get_important_ratio()) == (visual_token_num, important_ratio)
+    if dtype != torch.float16:
+        model = model.to(dtype)
+        for layer in model.model.layers:
+            rotary = layer.self_attn.rotary_emb
+            rotary._set_cos_sin_cache(rotary.max_seq_len_cached, rotary.inv_freq.device, dtype)
+    off_cpu = [name for name, parameter in model.named_parameters() if parameter.device.type != "cpu"]
+    assert not off_cpu, f"parameters left off the CPU: {off_cpu[:3]}"
+    return tokenizer, model, image_processor
+
+
+def run_images(run: dict, conv_mode: str, user_turn: str) -> dict:
+    dtype = getattr(torch, run["dtype"])
+    tokenizer, model, image_processor = load_model(run["visual_token_num"], run["important_ratio"], dtype)
+    projected = []
+    model.get_model().mm_projector.register_forward_hook(lambda module, args, output: projected.append(output))
+    input_ids = torch.tensor([tokenizer_image_token(chat_prompt(conv_mode, user_turn), tokenizer)])
+    results = []
+    for image_file in run["images"]:
+        image = Image.open(image_file).convert("RGB")
+        pixel_values = process_images([image], image_processor, model.config).to(dtype)
+        projected.clear()
+        with torch.no_grad():
+            try:
+                # the fork returns a seventh value: the first image's visual token count
+                _, position_ids, attention_mask, _, embeds, _, visual_tokens = (
+                    model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
+                                                               image_sizes=[image.size]))
+            except IndexError as error:  # Q1: the gather of the surviving A tokens on an odd residual
+                results.append({"error": f"{type(error).__name__}: {error}"})
+                continue
+            logits = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        results.append({"input_ids": input_ids[0], "embeds": embeds[0], "features": projected[0],
+                        "visual_tokens": visual_tokens, "last_logits": logits[0, -1]})
+    return {"image_newline": model.get_model().image_newline.detach(), "results": results}
+
+
+def main(request_file: str) -> None:
+    with open(request_file) as handle:
+        request = json.load(handle)
+    runs = [run_images(run, request["conv_mode"], request["user_turn"]) for run in request["runs"]]
+    torch.save({"versions": {"transformers": transformers.__version__, "llava": llava.__file__}, "runs": runs},
+               request["out"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
