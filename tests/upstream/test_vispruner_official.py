@@ -69,6 +69,10 @@ class VisPrunerBudget:
     retention_ratio: float | None = None
     visual_tokens: int | None = None
 
+    def official_budget(self) -> dict:
+        """The official loader's keywords, as its eval scripts pass them."""
+        return {"visual_token_num": self.per_view, "important_ratio": self.important_ratio}
+
     def our_compression(self) -> dict:
         """`set_compression` keywords: method, its arguments and the budget as given."""
         budget = ({"retention_ratio": self.retention_ratio} if self.retention_ratio is not None
@@ -88,20 +92,23 @@ CRASHING_BUDGET = VisPrunerBudget(58, 0.5, retention_ratio=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
-class VisPrunerCase:
+class OfficialCase:
+    """One image at one budget (`official_budget()`: the official loader's keywords; `our_compression()`: ours),
+    with the text a text-conditioned method reads (None: none)."""
     index: int
     width: int
     height: int
     budget: VisPrunerBudget
+    text: str | None = None
 
 
-def comparison_cases(sizes: list[tuple[int, int]], budgets: list[VisPrunerBudget]) -> list[VisPrunerCase]:
-    """Every size at every budget, the sizes varying fastest."""
-    return [VisPrunerCase(index, *sizes[index % len(sizes)], budgets[index // len(sizes)])
+def comparison_cases(sizes: list[tuple[int, int]], budgets: list, texts=(None,)) -> list[OfficialCase]:
+    """Every size at every budget, the sizes varying fastest, the texts taken in turn."""
+    return [OfficialCase(index, *sizes[index % len(sizes)], budgets[index // len(sizes)], texts[index % len(texts)])
             for index in range(len(sizes) * len(budgets))]
 
 
-def case_images(cases: list[VisPrunerCase], folder: Path) -> list[str]:
+def case_images(cases: list[OfficialCase], folder: Path) -> list[str]:
     """One seeded image per case (`compare_released.case_image`), saved as PNG; returns the paths."""
     files = []
     for case in cases:
@@ -110,18 +117,21 @@ def case_images(cases: list[VisPrunerCase], folder: Path) -> list[str]:
     return files
 
 
-def run_official(python: str, official_code: str, checkpoint: str, cases: list[VisPrunerCase],
-                 image_files: list[str], dtypes, work: Path) -> dict:
-    """`{dtype: [per case the probe's result, with image_newline]}` and `versions`: one probe process, one run
+def run_official(python: str, official_code: str, checkpoint: str, cases: list[OfficialCase],
+                 image_files: list[str], dtypes, work: Path, probe: Path = PROBE) -> dict:
+    """`{dtype: [per case the probe's result, with image_newline]}` and `versions`: one `probe` process, one run
     (one official model load) per budget and dtype."""
     runs = [(dtype, budget) for dtype in dtypes for budget in dict.fromkeys(case.budget for case in cases)]
     request = {"conv_mode": compare_released.CONV_MODE, "user_turn": compare_released.USER_TURN,
-               "out": str(work / "official.pt"),
-               "runs": [{"visual_token_num": budget.per_view, "important_ratio": budget.important_ratio,
-                         "dtype": dtype, "images": [file for case, file in zip(cases, image_files)
-                                                    if case.budget == budget]} for dtype, budget in runs]}
+               "out": str(work / "official.pt"), "runs": []}
+    for dtype, budget in runs:
+        chosen = [i for i, case in enumerate(cases) if case.budget == budget]
+        request["runs"].append({"budget": budget.official_budget(), "dtype": dtype,
+                                "images": [image_files[i] for i in chosen]})
+        if any(cases[i].text is not None for i in chosen):
+            request["runs"][-1]["texts"] = [cases[i].text for i in chosen]
     (work / "request.json").write_text(json.dumps(request))
-    run = subprocess.run([python, str(PROBE), str(work / "request.json")], cwd=checkpoint, capture_output=True,
+    run = subprocess.run([python, str(probe), str(work / "request.json")], cwd=checkpoint, capture_output=True,
                          text=True, env=compare_released.upstream_environment(official_code), timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     output = torch.load(request["out"])
@@ -133,10 +143,11 @@ def run_official(python: str, official_code: str, checkpoint: str, cases: list[V
     return {"versions": output["versions"], **results}
 
 
-def run_ours(checkpoint: str, cases: list[VisPrunerCase], image_files: list[str], dtype: str,
+def run_ours(checkpoint: str, cases: list[OfficialCase], image_files: list[str], dtype: str,
              numerics: tuple[str, ...]) -> dict:
     """`{numerics: [per case {input_ids, embeds, features, image_newline, last_logits}]}`: our model from the same
-    fp16 weights, in `dtype`, VisPruner at each case's budget, preprocessing on the method's input config."""
+    fp16 weights, in `dtype`, the method at each case's budget (its text as the instruction), preprocessing on
+    the method's input config."""
     tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint, device="cpu", torch_dtype=torch.float16)
     model = model.to(getattr(torch, dtype))
     input_ids = torch.tensor([tokenizer_image_token(
@@ -155,7 +166,8 @@ def run_ours(checkpoint: str, cases: list[VisPrunerCase], image_files: list[str]
                 projected.clear()
                 with torch.no_grad():
                     _, position_ids, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
-                        input_ids, None, None, None, None, pixel_values, image_sizes=[image.size])
+                        input_ids, None, None, None, None, pixel_values, image_sizes=[image.size],
+                        instructions=None if case.text is None else [case.text])
                     logits = model(inputs_embeds=embeds, attention_mask=attention_mask,
                                    position_ids=position_ids).logits
                 outputs[mode].append({"input_ids": input_ids[0], "embeds": embeds[0], "features": projected[0],

@@ -11,13 +11,15 @@ official eval scripts pass it (`visual_token_num` T per view, `important_ratio`)
 `select_best_resolution` always answers 672x672). Nothing of the official code is patched: the loader puts
 model and tower on the CPU, and its model code never calls `.cuda()`. The additions are read-only: a forward
 hook on `mm_projector` keeps the projected views (to name the kept positions), and the language model's
-last-position logits are computed from the returned embeddings.
+last-position logits are computed from the returned embeddings. `cdpruner_probe.py` runs the CDPruner fork
+through the same functions.
 
-request.json: `{"conv_mode": str, "user_turn": str, "out": path, "runs": [{"visual_token_num": T,
-"important_ratio": rho, "dtype": "float16"|"float32", "images": [path, ...]}, ...]}`. Writes `out`
+request.json: `{"conv_mode": str, "user_turn": str, "out": path, "runs": [{"budget": {loader keyword: value},
+"dtype": "float16"|"float32", "images": [path, ...], "texts": [str, ...] (optional: each image's `texts`
+argument)}, ...]}`, the budget here `{"visual_token_num": T, "important_ratio": rho}`. Writes `out`
 (torch.save): `versions`, and per run `image_newline` `[D]` and per image either `{input_ids [L], embeds [L', D],
 features [V, P, D], visual_tokens (the count the fork returns), last_logits [vocab]}` or `{error: str}` when the
-official code raises an IndexError (its duplicate-removal gather on an odd residual, spec quirk Q1).
+official code raises an IndexError (VisPruner's duplicate-removal gather on an odd residual, spec quirk Q1).
 """
 
 import json
@@ -39,13 +41,13 @@ def chat_prompt(conv_mode: str, user_turn: str) -> str:
     return conv.get_prompt()
 
 
-def load_model(visual_token_num: int, important_ratio: float, dtype: torch.dtype):
-    """The official loader (always fp16) with the budget as the eval scripts give it; an fp32 run upcasts
-    those weights and rebuilds Llama's rotary tables in fp32 (4.37 builds them in the load dtype)."""
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        ".", None, "llava-next-tiny", device_map="cpu", device="cpu", visual_token_num=visual_token_num,
-        important_ratio=important_ratio)
-    assert (model.get_visual_token_num(), model.get_important_ratio()) == (visual_token_num, important_ratio)
+def load_model(budget: dict, dtype: torch.dtype, device_map: str):
+    """The official loader (always fp16) on the CPU, with the budget as the eval scripts give it (the model
+    keeps each under its own name); an fp32 run upcasts those weights and rebuilds Llama's rotary tables in
+    fp32 (4.37 builds them in the load dtype)."""
+    tokenizer, model, image_processor, _ = load_pretrained_model(".", None, "llava-next-tiny", device_map=device_map,
+                                                                 device="cpu", **budget)
+    assert {name: getattr(model, name) for name in budget} == budget
     if dtype != torch.float16:
         model = model.to(dtype)
         for layer in model.model.layers:
@@ -56,15 +58,17 @@ def load_model(visual_token_num: int, important_ratio: float, dtype: torch.dtype
     return tokenizer, model, image_processor
 
 
-def run_images(run: dict, conv_mode: str, user_turn: str) -> dict:
+def run_images(run: dict, conv_mode: str, user_turn: str, device_map: str) -> dict:
     dtype = getattr(torch, run["dtype"])
-    tokenizer, model, image_processor = load_model(run["visual_token_num"], run["important_ratio"], dtype)
+    tokenizer, model, image_processor = load_model(run["budget"], dtype, device_map)
     projected = []
     model.get_model().mm_projector.register_forward_hook(lambda module, args, output: projected.append(output))
     input_ids = torch.tensor([tokenizer_image_token(chat_prompt(conv_mode, user_turn), tokenizer)])
     results = []
-    for image_file in run["images"]:
+    texts = run.get("texts") or [None] * len(run["images"])
+    for image_file, text in zip(run["images"], texts):
         image = Image.open(image_file).convert("RGB")
+        text_input = {} if text is None else {"texts": text}
         pixel_values = process_images([image], image_processor, model.config).to(dtype)
         projected.clear()
         with torch.no_grad():
@@ -72,8 +76,8 @@ def run_images(run: dict, conv_mode: str, user_turn: str) -> dict:
                 # the fork returns a seventh value: the first image's visual token count
                 _, position_ids, attention_mask, _, embeds, _, visual_tokens = (
                     model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
-                                                               image_sizes=[image.size]))
-            except IndexError as error:  # Q1: the gather of the surviving A tokens on an odd residual
+                                                               image_sizes=[image.size], **text_input))
+            except IndexError as error:  # VisPruner's Q1: the gather of the surviving A tokens on an odd residual
                 results.append({"error": f"{type(error).__name__}: {error}"})
                 continue
             logits = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -82,10 +86,10 @@ def run_images(run: dict, conv_mode: str, user_turn: str) -> dict:
     return {"image_newline": model.get_model().image_newline.detach(), "results": results}
 
 
-def main(request_file: str) -> None:
+def main(request_file: str, device_map: str = "cpu") -> None:
     with open(request_file) as handle:
         request = json.load(handle)
-    runs = [run_images(run, request["conv_mode"], request["user_turn"]) for run in request["runs"]]
+    runs = [run_images(run, request["conv_mode"], request["user_turn"], device_map) for run in request["runs"]]
     torch.save({"versions": {"transformers": transformers.__version__, "llava": llava.__file__}, "runs": runs},
                request["out"])
 
