@@ -61,34 +61,38 @@ IMAGE_SIZES = [(672, 336), (672, 672), (336, 1008), (800, 500), (333, 777)]
 
 
 @dataclasses.dataclass(frozen=True)
-class VisPrunerBudget:
-    """One budget on both sides: the official `visual_token_num` (T per view) and `important_ratio`, and ours,
-    a retention ratio (T = round(576 R)) or a number of visual tokens (T = round(N / 5))."""
+class OfficialBudget:
+    """One budget on both sides: the official `visual_token_num` (T per view, VisPruner's and CDPruner's forks
+    alike) with VisPruner's `important_ratio` (None for CDPruner), and ours, a retention ratio
+    (T = round(576 R)) or a number of visual tokens (T = round(N / 5))."""
+    method: str
     per_view: int
-    important_ratio: float
+    important_ratio: float | None = None
     retention_ratio: float | None = None
     visual_tokens: int | None = None
 
     def official_budget(self) -> dict:
         """The official loader's keywords, as its eval scripts pass them."""
-        return {"visual_token_num": self.per_view, "important_ratio": self.important_ratio}
+        ratio = {} if self.important_ratio is None else {"important_ratio": self.important_ratio}
+        return {"visual_token_num": self.per_view, **ratio}
 
     def our_compression(self) -> dict:
         """`set_compression` keywords: method, its arguments and the budget as given."""
         budget = ({"retention_ratio": self.retention_ratio} if self.retention_ratio is not None
                   else {"visual_tokens": self.visual_tokens})
-        return {"method": "vispruner", "method_args": {"important_ratio": self.important_ratio}, **budget}
+        method_args = {} if self.important_ratio is None else {"important_ratio": self.important_ratio}
+        return {"method": self.method, "method_args": method_args, **budget}
 
 
 BUDGETS = [
-    VisPrunerBudget(144, 0.5, retention_ratio=0.25),  # the paper's R = 25%: round(576 * 0.25) per view
-    VisPrunerBudget(32, 0.5, visual_tokens=160),  # the README's "32 * 5 = 160"
-    VisPrunerBudget(64, 0.75, visual_tokens=320),  # the README's LLaVA-1.5 ratio
-    # Q1: an odd residual (576 - 10 = 566 ... 17) whose one surviving A token is lost: 13 per view, not 14
-    VisPrunerBudget(14, 0.75, visual_tokens=70),
+    OfficialBudget("vispruner", 144, 0.5, retention_ratio=0.25),  # the paper's R = 25%: round(576 * 0.25) per view
+    OfficialBudget("vispruner", 32, 0.5, visual_tokens=160),  # the README's "32 * 5 = 160"
+    OfficialBudget("vispruner", 64, 0.75, visual_tokens=320),  # the README's LLaVA-1.5 ratio
+    # Q1: an odd residual whose one surviving A token is lost: 13 per view, not 14
+    OfficialBudget("vispruner", 14, 0.75, visual_tokens=70),
 ]
 # Q1: T = 58 at rho = 0.5 (the paper's R = 10%) makes the official gather raise; ours keeps the fixed result
-CRASHING_BUDGET = VisPrunerBudget(58, 0.5, retention_ratio=0.1)
+CRASHING_BUDGET = OfficialBudget("vispruner", 58, 0.5, retention_ratio=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,7 @@ class OfficialCase:
     index: int
     width: int
     height: int
-    budget: VisPrunerBudget
+    budget: OfficialBudget
     text: str | None = None
 
 
@@ -207,29 +211,39 @@ def compare_spans(ours: dict, theirs: dict) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def official_code(tmp_path_factory) -> str:
-    """A directory whose `llava/` is the official fork's, exported from HEAD of `VISPRUNER_REPO` or the mirror."""
-    repo = os.environ.get("VISPRUNER_REPO", DEFAULT_REPO)
+def exported_official_code(variable: str, default: str, name: str, work: str) -> str:
+    """A directory (under `work`) whose `llava/` is an official fork's, exported from HEAD of the git checkout or
+    mirror that the environment variable `variable` names, else `default`; skips the test where there is none."""
+    repo = os.environ.get(variable, default)
     if not os.path.isdir(repo):
-        pytest.skip(f"no official VisPruner code at {repo} (set VISPRUNER_REPO to a git checkout of "
-                    "Theia-4869/VisPruner)")
-    return compare_released.export_released_repo(repo, str(tmp_path_factory.mktemp("vispruner-official")))
+        pytest.skip(f"no official {name} code at {repo} (set {variable} to a git checkout of Theia-4869/{name})")
+    return compare_released.export_released_repo(repo, work)
 
 
-@pytest.fixture(scope="module")
-def upstream_python(official_code, tmp_path_factory) -> str:
-    """The upstream interpreter, checked to import the official fork's `llava` with transformers 4.37.2."""
+def upstream_interpreter(official_code: str, name: str, work: str) -> str:
+    """The upstream interpreter, checked to import the official fork's `llava` with transformers 4.37.2; skips
+    the test where it cannot."""
     python = os.environ.get("LLAVA_UPSTREAM_PYTHON") or compare_released.UPSTREAM_PYTHON
     if not os.path.isfile(python):
         pytest.skip(f"upstream LLaVA's interpreter is not installed ({python}; sh scripts/install.sh upstream)")
     found = subprocess.run([python, "-c", "import llava.model.builder, transformers; print(transformers.__version__)"],
-                           cwd=tmp_path_factory.mktemp("upstream-check"), capture_output=True, text=True,
+                           cwd=work, capture_output=True, text=True,
                            env=compare_released.upstream_environment(official_code))
     if found.returncode != 0 or found.stdout.strip() != "4.37.2":
-        pytest.skip(f"{python} cannot run the official VisPruner code: "
+        pytest.skip(f"{python} cannot run the official {name} code: "
                     f"{(found.stderr.strip().splitlines() or [found.stdout.strip()])[-1]}")
     return python
+
+
+@pytest.fixture(scope="module")
+def official_code(tmp_path_factory) -> str:
+    return exported_official_code("VISPRUNER_REPO", DEFAULT_REPO, "VisPruner",
+                                  str(tmp_path_factory.mktemp("vispruner-official")))
+
+
+@pytest.fixture(scope="module")
+def upstream_python(official_code, tmp_path_factory) -> str:
+    return upstream_interpreter(official_code, "VisPruner", str(tmp_path_factory.mktemp("upstream-check")))
 
 
 CASES = comparison_cases(IMAGE_SIZES, BUDGETS + [CRASHING_BUDGET])
@@ -257,7 +271,7 @@ def test_it_is_the_official_code_that_ran(official, official_code):
     assert Path(official["versions"]["llava"]).is_relative_to(official_code)
 
 
-def _expected_view_count(budget: VisPrunerBudget) -> int:
+def _expected_view_count(budget: OfficialBudget) -> int:
     """T per view, except Q1's silent loss at T = 14, rho = 0.75, worked by hand: 10 important, a residual of
     566 losing 8 a round down to 14; there `r = 8` exceeds A's 7 (grid width 7 - 8 = -1 keeps one column,
     broadcast to the 0 survivors: 7 left), and at 7, `r = 3` leaves one of A's 4 on a grid of width 3 - 3 = 0:
