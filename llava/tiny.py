@@ -384,6 +384,7 @@ def build_tiny_clip(out: str, vision_config: CLIPVisionConfig, seed: int = 0) ->
     _seeded_init(model, seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _rewrite_json(os.path.join(out, "tokenizer.json"), portable_tokenizer_json)  # official forks read it (0.15)
     with open(os.path.join(out, "preprocessor_config.json"), "w") as handle:
         json.dump(CLIPImagePreprocessor().to_dict(), handle, indent=2, sort_keys=True)
     return out

@@ -7,9 +7,8 @@ view; ours `T = round(576 R)` or `--visual-tokens 5 T`, spec `baselines/cdpruner
 passes a question as the official `texts` argument (as its eval loaders do) and as our instruction, one short
 and one longer than CLIP's 77 positions (two segments, quirk Q5). The official side runs through
 `cdpruner_probe.py` (CPU stand-ins for its CUDA streams, the eval scripts' `device_map="auto"`: text tower and
-visual projection in float32), from a view of the checkpoint whose CLIP `tokenizer.json` lists its merges as
-"a b" strings: the same tokenizer, in the form tokenizers 0.15 (transformers 4.37) reads, where the file as
-written (pairs, the tokenizers >= 0.20 form) fails to load.
+visual projection in float32), on the checkpoint as built (its CLIP `tokenizer.json` is in the form tokenizers
+0.15, transformers 4.37's, reads).
 
 Slow, and skipped unless both are found: the upstream interpreter (`LLAVA_UPSTREAM_PYTHON`, else
 `.venv-upstream/bin/python`) and the official code (`CDPRUNER_REPO`, a git checkout or mirror of
@@ -18,13 +17,11 @@ Theia-4869/CDPruner, else the mirror at `/work/.mirror/Theia-4869+CDPruner/repo`
     python -m pytest tests/upstream/test_cdpruner_official.py
 """
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 from test_vispruner_official import (
-    NUM_PATCHES, NUM_VIEWS, OfficialBudget, case_images, compare_spans, comparison_cases, exported_official_code,
+    NUM_VIEWS, OfficialBudget, case_images, compare_spans, comparison_cases, exported_official_code,
     run_official, run_ours, upstream_interpreter,
 )
 
@@ -46,25 +43,6 @@ CASES = comparison_cases(IMAGE_SIZES, BUDGETS, TEXTS)
 pytestmark = pytest.mark.slow
 
 
-def checkpoint_with_portable_clip_tokenizer(checkpoint: str, view: Path) -> str:
-    """`view`: links to every file of `checkpoint`, its CLIP directory's too, except that directory's
-    `tokenizer.json`, written anew with each BPE merge as one "a b" string; returns `view`."""
-    with open(os.path.join(checkpoint, "config.json")) as handle:
-        tower = json.load(handle)["mm_vision_tower"]
-    for folder in (Path(checkpoint), Path(checkpoint) / tower):
-        target = view / folder.relative_to(checkpoint)
-        target.mkdir(parents=True, exist_ok=True)
-        for entry in folder.iterdir():
-            if entry.is_file() and not (folder != Path(checkpoint) and entry.name == "tokenizer.json"):
-                (target / entry.name).symlink_to(entry)
-    with open(Path(checkpoint) / tower / "tokenizer.json") as handle:
-        tokenizer = json.load(handle)
-    assert all(" " not in part for merge in tokenizer["model"]["merges"] for part in merge)  # joined unambiguously
-    tokenizer["model"]["merges"] = [" ".join(merge) for merge in tokenizer["model"]["merges"]]
-    (view / tower / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    return str(view)
-
-
 @pytest.fixture(scope="module")
 def official_code(tmp_path_factory) -> str:
     return exported_official_code("CDPRUNER_REPO", DEFAULT_REPO, "CDPruner",
@@ -83,8 +61,7 @@ def images(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def official(upstream_python, official_code, tiny_checkpoint, images, tmp_path_factory) -> dict:
-    view = checkpoint_with_portable_clip_tokenizer(tiny_checkpoint, tmp_path_factory.mktemp("checkpoint-view"))
-    return run_official(upstream_python, official_code, view, CASES, images, DTYPES,
+    return run_official(upstream_python, official_code, tiny_checkpoint, CASES, images, DTYPES,
                         tmp_path_factory.mktemp("cdpruner-probe"), probe=PROBE)
 
 
@@ -101,7 +78,7 @@ def test_it_is_the_official_code_that_ran(official, official_code):
 
 def test_the_long_text_takes_two_clip_segments(tiny):
     """Q5 is exercised: the long text needs more than one 77-position segment (ours, with the text tower's own
-    tokenizer, which the official code's reads in its portable form)."""
+    tokenizer, the file the official code reads too)."""
     model = tiny[1]
     short, long = (model.get_text_tower().instruction_signals({"instruction_embeds"}, text)["instruction_embeds"]
                    for text in TEXTS)
