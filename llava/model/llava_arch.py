@@ -248,9 +248,12 @@ class LlavaMetaForCausalLM:
                              f"{', '.join(sorted(tower.offered_signals))} (R = 1 needs none){remedy}")
 
     def set_tower_numerics(self, numerics: str) -> None:
-        """The vision tower's attention numerics (`clip_encoder.TOWER_NUMERICS`): 'sdpa' (default) or
-        'released', the released GlobalCom2 code's fp16 rounding (CLIP towers only)."""
+        """The towers' attention numerics (`clip_encoder.TOWER_NUMERICS`): 'sdpa' (default) or 'released',
+        transformers 4.37's CLIP rounding, the released codes' (CLIP towers only); the text tower of
+        text-conditioned methods follows the vision tower."""
         self.get_vision_tower().set_numerics(numerics)
+        if self._text_tower is not None:
+            self._text_tower.set_numerics(numerics)
 
     def set_text_tower(self, path: str | None) -> None:
         """Use the CLIP checkpoint `path` (a directory, or a hub id in the local cache) for the text
@@ -266,6 +269,7 @@ class LlavaMetaForCausalLM:
             name = self.text_tower_path or getattr(self.config, "mm_vision_tower", None)
             directory = resolve_text_tower(name, getattr(self.config, "_name_or_path", None), needed_by)
             self._text_tower = load_text_tower(directory, vision_tower.device, vision_width=vision_tower.hidden_size)
+            self._text_tower.set_numerics(vision_tower.numerics)
         if self._text_tower.device != vision_tower.device:
             self._text_tower.to(vision_tower.device)
         return self._text_tower

@@ -34,6 +34,8 @@ released GlobalCom2 code's patched CLIP attention does under transformers 4.37 (
 tower dtype, `bmm` with the values), and takes the [CLS] signals from the same full products (the
 GlobalCom2 score: the head mean of the last layer's full logits map, row 0, columns 1..). In fp32 the two
 modes differ by rounding only; in fp16 'released' is the one that reproduces the paper's code bit for bit.
+The CLIP text tower of text-conditioned methods (`clip_text`, CDPruner) follows the vision tower's mode, its
+causal and padding masks added to the logits as 4.37 adds them.
 """
 
 from __future__ import annotations
@@ -375,14 +377,26 @@ def released_attention_logits(queries: torch.Tensor, keys: torch.Tensor, scale: 
 
 def released_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                               **kwargs) -> tuple[torch.Tensor, None]:
+                               is_causal: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
     """Transformers attention interface (`RELEASED_ATTENTION`) with the released code's numerics:
     `softmax(released_attention_logits)` in the tower dtype (fp16 softmax in fp16, not fp32), then
-    `bmm` with the values. query, key, value: `[V, H, T, d]`; returns `[V, T, H, d]` and no weights."""
-    if attention_mask is not None:
-        raise ValueError("the released CLIP attention is for the vision tower, which has no attention mask")
+    `bmm` with the values. query, key, value: `[V, H, T, d]`; returns `[V, T, H, d]` and no weights.
+    The text tower's masks (`is_causal`; an additive or boolean `attention_mask` `[V, 1, T, S]`) are
+    added to the logits as 4.37 adds its own: a masked logit's probability is 0 either way, and an
+    unmasked one gets + 0, so the bits are 4.37's."""
     num_views, num_heads, num_tokens, head_dim = query.shape
-    probabilities = torch.softmax(released_attention_logits(query, key, scaling), dim=-1)
+    logits = released_attention_logits(query, key, scaling)                                 # [V * H, T, S]
+    if is_causal or attention_mask is not None:
+        logits = logits.view(num_views, num_heads, num_tokens, -1)
+        if is_causal:
+            later = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).triu(1)
+            logits = logits.masked_fill(later, float("-inf"))
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        elif attention_mask is not None:
+            logits = logits + attention_mask
+        logits = logits.view(num_views * num_heads, num_tokens, -1)
+    probabilities = torch.softmax(logits, dim=-1)
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
     output = torch.bmm(probabilities, value.reshape(num_views * num_heads, -1, head_dim))    # [V * H, T, d]
     return output.view(num_views, num_heads, num_tokens, head_dim).transpose(1, 2), None

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast
 
+from llava.model.multimodal_encoder.clip_encoder import RELEASED_ATTENTION, TOWER_NUMERICS
+
 PROJECTION_KEY = "visual_projection.weight"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -68,6 +70,13 @@ class CLIPTextTower:
         self.text_model.to(device)
         self.visual_projection.to(device)
         return self
+
+    def set_numerics(self, numerics: str) -> None:
+        """Run the text attention as `numerics` says (`clip_encoder.TOWER_NUMERICS`), as the vision tower:
+        'released' rounds as transformers 4.37's CLIP (the official CDPruner's), 'sdpa' as transformers'."""
+        if numerics not in TOWER_NUMERICS:
+            raise ValueError(f"unknown tower numerics {numerics!r}; choose from {', '.join(TOWER_NUMERICS)}")
+        self.text_model.set_attn_implementation(RELEASED_ATTENTION if numerics == "released" else "sdpa")
 
     def segments(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`input_ids` and `attention_mask` `[M, 77]` of `text`: tokenised whole, right-padded

@@ -151,6 +151,10 @@ class SigLipVisionTower(VisionTowerBase):
         if numerics != "sdpa":
             raise ValueError(f"tower numerics {numerics!r} is for CLIP towers; this model's is SigLIP")
 
+    @property
+    def numerics(self) -> str:
+        return "sdpa"
+
     def load_model(self) -> None:
         """Replace the tower's weights with the SigLIP checkpoint's (for checkpoints without them);
         the checkpoint's last layer, pooling head (and text side) are not loaded."""

@@ -13,7 +13,9 @@ from transformers import CLIPVisionConfig
 from llava.eval.runner import UserError, build_parser, check_settings, run_settings
 from llava.generation import add_compression_arguments
 from llava.model.builder import load_pretrained_model
-from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+from llava.model.multimodal_encoder.clip_encoder import (
+    RELEASED_ATTENTION, CLIPVisionTower, released_attention_forward,
+)
 
 
 @pytest.fixture
@@ -143,14 +145,40 @@ def test_the_flag_defaults_to_sdpa_and_takes_released():
         parser.parse_args(["--tower-numerics", "eager"])
 
 
-def test_the_model_hook_sets_the_towers_numerics(tiny):
-    model = tiny[1]
-    try:
-        model.set_tower_numerics("released")
-        assert model.get_vision_tower().numerics == "released"
-    finally:  # the checkpoint fixture is shared
-        model.set_tower_numerics("sdpa")
-    assert model.get_vision_tower().numerics == "sdpa"
+def test_the_model_hook_sets_the_towers_numerics(tiny_checkpoint):
+    """The vision tower's, and the text tower's (CDPruner's), whether loaded before or after."""
+    _, model, _, _ = load_pretrained_model(tiny_checkpoint, device="cpu", torch_dtype=torch.float32)
+    model.set_tower_numerics("released")
+    assert model.get_vision_tower().numerics == "released"
+    text_model = model.get_text_tower().text_model  # loaded now: it follows the vision tower
+    assert text_model.config._attn_implementation == RELEASED_ATTENTION
+    model.set_tower_numerics("sdpa")
+    assert model.get_vision_tower().numerics == "sdpa" and text_model.config._attn_implementation == "sdpa"
+
+
+def test_masked_released_attention_adds_the_masks_as_transformers_437(tiny_checkpoint):
+    """The text tower's causal and padding masks, given either way transformers may give them, equal 4.37's
+    eager CLIP attention bit for bit: `bmm(q * scale, k^T)`, + the causal mask, + the padding mask (both
+    `finfo.min` where masked), softmax, `bmm` with v."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, tokens, width = 2, 3, 7, 8
+    query, key, value = (torch.randn(batch, heads, tokens, width, generator=generator) for _ in range(3))
+    keep = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)        # the second row right-padded
+    lowest = torch.finfo(torch.float32).min
+    causal = torch.full((tokens, tokens), lowest).triu(1)[None, None]         # [1, 1, T, T]
+    padding = torch.where(keep, 0.0, lowest)[:, None, None, :].expand(batch, 1, tokens, tokens)
+    folded = (batch * heads, tokens, width)
+    logits = torch.bmm((query * 0.5).reshape(folded), key.reshape(folded).transpose(1, 2)).view(batch, heads, tokens,
+                                                                                              tokens)
+    probabilities = torch.softmax((logits + causal + padding).view(batch * heads, tokens, tokens), dim=-1)
+    expected = torch.bmm(probabilities, value.reshape(folded)).view(batch, heads, tokens, width).transpose(1, 2)
+    module = torch.nn.Module().eval()
+    additive, _ = released_attention_forward(module, query, key, value, causal + padding, 0.5)
+    boolean, _ = released_attention_forward(module, query, key, value, keep[:, None, None, :].expand(-1, 1, tokens, -1),
+                                            0.5, is_causal=True)
+    assert torch.equal(additive, expected) and torch.equal(boolean, expected)
+    unmasked, _ = released_attention_forward(module, query, key, value, None, 0.5)
+    assert not torch.equal(unmasked, expected)
 
 
 def test_a_siglip_model_refuses_released_numerics(tiny_onevision_checkpoint):
