@@ -42,7 +42,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from llava.conversation import conv_templates  # noqa: E402
+from llava.conversation import first_turn_prompt  # noqa: E402
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from llava.model.multimodal_encoder.clip_encoder import TOWER_NUMERICS  # noqa: E402
@@ -158,20 +158,13 @@ def run_released(upstream_python: str, released_repo: str, checkpoint: str, imag
     return output
 
 
-def chat_prompt(conv_mode: str, user_turn: str) -> str:
-    conv = conv_templates[conv_mode].copy()
-    conv.append_message(conv.roles[0], user_turn)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
-
-
 def run_ours(checkpoint: str, cases: list[Case], image_files: list[str], dtype: torch.dtype,
              numerics: list[str]) -> tuple[torch.Tensor, dict]:
     """`(image_newline [D], {numerics: [per case {input_ids, embeds, features, last_logits}]})`: our model
     from the same fp16 weights the released loader reads, in `dtype`, GlobalCom2 in the official layout."""
     tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint, device="cpu", torch_dtype=torch.float16)
     model = model.to(dtype)
-    input_ids = torch.tensor([tokenizer_image_token(chat_prompt(CONV_MODE, USER_TURN), tokenizer)])
+    input_ids = torch.tensor([tokenizer_image_token(first_turn_prompt(CONV_MODE, USER_TURN), tokenizer)])
     projected = []
     hook = model.get_model().mm_projector.register_forward_hook(lambda module, args, output: projected.append(output))
     outputs = {}

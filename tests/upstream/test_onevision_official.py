@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from support import noise_image
 
-from llava.conversation import conv_templates
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import onevision_visual_token_count, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
@@ -132,13 +132,6 @@ def ours(tiny_onevision_checkpoint):
     return tokenizer, model.float(), image_processor
 
 
-def _qwen_prompt(user_turn: str) -> str:
-    conv = conv_templates["qwen_1_5"].copy()
-    conv.append_message(conv.roles[0], user_turn)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
-
-
 def test_it_is_the_official_code_that_ran(official, official_code):
     versions = official["versions"]
     assert versions["transformers"] == OFFICIAL_TRANSFORMERS
@@ -151,7 +144,7 @@ def test_same_qwen_prompts_and_ids(official, ours, sample_questions):
     user_turns = _user_turns(sample_questions)
     assert len(official["prompts"]) == len(user_turns) > 0
     for user_turn, theirs in zip(user_turns, official["prompts"]):
-        prompt = _qwen_prompt(user_turn)
+        prompt = first_turn_prompt("qwen_1_5", user_turn)
         assert theirs["prompt"] == prompt
         assert theirs["ids"] == tokenizer_image_token(prompt, tokenizer)
 
@@ -179,7 +172,7 @@ def test_same_vanilla_logits(official, ours, images):
     """Equal within 1e-4 at every position, the image span included (equal lengths: our model splices in
     as many visual tokens as the official one)."""
     tokenizer, model, image_processor = ours
-    input_ids = torch.tensor([tokenizer_image_token(_qwen_prompt(QUESTION), tokenizer)])
+    input_ids = torch.tensor([tokenizer_image_token(first_turn_prompt("qwen_1_5", QUESTION), tokenizer)])
     for image_file, theirs in zip(images, official["images"]):
         image = Image.open(image_file).convert("RGB")
         with torch.no_grad():

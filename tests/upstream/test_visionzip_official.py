@@ -41,6 +41,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
@@ -122,7 +123,7 @@ def run_ours(checkpoint: str, cases: list[Case], image_files: list[str], dtype: 
     weights, in `dtype`, VisionZip in its default (faithful, paper budget) at each case's ratio."""
     tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint, device="cpu", torch_dtype=torch.float16)
     model = model.to(dtype)
-    prompt = compare_released.chat_prompt(compare_released.CONV_MODE, compare_released.USER_TURN)
+    prompt = first_turn_prompt(compare_released.CONV_MODE, compare_released.USER_TURN)
     input_ids = torch.tensor([tokenizer_image_token(prompt, tokenizer)])
     projector_calls, tower_rows = [], []
     hooks = [model.get_model().mm_projector.register_forward_hook(

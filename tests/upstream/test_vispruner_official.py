@@ -32,6 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llava.conversation import first_turn_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
@@ -155,7 +156,7 @@ def run_ours(checkpoint: str, cases: list[OfficialCase], image_files: list[str],
     tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint, device="cpu", torch_dtype=torch.float16)
     model = model.to(getattr(torch, dtype))
     input_ids = torch.tensor([tokenizer_image_token(
-        compare_released.chat_prompt(compare_released.CONV_MODE, compare_released.USER_TURN), tokenizer)])
+        first_turn_prompt(compare_released.CONV_MODE, compare_released.USER_TURN), tokenizer)])
     projected = []
     hook = model.get_model().mm_projector.register_forward_hook(lambda module, args, output: projected.append(output))
     outputs = {}
