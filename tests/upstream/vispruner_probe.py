@@ -11,8 +11,8 @@ official eval scripts pass it (`visual_token_num` T per view, `important_ratio`)
 `select_best_resolution` always answers 672x672). Nothing of the official code is patched: the loader puts
 model and tower on the CPU, and its model code never calls `.cuda()`. The additions are read-only: a forward
 hook on `mm_projector` keeps the projected views (to name the kept positions), and the language model's
-last-position logits are computed from the returned embeddings. `cdpruner_probe.py` runs the CDPruner fork
-through the same functions.
+last-position logits are computed from the returned embeddings. `cdpruner_probe.py` and `fastervlm_probe.py`
+run the CDPruner and FasterVLM forks through the same functions.
 
 request.json: `{"conv_mode": str, "user_turn": str, "out": path, "runs": [{"budget": {loader keyword: value},
 "dtype": "float16"|"float32", "images": [path, ...], "texts": [str, ...] (optional: each image's `texts`
@@ -73,10 +73,12 @@ def run_images(run: dict, conv_mode: str, user_turn: str, device_map: str) -> di
         projected.clear()
         with torch.no_grad():
             try:
-                # the fork returns a seventh value: the first image's visual token count
-                _, position_ids, attention_mask, _, embeds, _, visual_tokens = (
-                    model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
-                                                               image_sizes=[image.size], **text_input))
+                # the forks return extra values after upstream's six: the seventh is the first image's visual
+                # token count (VisPruner's and CDPruner's last; FasterVLM adds its attentions, spec F5)
+                prepared = model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixel_values,
+                                                                      image_sizes=[image.size], **text_input)
+                position_ids, attention_mask, embeds, visual_tokens = (prepared[1], prepared[2], prepared[4],
+                                                                       prepared[6])
             except IndexError as error:  # VisPruner's Q1: the gather of the surviving A tokens on an odd residual
                 results.append({"error": f"{type(error).__name__}: {error}"})
                 continue
@@ -90,8 +92,9 @@ def main(request_file: str, device_map: str = "cpu") -> None:
     with open(request_file) as handle:
         request = json.load(handle)
     runs = [run_images(run, request["conv_mode"], request["user_turn"], device_map) for run in request["runs"]]
-    torch.save({"versions": {"transformers": transformers.__version__, "llava": llava.__file__}, "runs": runs},
-               request["out"])
+    # where `llava` came from: its directory (FasterVLM's fork has no `llava/__init__.py`)
+    torch.save({"versions": {"transformers": transformers.__version__, "llava": list(llava.__path__)[0]},
+                "runs": runs}, request["out"])
 
 
 if __name__ == "__main__":
