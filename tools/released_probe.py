@@ -38,11 +38,13 @@ def chat_prompt(conv_mode: str, user_turn: str) -> str:
     return conv.get_prompt()
 
 
-def load_model(dtype: torch.dtype):
+def load_model(dtype: torch.dtype, device_map: str = "cpu", **budget):
     """The released loader always loads in fp16; an fp32 run upcasts those weights, and rebuilds Llama's
-    rotary tables in fp32 (4.37 builds them in the load dtype), as loading in fp32 would have."""
-    tokenizer, model, image_processor, _ = load_pretrained_model(".", None, "llava-next-tiny", device_map="cpu",
-                                                                 device="cpu")
+    rotary tables in fp32 (4.37 builds them in the load dtype), as loading in fp32 would have. `budget`: a
+    fork's loader keywords, as its eval scripts pass them (the model keeps each under its own name)."""
+    tokenizer, model, image_processor, _ = load_pretrained_model(".", None, "llava-next-tiny", device_map=device_map,
+                                                                 device="cpu", **budget)
+    assert {name: getattr(model, name) for name in budget} == budget
     if dtype != torch.float16:
         model = model.to(dtype)
         for layer in model.model.layers:

@@ -20,13 +20,11 @@ Theia-4869/CDPruner, else the mirror at `/work/.mirror/Theia-4869+CDPruner/repo`
 from pathlib import Path
 
 import pytest
-from test_vispruner_official import (
-    NUM_VIEWS, OfficialBudget, case_images, compare_spans, comparison_cases, exported_official_code,
-    run_official, run_ours, upstream_interpreter,
-)
+from test_vispruner_official import NUM_VIEWS, OfficialBudget, compare_spans, comparison_cases
 
 PROBE = Path(__file__).with_name("cdpruner_probe.py")
 DEFAULT_REPO = "/work/.mirror/Theia-4869+CDPruner/repo"
+FORK_NAME, REPO_VARIABLE = "CDPruner", "CDPRUNER_REPO"
 DTYPES = ("float16", "float32")
 IMAGE_SIZES = [(672, 336), (672, 672), (336, 1008), (800, 500), (333, 777)]
 BUDGETS = [
@@ -41,34 +39,6 @@ TEXTS = ["What is shown in this image?",  # one segment
 CASES = comparison_cases(IMAGE_SIZES, BUDGETS, TEXTS)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def official_code(tmp_path_factory) -> str:
-    return exported_official_code("CDPRUNER_REPO", DEFAULT_REPO, "CDPruner",
-                                  str(tmp_path_factory.mktemp("cdpruner-official")))
-
-
-@pytest.fixture(scope="module")
-def upstream_python(official_code, tmp_path_factory) -> str:
-    return upstream_interpreter(official_code, "CDPruner", str(tmp_path_factory.mktemp("upstream-check")))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[str]:
-    return case_images(CASES, tmp_path_factory.mktemp("cdpruner-images"))
-
-
-@pytest.fixture(scope="module")
-def official(upstream_python, official_code, tiny_checkpoint, images, tmp_path_factory) -> dict:
-    return run_official(upstream_python, official_code, tiny_checkpoint, CASES, images, DTYPES,
-                        tmp_path_factory.mktemp("cdpruner-probe"), probe=PROBE)
-
-
-@pytest.fixture(scope="module")
-def ours(official, tiny_checkpoint, images) -> dict:
-    """`{dtype: {numerics: [per case]}}`; after `official`, so nothing of ours runs when it is skipped."""
-    return {dtype: run_ours(tiny_checkpoint, CASES, images, dtype, ("sdpa", "released")) for dtype in DTYPES}
 
 
 def test_it_is_the_official_code_that_ran(official, official_code):

@@ -19,13 +19,11 @@ Theia-4869/FasterVLM, else the mirror at `/work/.mirror/Theia-4869+FasterVLM/rep
 from pathlib import Path
 
 import pytest
-from test_vispruner_official import (
-    OfficialBudget, case_images, compare_spans, comparison_cases, exported_official_code, run_official, run_ours,
-    upstream_interpreter,
-)
+from test_vispruner_official import OfficialBudget, compare_spans, comparison_cases
 
 PROBE = Path(__file__).with_name("fastervlm_probe.py")
 DEFAULT_REPO = "/work/.mirror/Theia-4869+FasterVLM/repo"
+FORK_NAME, REPO_VARIABLE = "FasterVLM", "FASTERVLM_REPO"
 DTYPES = ("float16", "float32")
 # PIL (width, height) -> views (1 + crops) in LLaVA-NeXT's grid choice (ours; upstream `select_best_resolution`:
 # most effective resolution, then least waste), worked by hand on the v1.6 pinpoints: the 2x1, 2x2, 1x3 and 3x1
@@ -51,34 +49,6 @@ BUDGETS = [
 CASES = comparison_cases(IMAGE_SIZES, BUDGETS)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def official_code(tmp_path_factory) -> str:
-    return exported_official_code("FASTERVLM_REPO", DEFAULT_REPO, "FasterVLM",
-                                  str(tmp_path_factory.mktemp("fastervlm-official")))
-
-
-@pytest.fixture(scope="module")
-def upstream_python(official_code, tmp_path_factory) -> str:
-    return upstream_interpreter(official_code, "FasterVLM", str(tmp_path_factory.mktemp("upstream-check")))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[str]:
-    return case_images(CASES, tmp_path_factory.mktemp("fastervlm-images"))
-
-
-@pytest.fixture(scope="module")
-def official(upstream_python, official_code, tiny_checkpoint, images, tmp_path_factory) -> dict:
-    return run_official(upstream_python, official_code, tiny_checkpoint, CASES, images, DTYPES,
-                        tmp_path_factory.mktemp("fastervlm-probe"), probe=PROBE)
-
-
-@pytest.fixture(scope="module")
-def ours(official, tiny_checkpoint, images) -> dict:
-    """`{dtype: {numerics: [per case]}}`; after `official`, so nothing of ours runs when it is skipped."""
-    return {dtype: run_ours(tiny_checkpoint, CASES, images, dtype, ("sdpa", "released")) for dtype in DTYPES}
 
 
 def test_it_is_the_official_code_that_ran(official, official_code):

@@ -123,7 +123,7 @@ def case_images(cases: list[OfficialCase], folder: Path) -> list[str]:
 
 
 def run_official(python: str, official_code: str, checkpoint: str, cases: list[OfficialCase],
-                 image_files: list[str], dtypes, work: Path, probe: Path = PROBE) -> dict:
+                 image_files: list[str], dtypes, work: Path, probe: Path) -> dict:
     """`{dtype: [per case the probe's result, with image_newline]}` and `versions`: one `probe` process, one run
     (one official model load) per budget and dtype."""
     runs = [(dtype, budget) for dtype in dtypes for budget in dict.fromkeys(case.budget for case in cases)]
@@ -236,35 +236,8 @@ def upstream_interpreter(official_code: str, name: str, work: str) -> str:
     return python
 
 
-@pytest.fixture(scope="module")
-def official_code(tmp_path_factory) -> str:
-    return exported_official_code("VISPRUNER_REPO", DEFAULT_REPO, "VisPruner",
-                                  str(tmp_path_factory.mktemp("vispruner-official")))
-
-
-@pytest.fixture(scope="module")
-def upstream_python(official_code, tmp_path_factory) -> str:
-    return upstream_interpreter(official_code, "VisPruner", str(tmp_path_factory.mktemp("upstream-check")))
-
-
 CASES = comparison_cases(IMAGE_SIZES, BUDGETS + [CRASHING_BUDGET])
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[str]:
-    return case_images(CASES, tmp_path_factory.mktemp("vispruner-images"))
-
-
-@pytest.fixture(scope="module")
-def official(upstream_python, official_code, tiny_checkpoint, images, tmp_path_factory) -> dict:
-    return run_official(upstream_python, official_code, tiny_checkpoint, CASES, images, DTYPES,
-                        tmp_path_factory.mktemp("vispruner-probe"))
-
-
-@pytest.fixture(scope="module")
-def ours(official, tiny_checkpoint, images) -> dict:
-    """`{dtype: {numerics: [per case]}}`; after `official`, so nothing of ours runs when it is skipped."""
-    return {dtype: run_ours(tiny_checkpoint, CASES, images, dtype, ("sdpa", "released")) for dtype in DTYPES}
+FORK_NAME, REPO_VARIABLE = "VisPruner", "VISPRUNER_REPO"
 
 
 def test_it_is_the_official_code_that_ran(official, official_code):

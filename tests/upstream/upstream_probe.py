@@ -14,35 +14,25 @@ tables rebuilt in fp32 (4.37 builds them in the default dtype at load time, fp16
 """
 
 import json
+import os
 import sys
 
 import llava
 import tokenizers
 import torch
 import transformers
-from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
 from PIL import Image
 from transformers import AutoTokenizer
 
-
-def chat_prompt(conv_mode: str, user_turn: str) -> str:
-    conv = conv_templates[conv_mode].copy()
-    conv.append_message(conv.roles[0], user_turn)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+from released_probe import chat_prompt, load_model  # noqa: E402  (upstream's loader, fp32 from its fp16 weights)
 
 
 def main(request_file: str) -> None:
     with open(request_file) as handle:
         request = json.load(handle)
-    tokenizer, model, image_processor, _ = load_pretrained_model(".", None, "llava-next-tiny", device_map="cpu",
-                                                                 device="cpu")
-    model = model.float()
-    for layer in model.model.layers:
-        rotary = layer.self_attn.rotary_emb
-        rotary._set_cos_sin_cache(rotary.max_seq_len_cached, rotary.inv_freq.device, torch.float32)
+    tokenizer, model, image_processor = load_model(torch.float32)
     fast = AutoTokenizer.from_pretrained(".", use_fast=True)
     raw = tokenizers.Tokenizer.from_file("tokenizer.json")
 

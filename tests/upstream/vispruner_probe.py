@@ -23,44 +23,22 @@ official code raises an IndexError (VisPruner's duplicate-removal gather on an o
 """
 
 import json
+import os
 import sys
 
 import llava
 import torch
 import transformers
-from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
 from PIL import Image
 
-
-def chat_prompt(conv_mode: str, user_turn: str) -> str:
-    conv = conv_templates[conv_mode].copy()
-    conv.append_message(conv.roles[0], user_turn)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
-
-
-def load_model(budget: dict, dtype: torch.dtype, device_map: str):
-    """The official loader (always fp16) on the CPU, with the budget as the eval scripts give it (the model
-    keeps each under its own name); an fp32 run upcasts those weights and rebuilds Llama's rotary tables in
-    fp32 (4.37 builds them in the load dtype)."""
-    tokenizer, model, image_processor, _ = load_pretrained_model(".", None, "llava-next-tiny", device_map=device_map,
-                                                                 device="cpu", **budget)
-    assert {name: getattr(model, name) for name in budget} == budget
-    if dtype != torch.float16:
-        model = model.to(dtype)
-        for layer in model.model.layers:
-            rotary = layer.self_attn.rotary_emb
-            rotary._set_cos_sin_cache(rotary.max_seq_len_cached, rotary.inv_freq.device, dtype)
-    off_cpu = [name for name, parameter in model.named_parameters() if parameter.device.type != "cpu"]
-    assert not off_cpu, f"parameters left off the CPU: {off_cpu[:3]}"
-    return tokenizer, model, image_processor
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+from released_probe import chat_prompt, load_model  # noqa: E402  (the same loading, with the fork's budget)
 
 
 def run_images(run: dict, conv_mode: str, user_turn: str, device_map: str) -> dict:
     dtype = getattr(torch, run["dtype"])
-    tokenizer, model, image_processor = load_model(run["budget"], dtype, device_map)
+    tokenizer, model, image_processor = load_model(dtype, device_map, **run["budget"])
     projected = []
     model.get_model().mm_projector.register_forward_hook(lambda module, args, output: projected.append(output))
     input_ids = torch.tensor([tokenizer_image_token(chat_prompt(conv_mode, user_turn), tokenizer)])
